@@ -1,0 +1,120 @@
+"""Ternary weights: the absmean quantizer, the packed ``TernaryLinear`` and the quantization scope."""
+
+import re
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+import bitflux_kernels
+from bitflux_kernels.layout import padded_k
+
+# Full module paths of the linears that become ternary: everything inside a double block
+# (FluxTransformerBlock) or a single block (FluxSingleTransformerBlock). Matching the full path
+# matters: FLUX has a top-level ``proj_out`` as well as one inside every single block.
+SCOPE = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.\d+\.")
+
+
+def in_scope(name: str, module: nn.Module) -> bool:
+    """True for the linears that the 1.58-bit method quantizes."""
+    return isinstance(module, nn.Linear) and bool(SCOPE.match(name))
+
+
+def scoped_linears(model: nn.Module, scope: Callable[[str, nn.Module], bool] = in_scope) -> Iterator[tuple[str, nn.Linear]]:
+    """(full name, module) for every in-scope linear of ``model``, in module order."""
+    for name, module in model.named_modules():
+        if scope(name, module):
+            yield name, module
+
+
+def ternarize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """BitNet b1.58 absmean, one scale per output channel.
+
+    weight: [N, K] -> (codes [N, K] int8 in {-1, 0, 1}, scale [N] fp32), with
+    ``scale = mean(|W_row|)`` and ``codes = clip(round(W / scale), -1, 1)``.
+    """
+    w = weight.detach().float()
+    scale = w.abs().mean(dim=1).clamp_min(1e-8)  # [N]
+    codes = torch.round(w / scale[:, None]).clamp_(-1, 1).to(torch.int8)
+    return codes, scale
+
+
+class TernaryLinear(nn.Module):
+    """A linear layer whose weight is ternary codes in the 2-bit runtime layout times a per-row scale.
+
+    Holds only buffers: ``packed`` [N, Kp/4] uint8, ``scale`` [N] fp32 and ``bias`` [N] (or no bias).
+    ``activations`` selects W2A16 ("none") or per-token int8 activations ("int8").
+    """
+
+    def __init__(self, in_features, out_features, bias=True, activations="none", device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.activations = in_features, out_features, activations
+        self.register_buffer("packed", torch.empty(out_features, padded_k(in_features) // 4, dtype=torch.uint8, device=device))
+        self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_codes(cls, codes, scale, bias=None, activations="none"):
+        """Build from codes [N, K] int8, scale [N] and an optional bias [N]."""
+        n, k = codes.shape
+        layer = cls(k, n, bias is not None, activations, device=codes.device, dtype=None if bias is None else bias.dtype)
+        layer.packed.copy_(bitflux_kernels.pack_2bit(codes))
+        layer.scale.copy_(scale.float())
+        if bias is not None:
+            layer.bias.copy_(bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
+        return bitflux_kernels.ternary_linear(x, self.packed, self.scale, self.bias, self.in_features, self.activations)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, activations={self.activations}"
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def replace_with_ternary(model: nn.Module, names: list[str], activations: str = "none") -> None:
+    """Swap the named linears for empty ``TernaryLinear`` shells on the same device (meta works)."""
+    for name in names:
+        lin = model.get_submodule(name)
+        shell = TernaryLinear(lin.in_features, lin.out_features, lin.bias is not None, activations,
+                              device=lin.weight.device, dtype=lin.weight.dtype)
+        _set_submodule(model, name, shell)
+
+
+def quantize_transformer(model: nn.Module, codes: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                         activations: str = "none") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Replace every in-scope linear of ``model`` by a ``TernaryLinear``, in place.
+
+    ``codes`` maps full module names to (codes, scale) from any method; by default each layer is
+    ternarized with absmean. Returns the (codes, scale) used per module.
+    """
+    used = {}
+    for name, lin in list(scoped_linears(model)):
+        c, s = codes[name] if codes is not None else ternarize(lin.weight)
+        _set_submodule(model, name, TernaryLinear.from_codes(c, s, lin.bias, activations))
+        used[name] = (c, s)
+    return used
+
+
+def parameter_counts(model: nn.Module) -> dict:
+    """Quantized vs total parameter counts of a full-precision model (works on the meta device).
+
+    ``quantized_params`` counts every parameter of the in-scope linears (ternary weights plus
+    their biases, which stay bf16); ``ternary_weight_params`` counts the weights alone.
+    """
+    total = sum(p.numel() for p in model.parameters())
+    lins = [m for _, m in scoped_linears(model)]
+    weights = sum(m.weight.numel() for m in lins)
+    biases = sum(m.bias.numel() for m in lins if m.bias is not None)
+    return {
+        "quantized_params": weights + biases,
+        "ternary_weight_params": weights,
+        "total_params": total,
+        "fraction": (weights + biases) / total,
+        "ternary_weight_fraction": weights / total,
+        "quantized_modules": len(lins),
+    }
