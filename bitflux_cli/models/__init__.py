@@ -1,0 +1,14 @@
+"""Where models come from: the embedded mini FLUX, a hub id or a local diffusers directory."""
+
+from .source import (
+    build_meta_transformer,
+    load_fp_transformer,
+    load_pipeline,
+    model_id,
+    resolve_device,
+    torch_dtype,
+    transformer_config,
+)
+
+__all__ = ["build_meta_transformer", "load_fp_transformer", "load_pipeline", "model_id",
+           "resolve_device", "torch_dtype", "transformer_config"]

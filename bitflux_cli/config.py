@@ -1,0 +1,134 @@
+"""One validated config for every stage: defaults < YAML file < command-line flags."""
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    source: str = "embedded"  # "embedded" (the bundled mini FLUX) or a Hugging Face hub id
+    path: Path | None = None  # local diffusers directory; wins over the hub
+    revision: str | None = None
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    device: str = "auto"  # "auto": cuda when present, else cpu
+
+
+class PromptsConfig(_Section):
+    sets: list[str] = Field(default_factory=lambda: ["paper"])
+    limit: int | None = Field(default=None, ge=1)
+    seed: int = 0
+    data_dir: Path | None = None
+
+
+class CalibrationConfig(_Section):
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    steps: int = Field(default=28, ge=1)  # denoising steps of the teacher trajectories
+    timesteps: int = Field(default=4, ge=1)  # sampled denoising steps recorded per prompt
+    tokens: int = Field(default=256, ge=1)  # image tokens subsampled per recorded step
+    shard_size: int = Field(default=32, ge=1)  # prompts per shard
+    seed: int = 0
+
+
+class QuantizationConfig(_Section):
+    method: Literal["absmean", "act-aware", "block-recon", "distill"] = "absmean"
+    activations: Literal["none", "int8"] = "none"
+    eval_prompts: int = Field(default=4, ge=1)  # prompts of the fidelity report
+
+
+class PackConfig(_Section):
+    codec: Literal["2bit", "base3"] = "2bit"
+
+
+class GenerateConfig(_Section):
+    height: int = Field(default=1024, ge=16)
+    width: int = Field(default=1024, ge=16)
+    steps: int = Field(default=28, ge=1)
+    guidance: float = 3.5
+    seed: int = 0
+    max_sequence_length: int = Field(default=512, ge=1)
+
+
+class BenchConfig(_Section):
+    gpu: str | None = None
+    resolutions: list[int] = Field(default_factory=lambda: [512, 1024])
+    batch: int = Field(default=1, ge=1)
+    warmup: int = Field(default=3, ge=0)
+    iters: int = Field(default=20, ge=1)
+
+
+class Config(_Section):
+    workdir: Path = Path("runs/tiny")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    pack: PackConfig = Field(default_factory=PackConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    bench: BenchConfig = Field(default_factory=BenchConfig)
+
+    def resolved(self) -> dict:
+        """The whole config as plain JSON-able data, for artifact metadata."""
+        return self.model_dump(mode="json")
+
+
+DEFAULT_CONFIG = "tiny"
+
+
+def bundled_configs() -> list[str]:
+    """Names of the configs shipped with bitflux."""
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("bitflux_cli.configs").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def resolve_config_path(name: str) -> Path:
+    """A path as given, else the bundled config of that name (``flux-dev`` or ``flux-dev.yaml``)."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    bundled = resources.files("bitflux_cli.configs") / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if bundled.is_file():
+        return Path(str(bundled))
+    raise ConfigError(f"{name}: no such config file, and not a bundled config (bundled: {', '.join(bundled_configs())})")
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    return f"{key}: {error['msg'].lower()} (got {error.get('input')!r})"
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for p in parents:
+        data = data.setdefault(p, {})
+    data[leaf] = value
+
+
+def load_config(name: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load a config by path or bundled name, apply dotted ``overrides`` (flags), validate.
+
+    Raises ``ConfigError`` with one line naming the file, the key and what was expected.
+    """
+    path = resolve_config_path(name or DEFAULT_CONFIG)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: not a readable YAML file ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, key, value)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {_describe(exc.errors()[0])}") from None

@@ -1,0 +1,95 @@
+"""The miniature FLUX: the exact FLUX.1 architecture at a size that trains on two CPU cores.
+
+A real ``FluxPipeline``: ``FluxTransformer2DModel`` (double and single blocks, guidance
+embedding), CLIP and T5 text encoders behind a word-level tokenizer built in code, a 16-channel
+``AutoencoderKL`` and the flow-matching Euler scheduler. Weights come from a directory of
+safetensors files (one per component) when one is given or bundled, else from a seeded random
+initialisation, so the model is the same on every machine.
+"""
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+IMAGE_SIZE = 64
+MAX_SEQUENCE_LENGTH = 24  # T5 tokens; CLIP uses the same length
+
+SPECIAL = ["<pad>", "</s>", "<unk>"]
+WORDS = """a an the one two three four five six of and with photo picture image
+red green blue yellow orange purple white black pink cyan gray brown
+circle circles square squares triangle triangles star stars
+small big large tiny
+above below left right top bottom next to on under beside
+""".split()
+
+TRANSFORMER = dict(
+    patch_size=1, in_channels=64, out_channels=None, num_layers=2, num_single_layers=4,
+    attention_head_dim=32, num_attention_heads=4, joint_attention_dim=64,
+    pooled_projection_dim=64, guidance_embeds=True, axes_dims_rope=[8, 12, 12],
+)
+VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1, norm_num_groups=16,
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[32, 64, 64, 64], sample_size=IMAGE_SIZE,
+    use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.0, shift_factor=0.0,
+)
+COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over the world's vocabulary, lower-cased, unknown words to <unk>."""
+    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", model_max_length=MAX_SEQUENCE_LENGTH)
+
+
+def _text_encoders() -> tuple[CLIPTextModel, T5EncoderModel]:
+    n = len(SPECIAL) + len(WORDS)
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=n, hidden_size=TRANSFORMER["pooled_projection_dim"], intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=MAX_SEQUENCE_LENGTH,
+        projection_dim=TRANSFORMER["pooled_projection_dim"], pad_token_id=0, bos_token_id=1, eos_token_id=1))
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=n, d_model=TRANSFORMER["joint_attention_dim"], d_kv=16, d_ff=128, num_layers=2,
+        num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    return clip, t5
+
+
+def build_components(seed: int = 0, with_transformer: bool = True) -> dict[str, torch.nn.Module]:
+    """The trainable components, randomly initialised from ``seed`` (global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clip, t5 = _text_encoders()
+        parts = {"vae": AutoencoderKL(**VAE), "text_encoder": clip, "text_encoder_2": t5}
+        if with_transformer:
+            parts["transformer"] = FluxTransformer2DModel(**TRANSFORMER)
+        return parts
+
+
+def build_pipeline(weights: Path | None = None, dtype: torch.dtype = torch.float32,
+                   transformer: torch.nn.Module | None = None) -> FluxPipeline:
+    """The mini ``FluxPipeline``; ``weights`` is a directory of ``<component>.safetensors``.
+
+    ``transformer`` replaces the transformer (e.g. a quantized one) without building the FP one.
+    """
+    parts = build_components(with_transformer=transformer is None)
+    for name, module in parts.items():
+        if weights is not None:
+            module.load_state_dict(load_file(str(Path(weights) / f"{name}.safetensors")))
+        module.to(dtype)
+    if transformer is not None:
+        parts["transformer"] = transformer  # kept as given: its scales stay fp32
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), tokenizer=tokenizer(),
+                        tokenizer_2=tokenizer(), **parts)
+
+
+def transformer_config() -> dict:
+    """Constructor arguments of the mini transformer (for building it on the meta device)."""
+    return dict(TRANSFORMER)

@@ -1,0 +1,1 @@
+"""Bundled configs, installed as ``bitflux_cli.configs``."""
