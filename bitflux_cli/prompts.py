@@ -31,6 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import BitfluxError
+
 _PARTI = "https://raw.githubusercontent.com/google-research/parti/5a657978134374ce28973948331b319adef164bd/"
 _T2I = "https://raw.githubusercontent.com/Karine-Huang/T2I-CompBench/1b7094991a57f3c22abdd4f6e8ba6c1a15517073/examples/dataset/"
 _GENEVAL = "https://raw.githubusercontent.com/djghosh13/geneval/af4902f24d3ca90ebbb446dd9891a59e0f82725f/prompts/"
@@ -67,7 +69,7 @@ FILES: dict[str, tuple[str, str]] = {
 Loader = Callable[[Path | None], dict[str, list[str]]]
 
 
-class PromptDataError(RuntimeError):
+class PromptDataError(BitfluxError):
     """A prompt file is missing, cannot be fetched, or does not match its pinned sha256."""
 
 
