@@ -31,3 +31,15 @@ def progress(description: str, total: int, unit: str = "it"):
                 bar.update(task, rate=f"{t.completed / t.elapsed:.2f} {unit}/s")
 
         yield advance
+
+
+
+def quiet_libraries() -> None:
+    """Keep diffusers/transformers chatter (casting notes, optional-backend warnings) off the terminal."""
+    import os
+    import warnings
+
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)

@@ -1,0 +1,123 @@
+"""The ``bitflux`` command: parses flags, loads the config, calls one stage, prints the result."""
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from .config import load_config
+from .console import console
+from .errors import BitfluxError
+
+app = typer.Typer(help="1.58-bit FLUX: calibrate, quantize, pack, generate and benchmark a ternary FLUX transformer.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
+ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="Config file, or a bundled config name (tiny, flux-dev, flux-schnell). Default: tiny (the embedded model).")]
+WorkdirOpt = Annotated[Optional[Path], typer.Option("--workdir", "-w", help="Work directory holding each stage's artifact (overrides `workdir`).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout; logs and progress go to stderr.")]
+ActivationsOpt = Annotated[Optional[str], typer.Option("--activations", help="none (W2A16) or int8 (W2A8, per-token dynamic); overrides quantization.activations.")]
+
+
+def _run(stage, config: str | None, overrides: dict, as_json: bool, *args, **kwargs) -> None:
+    """Load the config, run one stage, print its result; errors become one line and an exit code."""
+    try:
+        cfg = load_config(config, overrides)
+        result = stage(cfg, *args, **kwargs)
+    except BitfluxError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/red]")
+        raise typer.Exit(130) from None
+    except Exception as exc:  # an unexpected failure still gets one line, not a traceback
+        if os.environ.get("BITFLUX_DEBUG"):
+            raise
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        console.print(f"[red]error:[/red] {type(exc).__name__}: {cause} (set BITFLUX_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        sys.stdout.write(json.dumps(result, default=str) + "\n")
+    else:
+        _summary(result)
+
+
+def _summary(result: dict) -> None:
+    table = Table(show_header=False, box=None)
+    for key, value in result.items():
+        if not isinstance(value, (dict, list)):
+            table.add_row(f"[bold]{key}[/bold]", f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+@app.command()
+def calibrate(config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt = False,
+              limit: Annotated[Optional[int], typer.Option(help="Calibrate on a seeded subset of this many prompts.")] = None):
+    """Run the FP model over the calibration prompts and record what the quantizer needs (resumable)."""
+    from .calibrate import calibrate as stage
+    _run(stage, config, {"workdir": workdir, "calibration.prompts.limit": limit}, as_json)
+
+
+@app.command()
+def quantize(config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt = False,
+             method: Annotated[Optional[str], typer.Option(help="Quantization method; overrides quantization.method.")] = None,
+             activations: ActivationsOpt = None):
+    """Quantize the transformer's block linears to ternary codes and report fidelity vs FP."""
+    from .quantize import quantize as stage
+    _run(stage, config, {"workdir": workdir, "quantization.method": method, "quantization.activations": activations}, as_json)
+
+
+@app.command()
+def pack(config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt = False,
+         codec: Annotated[Optional[str], typer.Option(help="2bit (runtime layout) or base3 (1.6 bits a weight); overrides pack.codec.")] = None):
+    """Pack the ternary codes into the 2-bit or base-3 format and report the storage ratio."""
+    from .pack import pack as stage
+    _run(stage, config, {"workdir": workdir, "pack.codec": codec}, as_json)
+
+
+@app.command()
+def generate(prompt: Annotated[str, typer.Argument(help="The text prompt.")],
+             out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG to write (default: <workdir>/images/<prompt>-<seed>.png).")] = None,
+             seed: Annotated[Optional[int], typer.Option(help="Random seed; the same seed gives the same image.")] = None,
+             steps: Annotated[Optional[int], typer.Option(help="Denoising steps.")] = None,
+             height: Annotated[Optional[int], typer.Option(help="Image height in pixels.")] = None,
+             width: Annotated[Optional[int], typer.Option(help="Image width in pixels.")] = None,
+             guidance: Annotated[Optional[float], typer.Option(help="Guidance scale.")] = None,
+             full_precision: Annotated[bool, typer.Option("--full-precision", help="Use the FP transformer instead of the packed 1.58-bit one.")] = False,
+             activations: ActivationsOpt = None,
+             config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt = False):
+    """Generate an image with the packed 1.58-bit transformer from the workdir."""
+    from .generate import generate as stage
+    overrides = {"workdir": workdir, "generate.seed": seed, "generate.steps": steps, "generate.height": height,
+                 "generate.width": width, "generate.guidance": guidance, "quantization.activations": activations}
+    _run(stage, config, overrides, as_json, prompt, out, full_precision)
+
+
+@app.command()
+def bench(config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt = False,
+          gpu: Annotated[Optional[str], typer.Option(help="GPU to report for (a10, l4, a100-80g, h100, ...); projected when it is not the present card.")] = None,
+          random_weights: Annotated[bool, typer.Option("--random-weights", help="Measure the full-size architecture with random weights (no checkpoint needed).")] = False,
+          kernels: Annotated[bool, typer.Option("--kernels", help="Time the ternary GEMM kernels on FLUX shapes instead of the model.")] = False,
+          plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of storage, memory and latency bars.")] = None):
+    """Storage, memory and latency of bf16 vs 1.58-bit, measured on CUDA or projected for a named GPU."""
+    _run(_bench, config, {"workdir": workdir, "bench.gpu": gpu}, as_json, random_weights, kernels, plot)
+
+
+def _bench(cfg, random_weights: bool, kernels: bool, plot: Path | None) -> dict:
+    if kernels:
+        from bitflux_kernels.bench import bench_kernels
+        return bench_kernels()
+    from .bench import render_table, run_bench
+    report = run_bench(cfg, cfg.bench.gpu, random_weights, plot)
+    console.print(render_table(report))
+    return report
+
+
+def main() -> None:
+    """Console-script entry point."""
+    from .console import quiet_libraries
+    quiet_libraries()
+    app()

@@ -1,0 +1,41 @@
+"""The generate stage: a prompt -> a PNG, through the 1.58-bit transformer (or the FP one)."""
+
+import re
+import time
+from pathlib import Path
+
+import bitflux_kernels
+
+from .artifacts import artifact_path, atomic_file, require
+from .config import Config
+from .loader import load_quantized_transformer
+from .models import load_pipeline, resolve_device
+from .teacher import run_pipeline
+
+
+def default_output(cfg: Config, prompt: str) -> Path:
+    """``<workdir>/images/<prompt-slug>-<seed>.png``."""
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "image"
+    return artifact_path(cfg.workdir, "generate") / f"{slug}-{cfg.generate.seed}.png"
+
+
+def generate(cfg: Config, prompt: str, out: Path | None = None, full_precision: bool = False) -> dict:
+    """Draw ``prompt`` with the packed 1.58-bit transformer from the workdir (or the FP model)."""
+    device = resolve_device(cfg.model)
+    if full_precision:
+        pipe, backend = load_pipeline(cfg.model), "full-precision"
+    else:
+        transformer = load_quantized_transformer(require(cfg.workdir, "pack"), cfg.model,
+                                                 cfg.quantization.activations, device)
+        pipe, backend = load_pipeline(cfg.model, transformer), bitflux_kernels.select_backend(device)
+    pipe = pipe.to(device)
+    start = time.perf_counter()
+    image = run_pipeline(pipe, [prompt], cfg.generate, cfg.generate.seed, output_type="pil")[0]
+    seconds = time.perf_counter() - start
+    out = Path(out) if out is not None else default_output(cfg, prompt)
+    with atomic_file(out) as tmp:
+        image.save(tmp, format="PNG")
+    return {"stage": "generate", "path": str(out), "prompt": prompt, "seed": cfg.generate.seed,
+            "seconds": seconds, "backend": backend, "activations": cfg.quantization.activations,
+            "steps": cfg.generate.steps, "height": cfg.generate.height, "width": cfg.generate.width,
+            "guidance": cfg.generate.guidance, "device": str(device)}
