@@ -29,8 +29,8 @@ CODECS = ("int8", "2bit", "base3")  # int8: one code per byte (the quantize stag
 TOOL_VERSION = "0.1.0"
 
 
-def encode_codes(codes: torch.Tensor, codec: str) -> torch.Tensor:
-    """Ternary codes [N, K] int8 -> the tensor stored under ``<m>.codes`` for ``codec``."""
+def pack(codes: torch.Tensor, codec: str = "2bit") -> torch.Tensor:
+    """Ternary codes [N, K] int8 -> the packed tensor of ``codec`` ("2bit", "base3" or "int8")."""
     if codec == "int8":
         return codes.contiguous()
     if codec == "2bit":
@@ -40,8 +40,9 @@ def encode_codes(codes: torch.Tensor, codec: str) -> torch.Tensor:
     raise ValueError(f"unknown codec {codec!r}; expected one of {', '.join(CODECS)}")
 
 
-def decode_codes(data: torch.Tensor, codec: str, n: int, k: int) -> torch.Tensor:
-    """Inverse of ``encode_codes``: back to codes [N, K] int8."""
+def unpack(data: torch.Tensor, shape: tuple[int, int], codec: str = "2bit") -> torch.Tensor:
+    """Inverse of ``pack``: back to codes of ``shape`` [N, K] int8."""
+    n, k = shape
     if codec == "int8":
         return data
     if codec == "2bit":
@@ -51,7 +52,7 @@ def decode_codes(data: torch.Tensor, codec: str, n: int, k: int) -> torch.Tensor
 
 def to_runtime_2bit(data: torch.Tensor, codec: str, n: int, k: int) -> torch.Tensor:
     """Stored codes -> the 2-bit runtime layout [N, Kp/4] (no work when already 2-bit)."""
-    return data if codec == "2bit" else bk.pack_2bit(decode_codes(data, codec, n, k))
+    return data if codec == "2bit" else bk.pack_2bit(unpack(data, (n, k), codec))
 
 
 def _expected_shape(codec: str, n: int, k: int) -> tuple[int, ...]:
@@ -77,7 +78,7 @@ class Checkpoint:
     def codes(self, module: str) -> torch.Tensor:
         """Ternary codes [N, K] int8 of one quantized module."""
         n, k = self.modules[module]
-        return decode_codes(self.tensors[f"{module}.codes"], self.meta["codec"], n, k)
+        return unpack(self.tensors[f"{module}.codes"], (n, k), self.meta["codec"])
 
 
 def save_checkpoint(path: Path, ternary: dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -91,7 +92,7 @@ def save_checkpoint(path: Path, ternary: dict[str, tuple[torch.Tensor, torch.Ten
     tensors = {name: t.detach().contiguous().cpu() for name, t in dense.items()}
     shapes = {}
     for m, (codes, scale) in ternary.items():
-        tensors[f"{m}.codes"] = encode_codes(codes.cpu(), codec)
+        tensors[f"{m}.codes"] = pack(codes.cpu(), codec)
         tensors[f"{m}.scale"] = scale.detach().float().contiguous().cpu()
         shapes[m] = list(codes.shape)
     header = {

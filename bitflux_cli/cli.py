@@ -74,7 +74,7 @@ def quantize(config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: Json
 def pack(config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt = False,
          codec: Annotated[Optional[str], typer.Option(help="2bit (runtime layout) or base3 (1.6 bits a weight); overrides pack.codec.")] = None):
     """Pack the ternary codes into the 2-bit or base-3 format and report the storage ratio."""
-    from .pack import pack as stage
+    from .packing import pack as stage
     _run(stage, config, {"workdir": workdir, "pack.codec": codec}, as_json)
 
 

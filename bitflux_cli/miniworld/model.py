@@ -83,7 +83,7 @@ def build_pipeline(weights: Path | None = None, dtype: torch.dtype = torch.float
     for name, module in parts.items():
         if weights is not None:
             module.load_state_dict(load_file(str(Path(weights) / f"{name}.safetensors")))
-        module.to(dtype)
+        module.to(dtype).eval()  # built from configs, not from_pretrained: T5 dropout would be on
     if transformer is not None:
         parts["transformer"] = transformer  # kept as given: its scales stay fp32
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), tokenizer=tokenizer(),

@@ -1,0 +1,29 @@
+import os
+
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_chain(tmp_path_factory):
+    """A workdir where the tiny model went through quantize and pack (2-bit), shared by tests."""
+    from bitflux_cli.config import load_config
+    from bitflux_cli.packing import pack
+    from bitflux_cli.quantize import quantize
+
+    workdir = tmp_path_factory.mktemp("tiny-chain")
+    cfg = load_config("tiny", {"workdir": str(workdir)})
+    return {"cfg": cfg, "quantize": quantize(cfg), "pack": pack(cfg), "workdir": workdir}

@@ -1,0 +1,107 @@
+"""End to end through the CLI on the embedded model: the chain, JSON outputs, errors and exit codes."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from bitflux_cli.cli import app
+
+runner = CliRunner()
+STAGES = ["calibrate", "quantize", "pack", "generate", "bench"]
+
+
+def bitflux(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def as_json(result):
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_help_lists_the_five_subcommands():
+    out = bitflux("--help").stdout
+    assert all(stage in out for stage in STAGES)
+    for stage in STAGES:
+        res = bitflux(stage, "--help")
+        assert res.exit_code == 0 and "--json" in res.stdout and "--config" in res.stdout
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("cli")
+    q = as_json(bitflux("quantize", "--workdir", wd, "--json"))
+    p = as_json(bitflux("pack", "--workdir", wd, "--json"))
+    return wd, q, p
+
+
+def test_quantize_reports_counts_and_error_vs_fp(chain):
+    _, q, _ = chain
+    assert {"quantized_params", "total_params", "fraction"} <= set(q)
+    assert 0 < q["fraction"] < 1 and q["quantized_params"] < q["total_params"]
+    fid = q["fidelity"]
+    # the 1.58-bit output next to the FP output: relative error reported, finite and not zero
+    assert 0 < fid["velocity_rel_error"] < 1 and np.isfinite(fid["image_psnr_db"])
+    assert len(fid["block_rel_error"]) == 6
+
+
+def test_pack_reports_storage(chain):
+    _, _, p = chain
+    assert p["codec"] == "2bit" and p["packed_bytes"] > 0
+    assert p["storage_ratio"] == pytest.approx(p["bf16_bytes"] / p["packed_bytes"])
+
+
+def test_generate_same_seed_same_image(chain, tmp_path):
+    wd, _, _ = chain
+    outs = []
+    for name in ("a.png", "b.png"):
+        g = as_json(bitflux("generate", "a red circle above a blue square", "--workdir", wd, "--out", tmp_path / name,
+                            "--seed", 3, "--steps", 4, "--json"))
+        assert g["seed"] == 3 and g["seconds"] > 0 and g["backend"] == "torch"
+        outs.append(np.asarray(Image.open(g["path"])))
+    assert outs[0].shape == (64, 64, 3) and outs[0].std() > 1  # not a constant image
+    assert np.array_equal(outs[0], outs[1])
+
+
+def test_base3_round_trip_generates_the_same_image(chain, tmp_path):
+    wd, _, _ = chain
+    args = ("generate", "three blue squares", "--workdir", wd, "--steps", 4, "--json")
+    two = np.asarray(Image.open(as_json(bitflux(*args, "--out", tmp_path / "2.png"))["path"]))
+    assert as_json(bitflux("pack", "--workdir", wd, "--codec", "base3", "--json"))["codec"] == "base3"
+    three = np.asarray(Image.open(as_json(bitflux(*args, "--out", tmp_path / "3.png"))["path"]))
+    as_json(bitflux("pack", "--workdir", wd, "--json"))  # back to 2-bit for the other tests
+    assert np.array_equal(two, three)
+
+
+def test_missing_artifact_names_the_command(tmp_path):
+    res = bitflux("generate", "x", "--workdir", tmp_path)
+    assert res.exit_code == 2 and "run `bitflux pack` first" in res.stderr
+    res = bitflux("pack", "--workdir", tmp_path)
+    assert res.exit_code == 2 and "run `bitflux quantize` first" in res.stderr
+
+
+def test_bad_config_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("quantization:\n  method: magic\n")
+    res = bitflux("quantize", "--config", bad, "--json")
+    assert res.exit_code == 2 and res.stdout == ""
+    assert len(res.stderr.strip().splitlines()) == 1 and "quantization.method" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_corrupted_packed_file_is_refused_and_left_alone(chain, tmp_path):
+    wd, _, _ = chain
+    target = tmp_path / "wd"
+    (target / "packed").mkdir(parents=True)
+    data = bytearray((wd / "packed" / "transformer.safetensors").read_bytes())
+    data[-3] ^= 0x01
+    (target / "packed" / "transformer.safetensors").write_bytes(bytes(data))
+    out = tmp_path / "img.png"
+    out.write_bytes(b"previous image")
+    res = bitflux("generate", "x", "--workdir", target, "--out", out)
+    assert res.exit_code == 1 and "checksum mismatch" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert out.read_bytes() == b"previous image"  # nothing already written is damaged

@@ -1,0 +1,71 @@
+"""Exact tier: the packed layouts' golden bytes and round trips (docs/FORMAT.md)."""
+
+import hashlib
+import itertools
+
+import pytest
+import torch
+
+from bitflux_cli import pack, unpack
+from bitflux_kernels.layout import base3_bytes, packed_2bit_bytes
+
+
+def pattern(n, k):
+    # deterministic codes with every value and no RNG: the golden hashes below depend on it
+    return ((torch.arange(n * k) * 7) % 3 - 1).to(torch.int8).view(n, k)
+
+
+def test_2bit_golden_bitplanes():
+    codes = torch.zeros(1, 128, dtype=torch.int8)
+    codes[0, 0], codes[0, 32], codes[0, 64], codes[0, 96] = 1, -1, 1, 0
+    packed = pack(codes)
+    # byte 0 holds weights 0, 32, 64, 96 as code+1 at shifts 0, 2, 4, 6: 2 | 0<<2 | 2<<4 | 1<<6
+    assert packed.shape == (1, 32) and packed.dtype == torch.uint8
+    assert packed[0, 0].item() == 0b01_10_00_10
+    assert packed[0, 1:].tolist() == [0x55] * 31  # all zeros: code+1 = 1 in every field
+
+
+def test_2bit_pads_k_with_zero_weights():
+    packed = pack(torch.ones(2, 5, dtype=torch.int8))
+    assert packed.shape == (2, 32)
+    assert packed[0, :5].tolist() == [0b01_01_01_10] * 5 and packed[0, 5:].tolist() == [0x55] * 27
+
+
+def test_golden_hashes():
+    codes = pattern(7, 300)
+    assert hashlib.sha256(pack(codes).numpy().tobytes()).hexdigest() == \
+        "25e1bd37776a8f7a2213d373e8386046c4e260b2b8e8a6e4d02c0b180b6163a2"
+    assert hashlib.sha256(pack(codes, "base3").numpy().tobytes()).hexdigest() == \
+        "1cc0c88a2c6e6d7845a9ee84deac33c4f9c3f0ddecc9f130c9ca24d3cab310e4"
+
+
+def test_base3_golden_byte():
+    # trits 2,1,0,1,2 -> q = 2*81 + 27 + 3 + 2 = 194 -> ceil(194 * 256 / 243) = 205
+    assert pack(torch.tensor([[1, 0, -1, 0, 1]], dtype=torch.int8), "base3").tolist() == [205]
+
+
+def test_base3_every_trit_group_round_trips():
+    allc = torch.tensor(list(itertools.product([-1, 0, 1], repeat=5)), dtype=torch.int8)  # [243, 5]
+    assert torch.equal(unpack(pack(allc, "base3"), allc.shape, "base3"), allc)
+
+
+@pytest.mark.parametrize("codec", ["2bit", "base3", "int8"])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 127), (16, 128), (5, 300), (64, 3072)])
+def test_round_trip_is_exact(codec, shape):
+    codes = torch.randint(-1, 2, shape, dtype=torch.int8)
+    assert torch.equal(unpack(pack(codes, codec), shape, codec), codes)
+
+
+def test_sizes_match_formulas():
+    codes = pattern(9, 200)
+    assert pack(codes).numel() == packed_2bit_bytes(9, 200) == 9 * 256 // 4
+    assert pack(codes, "base3").numel() == base3_bytes(9, 200) == 360
+
+
+def test_bad_codes_are_refused():
+    with pytest.raises(ValueError, match="-1, 0, \\+1"):
+        pack(torch.tensor([[2]], dtype=torch.int8))
+    with pytest.raises(ValueError, match="int8"):
+        pack(torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="does not match K"):
+        unpack(pack(pattern(2, 130)), (2, 300))
