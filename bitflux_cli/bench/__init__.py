@@ -1,0 +1,1 @@
+"""The bench stage: storage accounting, memory and latency projection, measured mode on CUDA."""

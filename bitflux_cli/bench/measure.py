@@ -1,0 +1,141 @@
+"""Measured mode (CUDA): step and whole-image latency and peak memory for bf16, W2A16 and W2A8.
+
+Latency uses CUDA events around each call, warm-up excluded, median and p90 over ``bench.iters``
+runs; peak memory is ``torch.cuda.max_memory_allocated`` since the model was resident (weights
+included). Steps run the transformer alone on random inputs of the pipeline's shapes, batch 1.
+With ``random_weights`` the full-size architecture gets random weights directly on the device
+and the per-image figure is derived (steps x median step, transformer only); otherwise the FP
+model comes from ``load_pipeline``'s source and the ternary one from the workdir's packed
+checkpoint, and whole images are timed through the pipeline.
+"""
+
+import gc
+import statistics
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import bitflux_kernels
+from bitflux_kernels import pack_2bit
+
+from ..artifacts import require
+from ..config import Config, ModelConfig
+from ..console import info
+from ..loader import load_quantized_transformer
+from ..models import build_meta_transformer, load_fp_transformer, load_pipeline, torch_dtype
+from ..ternary import TernaryLinear, replace_with_ternary, scoped_linears
+from .memory import MODES, dummy_inputs
+
+ACTIVATIONS = {"w2a16": "none", "w2a8": "int8"}
+INIT_STD = 0.02
+
+
+def random_transformer(model: ModelConfig, mode: str, device: torch.device | str, seed: int = 0) -> nn.Module:
+    """The configured architecture with random weights made on ``device``, no FP model built.
+
+    Float parameters are ``normal * 0.02`` in the model dtype (never zero); for "w2a16"/"w2a8"
+    every in-scope linear is a ``TernaryLinear`` with random codes in {-1, 0, 1} packed by
+    ``pack_2bit``, random positive scales and random biases.
+    """
+    net = build_meta_transformer(model).to(torch_dtype(model))  # meta: free
+    if mode != "bf16":
+        replace_with_ternary(net, [name for name, _ in scoped_linears(net)], ACTIVATIONS[mode])
+    net.to_empty(device=device)
+    gen = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, INIT_STD, generator=gen)
+        for mod in net.modules():
+            if isinstance(mod, TernaryLinear):
+                codes = torch.randint(-1, 2, (mod.out_features, mod.in_features), generator=gen,
+                                      dtype=torch.int8, device=device)  # [N, K]
+                mod.packed.copy_(pack_2bit(codes))  # [N, Kp/4] uint8
+                mod.scale.uniform_(0.5 * INIT_STD, 1.5 * INIT_STD, generator=gen)  # [N] fp32, > 0
+                if mod.bias is not None:
+                    mod.bias.normal_(0.0, INIT_STD, generator=gen)
+    return net.eval()
+
+
+def time_cuda(fn: Callable[[], object], warmup: int, iters: int) -> dict:
+    """Median and p90 milliseconds of ``fn`` over ``iters`` CUDA-event-timed runs after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    p90 = statistics.quantiles(times, n=10, method="inclusive")[-1] if len(times) > 1 else times[0]
+    return {"median_ms": statistics.median(times), "p90_ms": p90, "iters": iters}
+
+
+def _fresh_peak(device: torch.device) -> None:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+
+
+def _steps(net: nn.Module, cfg: Config, device: torch.device) -> dict:
+    out = {}
+    for res in cfg.bench.resolutions:
+        inputs = dummy_inputs(net, 1, res, cfg.generate.max_sequence_length, device, torch_dtype(cfg.model))
+        _fresh_peak(device)
+        with torch.inference_mode():
+            t = time_cuda(lambda: net(**inputs), cfg.bench.warmup, cfg.bench.iters)
+        out[str(res)] = {"step": t, "step_peak_bytes": torch.cuda.max_memory_allocated(device)}
+    return out
+
+
+def _images(net: nn.Module, cfg: Config, device: torch.device, per_res: dict) -> None:
+    pipe = load_pipeline(cfg.model, transformer=net).to(device)
+    g = cfg.generate
+    for res in cfg.bench.resolutions:
+        def image():
+            pipe(prompt="a photo of a red circle above a blue square", height=res, width=res,
+                 num_inference_steps=g.steps, guidance_scale=g.guidance, max_sequence_length=g.max_sequence_length,
+                 generator=torch.Generator(device).manual_seed(g.seed))
+        _fresh_peak(device)
+        with torch.inference_mode():
+            t = time_cuda(image, min(cfg.bench.warmup, 1), cfg.bench.iters)
+        per_res[str(res)].update(image=t, image_peak_bytes=torch.cuda.max_memory_allocated(device),
+                                 image_source="measured: whole pipeline (text encoders, transformer, VAE)")
+    del pipe
+
+
+def _model(cfg: Config, mode: str, device: torch.device, random_weights: bool) -> nn.Module:
+    if random_weights:
+        return random_transformer(cfg.model, mode, device)
+    if mode == "bf16":
+        return load_fp_transformer(cfg.model).to(device).eval()
+    return load_quantized_transformer(require(cfg.workdir, "pack"), cfg.model, ACTIVATIONS[mode], device)
+
+
+def measure(cfg: Config, random_weights: bool, device: torch.device | str = "cuda") -> dict:
+    """Measured step (and image) latency and peak memory per mode and resolution on ``device``."""
+    device = torch.device(device)
+    if not random_weights:
+        require(cfg.workdir, "pack")  # fail before loading anything
+    label = f"measured on {torch.cuda.get_device_name(device)} (CUDA events, median/p90 of {cfg.bench.iters}, batch 1)"
+    per_mode = {}
+    for mode in MODES:
+        info(f"bench: measuring {mode} ({'random weights' if random_weights else 'workdir weights'})")
+        net = _model(cfg, mode, device, random_weights)
+        per_res = _steps(net, cfg, device)
+        if random_weights:
+            for r in per_res.values():
+                r.update(image_s=r["step"]["median_ms"] * cfg.generate.steps / 1e3,
+                         image_source=f"derived: transformer only, {cfg.generate.steps} x median step")
+        else:
+            _images(net, cfg, device, per_res)
+        per_mode[mode] = per_res
+        del net
+        gc.collect()
+        torch.cuda.empty_cache()
+    per_resolution = {str(r): {m: {**per_mode[m][str(r)], "source": "measured"} for m in MODES}
+                      for r in cfg.bench.resolutions}
+    return {"label": label, "device": torch.cuda.get_device_name(device), "random_weights": random_weights,
+            "backend": bitflux_kernels.select_backend(device), "per_resolution": per_resolution}

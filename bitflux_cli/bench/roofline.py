@@ -1,0 +1,77 @@
+"""Projected (roofline) latency of one denoising step of the FLUX transformer on a GPU profile.
+
+Every linear's (M, N, K) comes from a forward pass on the meta device (no memory, no weights), so
+M is right per layer: image, text or joint tokens, or one row for the AdaLN modulation linears.
+Per linear, time = max(2 M N K / rate, bytes / bandwidth), with bytes = weights + bf16 input and
+output activations. bf16: bf16 weights at the 16-bit tensor rate; W2A16: in-scope linears read the
+2-bit codes + fp32 scales at the 16-bit rate; W2A8: the same bytes at the int8 rate (``None`` on
+GPUs without int8 tensor cores). Linears outside the scope stay bf16 in every mode. Attention adds
+4 * B * S^2 * D flops per block (QK^T and PV) against reading q, k, v and writing the output.
+Norms, activations, RoPE and kernel launch gaps are not counted: a lower bound on the step time.
+"""
+
+import torch
+from torch import nn
+
+from bitflux_kernels.layout import packed_2bit_bytes
+
+from ..ternary import in_scope
+from .memory import BF16, dummy_inputs, token_counts
+
+LABEL = "projected (roofline)"
+
+
+def linear_shapes(model: nn.Module, batch: int, resolution: int, text_tokens: int) -> list[dict]:
+    """(name, m, n, k, scoped) of every linear call of one forward of a meta-device ``model``."""
+    rows, hooks = [], []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            def hook(mod, args, out, name=name):  # args[0]: [..., K]
+                rows.append({"name": name, "m": args[0].shape[:-1].numel(), "n": mod.out_features,
+                             "k": mod.in_features, "scoped": in_scope(name, mod)})
+            hooks.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(**dummy_inputs(model, batch, resolution, text_tokens, device="meta"))
+    finally:
+        for h in hooks:
+            h.remove()
+    return rows
+
+
+def _time(flops: float, nbytes: float, rate: float, profile: dict) -> float:
+    return max(flops / rate, nbytes / (profile["bandwidth_gbs"] * 1e9))
+
+
+def step_seconds(model: nn.Module, shapes: list[dict], tokens: int, batch: int, profile: dict) -> dict:
+    """Roofline seconds of one transformer step per mode ("bf16", "w2a16", "w2a8")."""
+    bf16_rate = profile["bf16_tflops"] * 1e12
+    int8_rate = profile["int8_tops"] * 1e12 if profile["int8_tops"] else None
+    d, layers = model.inner_dim, len(model.transformer_blocks) + len(model.single_transformer_blocks)
+    attention = layers * _time(4 * batch * tokens**2 * d, 4 * batch * tokens * d * BF16, bf16_rate, profile)
+    out = {}
+    for mode, rate in (("bf16", bf16_rate), ("w2a16", bf16_rate), ("w2a8", int8_rate)):
+        if rate is None:
+            out[mode] = None
+            continue
+        total = attention
+        for r in shapes:
+            m, n, k = r["m"], r["n"], r["k"]
+            ternary = r["scoped"] and mode != "bf16"
+            weights = packed_2bit_bytes(n, k) + 4 * n if ternary else n * k * BF16
+            total += _time(2 * m * n * k, weights + (m * k + m * n) * BF16, rate if ternary else bf16_rate, profile)
+        out[mode] = total
+    return out
+
+
+def latency_projection(model: nn.Module, profile: dict, resolutions: list[int], batch: int,
+                       text_tokens: int, steps: int) -> dict:
+    """Per resolution and mode: projected step time (ms) and transformer time per image (s)."""
+    per_res = {}
+    for res in resolutions:
+        t = token_counts(res, text_tokens)
+        secs = step_seconds(model, linear_shapes(model, batch, res, text_tokens), t["image"] + t["text"], batch, profile)
+        per_res[str(res)] = {mode: None if s is None else {"step_ms": s * 1e3, "image_s": s * steps, "source": LABEL}
+                             for mode, s in secs.items()}
+    return {"label": f"{LABEL} for {profile['name']}: transformer only, {steps} steps per image, batch {batch}",
+            "gpu": profile["key"], "per_resolution": per_res}
