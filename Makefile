@@ -1,0 +1,30 @@
+# Quick start: `make demo` (sets itself up, runs the whole chain on the embedded model), `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO := runs/demo
+PROMPT ?= a red circle above a blue square
+
+.PHONY: install demo test mini-model clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0   # first, so the next line does not pull a CUDA build
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/bitflux quantize --workdir $(DEMO)
+	$(BIN)/bitflux pack --workdir $(DEMO)
+	$(BIN)/bitflux generate "$(PROMPT)" --workdir $(DEMO) --out $(DEMO)/demo.png
+	@echo "image written to $(DEMO)/demo.png"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache
