@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from safetensors import safe_open
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 IMAGE_SIZE = 64
@@ -38,6 +39,7 @@ VAE = dict(
     use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.0, shift_factor=0.0,
 )
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
+LATENT_STATS = ("shift_factor", "scaling_factor")  # VAE config values, kept in vae.safetensors' metadata
 
 
 def tokenizer() -> PreTrainedTokenizerFast:
@@ -46,6 +48,8 @@ def tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    # CLIP pools the hidden state at </s>: without it the pooled vector would see only word one
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
                                    unk_token="<unk>", model_max_length=MAX_SEQUENCE_LENGTH)
 
@@ -82,7 +86,12 @@ def build_pipeline(weights: Path | None = None, dtype: torch.dtype = torch.float
     parts = build_components(with_transformer=transformer is None)
     for name, module in parts.items():
         if weights is not None:
-            module.load_state_dict(load_file(str(Path(weights) / f"{name}.safetensors")))
+            path = str(Path(weights) / f"{name}.safetensors")
+            module.load_state_dict(load_file(path))
+            if name == "vae":
+                with safe_open(path, framework="pt") as f:
+                    meta = f.metadata() or {}
+                module.register_to_config(**{k: float(meta[k]) for k in LATENT_STATS if k in meta})
         module.to(dtype).eval()  # built from configs, not from_pretrained: T5 dropout would be on
     if transformer is not None:
         parts["transformer"] = transformer  # kept as given: its scales stay fp32
