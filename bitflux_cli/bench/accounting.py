@@ -3,8 +3,8 @@
 Counts tensor data only, exactly as ``save_checkpoint`` lays it out: per in-scope linear the
 codec's code bytes plus an fp32 scale per output row, and every other parameter (biases of the
 quantized linears included) at 2 bytes (bf16). The safetensors header (8-byte length, JSON of
-names, shapes and offsets, and bitflux's metadata with a sha256 per tensor) is not counted: it is
-a few hundred bytes per tensor, about 0.3 MB for FLUX.1-dev (0.01%).
+names, shapes and offsets, and bitflux's metadata with a sha256 per tensor) is not counted: about
+250-300 bytes per tensor, so about 0.5 MB for FLUX.1-dev's 1,654 tensors (0.015% of 3.1 GB).
 """
 
 from torch import nn
@@ -14,6 +14,7 @@ from bitflux_kernels.layout import base3_bytes, packed_2bit_bytes
 from ..ternary import parameter_counts, scoped_linears
 
 BF16 = 2  # bytes per dense parameter
+GB = 1e9  # reports use decimal GB
 SCALE = 4  # bytes per fp32 scale
 CODEC_BYTES = {"2bit": packed_2bit_bytes, "base3": base3_bytes}
 

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from ..ternary import scoped_linears
+from .accounting import BF16
 from .profiles import PROFILES
 
 RESERVE = 2**30  # bytes held back on every GPU: CUDA context, cuBLAS workspace, fragmentation
-BF16 = 2
 MODES = ("bf16", "w2a16", "w2a8")
 
 

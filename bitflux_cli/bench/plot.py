@@ -8,9 +8,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..artifacts import atomic_file  # noqa: E402
+from .accounting import GB  # noqa: E402
 from .memory import MODES  # noqa: E402
 
-GB = 1e9
 COLORS = {"bf16": "#7f7f7f", "2bit": "#1f77b4", "base3": "#2ca02c", "w2a16": "#1f77b4", "w2a8": "#ff7f0e"}
 NAMES = {"bf16": "bf16", "2bit": "1.58-bit 2bit", "base3": "1.58-bit base3", "w2a16": "1.58-bit W2A16",
          "w2a8": "1.58-bit W2A8"}

@@ -7,12 +7,11 @@ from rich.table import Table
 
 from ..config import Config
 from ..models import build_meta_transformer, model_id
-from .accounting import storage
+from .accounting import GB, storage
 from .memory import MODES, memory_projection
 from .profiles import PROFILES, gpu_profile, profile_for_device
 from .roofline import latency_projection
 
-GB = 1e9
 STORAGE_LABEL = "tensor data of the checkpoint (codes, fp32 scales, dense bf16); safetensors header not counted"
 
 

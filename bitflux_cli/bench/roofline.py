@@ -16,7 +16,8 @@ from torch import nn
 from bitflux_kernels.layout import packed_2bit_bytes
 
 from ..ternary import in_scope
-from .memory import BF16, dummy_inputs, token_counts
+from .accounting import BF16
+from .memory import dummy_inputs, token_counts
 
 LABEL = "projected (roofline)"
 
