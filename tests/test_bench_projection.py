@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from bitflux_cli.bench import render_table, run_bench
+from bitflux_cli.bench.accounting import storage
 from bitflux_cli.bench.measure import random_transformer
 from bitflux_cli.bench.memory import dummy_inputs, memory_projection
 from bitflux_cli.bench.profiles import ALIASES, PROFILES, gpu_profile, profile_for_device
-from bitflux_cli.bench.accounting import storage
 from bitflux_cli.config import Config, load_config
 from bitflux_cli.errors import UsageError
 from bitflux_cli.models import build_meta_transformer

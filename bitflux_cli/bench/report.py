@@ -84,8 +84,8 @@ def _gb(x: float) -> str:
     return f"{x / GB:.2f}"
 
 
-def _ms(entry: dict | None, key: str = "step_ms") -> str:
-    return "n/a" if entry is None else f"{entry[key]:.1f}"
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -107,15 +107,14 @@ def render_table(report: dict) -> Table:
             table.add_row(f"fits {profile['key']} @{r}", *("yes" if mem["fits"][profile["key"]][m] else "no" for m in MODES), "")
         proj = report["latency"]["projected"]
         if proj is not None:
-            p = proj["per_resolution"][r]
-            table.add_row(f"step @{r} (ms, roofline {proj['gpu']})", *(_ms(p[m]) for m in MODES),
-                          f"{_ratio(*(p[m] and p[m]['step_ms'] for m in ('bf16', 'w2a16')))} | "
-                          f"{_ratio(*(p[m] and p[m]['step_ms'] for m in ('bf16', 'w2a8')))}")
+            step = {m: v and v["step_ms"] for m, v in proj["per_resolution"][r].items()}
+            table.add_row(f"step @{r} (ms, roofline {proj['gpu']})", *(_ms(step[m]) for m in MODES),
+                          f"{_ratio(step['bf16'], step['w2a16'])} | {_ratio(step['bf16'], step['w2a8'])}")
         meas = report["latency"]["measured"]
         if meas is not None:
-            m_ = meas["per_resolution"][r]
-            steps = [m_[m]["step"]["median_ms"] for m in MODES]
-            table.add_row(f"step @{r} (ms, measured median)", *(f"{s:.1f}" for s in steps),
-                          f"{_ratio(steps[0], steps[1])} | {_ratio(steps[0], steps[2])}")
-            table.add_row(f"peak @{r} (GB, measured)", *(_gb(m_[m]["step_peak_bytes"]) for m in MODES), "")
+            rows = meas["per_resolution"][r]
+            step = {m: rows[m]["step"]["median_ms"] for m in MODES}
+            table.add_row(f"step @{r} (ms, measured median)", *(_ms(step[m]) for m in MODES),
+                          f"{_ratio(step['bf16'], step['w2a16'])} | {_ratio(step['bf16'], step['w2a8'])}")
+            table.add_row(f"peak @{r} (GB, measured)", *(_gb(rows[m]["step_peak_bytes"]) for m in MODES), "")
     return table
