@@ -18,6 +18,12 @@ LAYOUT = {
 }
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def artifact_path(workdir: Path, stage: str) -> Path:
     """Where ``stage`` writes its artifact in ``workdir``."""
     return Path(workdir) / LAYOUT[stage][0]
@@ -40,6 +46,7 @@ def atomic_file(path: Path):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts are ordinary files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -54,6 +61,7 @@ def atomic_dir(path: Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
         old = path.with_name(f".{path.name}.old")
         if path.exists():
             os.replace(path, old)

@@ -61,13 +61,13 @@ def transformer_config(cfg: ModelConfig) -> dict:
     """Constructor arguments of the transformer, read without loading weights."""
     if cfg.source == EMBEDDED:
         return mini.transformer_config()
+    if cfg.path is None and cfg.source in KNOWN_ARCHITECTURES:
+        return dict(KNOWN_ARCHITECTURES[cfg.source])  # no hub round trip (offline it retries for ~20 s)
     try:
         loc = str(cfg.path) if cfg.path is not None else cfg.source
         conf = FluxTransformer2DModel.load_config(loc, subfolder="transformer", revision=cfg.revision)
         return {k: v for k, v in conf.items() if not k.startswith("_")}
-    except Exception as exc:  # offline or not cached: fall back to the known architecture
-        if cfg.path is None and cfg.source in KNOWN_ARCHITECTURES:
-            return dict(KNOWN_ARCHITECTURES[cfg.source])
+    except Exception as exc:
         raise _unavailable(cfg, exc) from None
 
 
