@@ -1,0 +1,70 @@
+"""Helpers shared by the kernel tests (Triton interpreter on CPU), and tests of the shared pieces."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from bitflux_kernels.common import interpreting
+from bitflux_kernels.layout import pack_2bit, padded_k
+from bitflux_kernels.reference import quantize_activations_int8
+
+# interpreter on CPU by default; with TRITON_INTERPRET=0 on a GPU machine the same tests run compiled
+if not interpreting() and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET=0 and no CUDA: nothing can run the kernels", allow_module_level=True)
+DEVICE = "cpu" if interpreting() else "cuda"
+gpu = pytest.mark.skipif(interpreting() or not torch.cuda.is_available(),
+                         reason="needs CUDA with compiled kernels (TRITON_INTERPRET=0)")
+
+# scaled-down FLUX (N, K) (/32: 3072 -> 96, 9216 -> 288, 12288 -> 384, 15360 -> 480), plus odd ones
+SHAPES = [(96, 96), (288, 96), (96, 384), (96, 480), (37, 97), (64, 200)]
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+
+
+def case(m, n, k, dtype, bias=True, seed=0):
+    """Fresh random (x [m, k], packed [n, Kp/4], scale [n], bias [n] or None, poisoned out [m, n])."""
+    g = torch.Generator().manual_seed(seed * 7919 + m * 131 + n * 17 + k)
+    codes = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+    x = (torch.randn(m, k, generator=g) * 2 + 0.1).to(dtype)
+    scale = torch.rand(n, generator=g) + 0.5
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    out = torch.full((m, n), float("nan"), dtype=dtype)
+    return tuple(t if t is None else t.to(DEVICE) for t in (x, pack_2bit(codes), scale, b, out))
+
+
+def rel_err(y, ref):
+    """||y - ref|| / ||ref|| in float64; NaN anywhere in y fails loudly."""
+    assert not torch.isnan(y).any(), "output still holds NaN poison"
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("m,k", [(1, 97), (5, 128), (37, 200), (20, 480)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_act_quant_matches_reference_bit_exactly(m, k, dtype):
+    from bitflux_kernels.act_quant import act_quant
+
+    x, *_ = case(m, 8, k, dtype)
+    x[0, :4] = torch.tensor([127.0, 63.5, -2.5, 0.5])  # scale 1: exact ties, which round half to even
+    x[-1] = 0.0  # an all-zero token takes the 1e-12 floor
+    q, s = act_quant(x, padded_k(k))
+    q_ref, s_ref = quantize_activations_int8(x)
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q[:, :k], q_ref)
+    assert not q[:, k:].any()  # K padding is zeros
+
+
+def test_m_bucket_and_pruner_keep_a_config_for_every_flux_shape():
+    from bitflux_kernels import gemv, w2a8, w2a16
+    from bitflux_kernels.common import keep_fitting, m_bucket
+
+    assert [m_bucket(m) for m in (1, 3, 16, 17, 4608, 10**6)] == [1, 4, 16, 32, 8192, 16384]
+    flux = [(3072, 3072), (9216, 3072), (12288, 3072), (18432, 3072), (3072, 12288), (3072, 15360)]
+    for mod in (w2a16, w2a8, gemv):
+        for n, k in flux:
+            for bucket in (1, 16, 4096):
+                kept = keep_fitting(mod.SPACE.configs(), n, padded_k(k) // 4, max(16, bucket))
+                assert kept and all(n % c.kwargs["BLOCK_N"] == 0 for c in kept)

@@ -1,0 +1,72 @@
+"""Backend selection, the torch.library custom ops, and agreement of all backends on a TernaryLinear."""
+
+import pytest
+import torch
+from test_kernels_common import DEVICE, TOL, case, gpu, rel_err
+
+from bitflux_kernels.dispatch import select_backend
+from bitflux_kernels.reference import ternary_linear_reference
+from bitflux_cli.ternary import TernaryLinear
+
+
+def test_default_is_torch_on_cpu(monkeypatch):
+    monkeypatch.delenv("BITFLUX_BACKEND", raising=False)
+    assert select_backend(torch.device("cpu")) == "torch"
+
+
+def test_forced_triton_without_cuda_or_interpreter_is_an_error(monkeypatch):
+    monkeypatch.setenv("BITFLUX_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        select_backend(torch.device("cpu"))
+    monkeypatch.setenv("BITFLUX_BACKEND", "cublas")
+    with pytest.raises(ValueError, match="not one of"):
+        select_backend(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("activations", ["none", "int8"])
+@pytest.mark.parametrize("m", [1, 40])
+def test_all_backends_agree_on_ternary_linear(monkeypatch, activations, m):
+    g = torch.Generator().manual_seed(m)
+    codes = torch.randint(-1, 2, (48, 200), generator=g, dtype=torch.int8)
+    layer = TernaryLinear.from_codes(codes, torch.rand(48, generator=g) + 0.5, torch.randn(48, generator=g).bfloat16(),
+                                     activations).to(DEVICE)
+    x = torch.randn(2, m, 200, generator=g).bfloat16().to(DEVICE)  # [batch, tokens, K]
+    ys = {}
+    for backend in ("reference", "torch", "triton"):
+        monkeypatch.setenv("BITFLUX_BACKEND", backend)
+        ys[backend] = layer(x)
+        assert ys[backend].shape == (2, m, 48) and ys[backend].dtype == torch.bfloat16
+    assert rel_err(ys["triton"], ys["reference"]) < TOL[torch.bfloat16]
+    assert rel_err(ys["torch"], ys["reference"]) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("op", ["w2a16", "w2a8"])
+def test_custom_op_opcheck_and_fullgraph_compile(op):
+    from bitflux_kernels import ops  # noqa: F401  registers torch.ops.bitflux.*
+
+    fn = getattr(torch.ops.bitflux, op)
+    x, packed, scale, bias, _ = case(6, 40, 130, torch.float32)
+    torch.library.opcheck(fn, (x, packed, scale, bias, 130))
+    compiled = torch.compile(lambda x: fn(x, packed, scale, bias, 130) * 2, fullgraph=True, backend="aot_eager")
+    ref = ternary_linear_reference(x, packed, scale, bias, 130, "int8" if op == "w2a8" else "none") * 2
+    assert rel_err(compiled(x), ref) < TOL[torch.float32]
+
+
+@gpu
+def test_inductor_fullgraph_and_cuda_graph_capture():
+    from bitflux_kernels import ops
+
+    x, packed, scale, bias, _ = case(64, 256, 512, torch.bfloat16)
+    ref = ternary_linear_reference(x, packed, scale, bias, 512)
+    compiled = torch.compile(lambda x: ops.w2a16(x, packed, scale, bias, 512), fullgraph=True)
+    assert rel_err(compiled(x), ref) < TOL[torch.bfloat16]
+    for op in (ops.w2a16, ops.w2a8):
+        op(x, packed, scale, bias, 512)  # autotune before capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = op(x, packed, scale, bias, 512)
+        graph.replay()
+        torch.cuda.synchronize()
+        mode = "int8" if op is ops.w2a8 else "none"
+        assert rel_err(y, ternary_linear_reference(x, packed, scale, bias, 512, mode)) < TOL[torch.bfloat16]
