@@ -7,8 +7,15 @@
 >>> t = load_quantized_transformer("runs/tiny/packed/transformer.safetensors")
 """
 
-from .checkpoint import pack, unpack
-from .loader import load_quantized_transformer
-from .ternary import TernaryLinear, quantize_transformer, ternarize
+import importlib
 
-__all__ = ["ternarize", "pack", "unpack", "TernaryLinear", "quantize_transformer", "load_quantized_transformer"]
+# Lazy, so that `bitflux --help` and the CLI's logging set-up run before torch/diffusers load.
+_API = {"ternarize": "ternary", "TernaryLinear": "ternary", "quantize_transformer": "ternary",
+        "pack": "checkpoint", "unpack": "checkpoint", "load_quantized_transformer": "loader"}
+__all__ = list(_API)
+
+
+def __getattr__(name):
+    if name in _API:
+        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
