@@ -7,6 +7,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Without CUDA the Triton kernels run in the interpreter; it must be chosen before triton loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
