@@ -1,0 +1,260 @@
+"""The miniature world: flat shapes on white, GenEval-style captions, a held-out split.
+
+A scene is one to four axis-aligned objects on a white 64x64 canvas, drawn without
+anti-aliasing, never touching each other (a gap of ``MARGIN`` pixels) nor the border:
+
+- shapes ``circle``, ``square``, ``triangle`` (isosceles, apex up; it fills half its box);
+- colours ``red``, ``green``, ``blue``, ``yellow`` (``COLORS``, at least 160 apart in RGB);
+- sizes: the side of the object's box, 12, 16 or 20 pixels (12 or 16 when there are 3-4 objects);
+- position anywhere on the integer grid.
+
+A ``PromptSpec`` says what the caption constrains, like GenEval's ``include`` list; what it leaves
+free is drawn at random (colours when not named, sizes and positions always). The caption names
+every object in the scene. Six categories, one template each:
+
+=============  ==================================  ==============================================
+category       caption                             constrains
+=============  ==================================  ==============================================
+single_object  ``a circle``                        exactly one circle
+two_object     ``a circle and a square``           one of each (two different shapes)
+counting       ``three triangles``                 exactly 2, 3 or 4 of the shape
+colors         ``a blue square``                   one square, blue
+position       ``a circle above a square``         circle's relation to the square (GenEval rule)
+color_attr     ``a red circle and a green square`` both bindings (different shapes and colours)
+=============  ==================================  ==============================================
+
+Split rule: a prompt is held out (``split="test"``) when it contains a held-out combination, and
+training captions never contain one (the images of other categories may still show, say, a red
+triangle captioned ``a triangle``: what is unseen is the caption's combination, not the pixels):
+
+- colors, color_attr: any (colour, shape) pair in ``HELD_OUT_COLOR_SHAPE``;
+- two_object: the ordered pair (first, second) in ``HELD_OUT_PAIRS`` (the reverse order is trained);
+- counting: (count, shape) in ``HELD_OUT_COUNTS``;
+- position: (shape, relation, shape) in ``HELD_OUT_POSITIONS``;
+- single_object has only three prompts and nothing to hold out: its test prompts are its train prompts.
+
+Every shape and colour, every count and relation still occurs in training captions.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+IMAGE_SIZE = 64
+SHAPES = ("circle", "square", "triangle")
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 200, 30)}
+BACKGROUND = (255, 255, 255)
+SIZES = (12, 16, 20)
+CROWDED_SIZES = (12, 16)  # 3-4 objects of 20 px barely fit, and placement would stall
+BORDER = 2
+MARGIN = 4
+NUMBERS = {2: "two", 3: "three", 4: "four"}
+RELATIONS = ("above", "below", "left of", "right of")
+CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+POSITION_THRESHOLD = 0.1  # GenEval's: centre offsets shrink by this fraction of both boxes' sizes
+
+HELD_OUT_COLOR_SHAPE = frozenset({("red", "triangle"), ("green", "circle"), ("blue", "square")})
+HELD_OUT_PAIRS = frozenset({("square", "circle"), ("triangle", "square"), ("circle", "triangle")})
+HELD_OUT_COUNTS = frozenset({(2, "triangle"), (3, "circle"), (4, "square")})
+HELD_OUT_POSITIONS = frozenset({("circle", "above", "square"), ("circle", "below", "triangle"),
+                                ("square", "left of", "circle"), ("square", "right of", "triangle"),
+                                ("triangle", "above", "circle"), ("triangle", "below", "square")})
+
+VOCAB_WORDS = sorted({"a", "and", *SHAPES, *(s + "s" for s in SHAPES), *COLORS, *NUMBERS.values(),
+                      *(w for r in RELATIONS for w in r.split())})
+
+
+@dataclass(frozen=True)
+class ObjectSpec:
+    """``count`` objects of ``shape``; ``color`` None leaves the colour free."""
+
+    shape: str
+    count: int = 1
+    color: str | None = None
+
+    @property
+    def phrase(self) -> str:
+        if self.count > 1:
+            return f"{NUMBERS[self.count]} {self.shape}s"
+        return f"a {self.color} {self.shape}" if self.color else f"a {self.shape}"
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """A prompt as checks: the objects it names and, for ``position``, objects[0] <relation> objects[1]."""
+
+    category: str
+    objects: tuple[ObjectSpec, ...]
+    relation: str | None = None
+
+    @property
+    def exact(self) -> bool:
+        """Whether the count of each named shape must be exact (GenEval's ``exclude``), not a minimum."""
+        return self.category in ("single_object", "counting")
+
+    @property
+    def caption(self) -> str:
+        """The caption, derived from the spec."""
+        phrases = [o.phrase for o in self.objects]
+        return f" {self.relation} ".join(phrases) if self.relation else " and ".join(phrases)
+
+
+@dataclass(frozen=True)
+class Placed:
+    """One drawn object: its box is ``[x, x + size) x [y, y + size)``."""
+
+    shape: str
+    color: str
+    x: int
+    y: int
+    size: int
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        return self.x, self.y, self.x + self.size, self.y + self.size
+
+
+def _all_prompts(category: str) -> list[PromptSpec]:
+    pairs = list(itertools.permutations(SHAPES, 2))
+    if category == "single_object":
+        return [PromptSpec(category, (ObjectSpec(s),)) for s in SHAPES]
+    if category == "two_object":
+        return [PromptSpec(category, (ObjectSpec(a), ObjectSpec(b))) for a, b in pairs]
+    if category == "counting":
+        return [PromptSpec(category, (ObjectSpec(s, n),)) for n in NUMBERS for s in SHAPES]
+    if category == "colors":
+        return [PromptSpec(category, (ObjectSpec(s, 1, c),)) for c in COLORS for s in SHAPES]
+    if category == "position":
+        return [PromptSpec(category, (ObjectSpec(a), ObjectSpec(b)), r) for a, b in pairs for r in RELATIONS]
+    if category == "color_attr":
+        return [PromptSpec(category, (ObjectSpec(a, 1, ca), ObjectSpec(b, 1, cb)))
+                for a, b in pairs for ca, cb in itertools.permutations(COLORS, 2)]
+    raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES}")
+
+
+def held_out(spec: PromptSpec) -> bool:
+    """Whether the prompt contains a held-out combination (see the module docstring)."""
+    objs = spec.objects
+    if spec.category == "two_object":
+        return (objs[0].shape, objs[1].shape) in HELD_OUT_PAIRS
+    if spec.category == "counting":
+        return (objs[0].count, objs[0].shape) in HELD_OUT_COUNTS
+    if spec.category in ("colors", "color_attr"):
+        return any((o.color, o.shape) in HELD_OUT_COLOR_SHAPE for o in objs)
+    if spec.category == "position":
+        return (objs[0].shape, spec.relation, objs[1].shape) in HELD_OUT_POSITIONS
+    return False
+
+
+@functools.cache
+def prompts(category: str, split: str = "train") -> tuple[PromptSpec, ...]:
+    """Every distinct prompt of ``category`` in ``split`` ("train", "test" or "all"), in a fixed order."""
+    specs = _all_prompts(category)
+    if split == "all" or category == "single_object" and split in ("train", "test"):
+        return tuple(specs)
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r}; expected train, test or all")
+    return tuple(s for s in specs if held_out(s) == (split == "test"))
+
+
+def eval_prompts(seed: int = 0, per_category: int = 16) -> list[PromptSpec]:
+    """The fixed evaluation list: ``per_category`` test prompts of each category, category by category.
+
+    A category's test prompts are shuffled (seeded) and cycled when there are fewer than
+    ``per_category``, so every distinct prompt appears as evenly as possible.
+    """
+    rng = np.random.default_rng(seed)
+    out = []
+    for category in CATEGORIES:
+        pool = prompts(category, "test")
+        order = rng.permutation(len(pool))
+        out += [pool[order[i % len(pool)]] for i in range(per_category)]
+    return out
+
+
+def relations(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> set[str]:
+    """GenEval's relative position of box ``a`` to box ``b`` (x0, y0, x1, y1), y downwards."""
+    boxes = np.array([a, b], dtype=float).reshape(2, 2, 2)  # [box, corner, xy]
+    center_a, center_b = boxes.mean(axis=1)
+    dim_a, dim_b = boxes[:, 1] - boxes[:, 0]
+    offset = center_a - center_b
+    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * (dim_a + dim_b), 0) * np.sign(offset)
+    if np.all(np.abs(revised) < 1e-3):
+        return set()
+    dx, dy = revised / np.linalg.norm(offset)
+    return {name for name, hit in (("left of", dx < -0.5), ("right of", dx > 0.5),
+                                   ("above", dy < -0.5), ("below", dy > 0.5)) if hit}
+
+
+def _apart(a: Placed, b: Placed) -> bool:
+    ax0, ay0, ax1, ay1 = a.box
+    bx0, by0, bx1, by1 = b.box
+    return ax1 + MARGIN <= bx0 or bx1 + MARGIN <= ax0 or ay1 + MARGIN <= by0 or by1 + MARGIN <= ay0
+
+
+def scene_for(spec: PromptSpec, rng: np.random.Generator) -> tuple[Placed, ...]:
+    """A random scene that satisfies ``spec``: free colours, sizes and positions drawn from ``rng``."""
+    items = [(o.shape, o.color) for o in spec.objects for _ in range(o.count)]
+    sizes = SIZES if len(items) <= 2 else CROWDED_SIZES
+    while True:  # rejection sampling; a valid scene comes within a few tries for every spec
+        placed: list[Placed] = []
+        for shape, color in items:
+            color = color or str(rng.choice(list(COLORS)))
+            size = int(rng.choice(sizes))
+            for _ in range(50):
+                x, y = rng.integers(BORDER, IMAGE_SIZE - BORDER - size + 1, size=2)
+                obj = Placed(shape, color, int(x), int(y), size)
+                if all(_apart(obj, p) for p in placed):
+                    placed.append(obj)
+                    break
+            else:
+                break
+        if len(placed) < len(items):
+            continue
+        # an unambiguous relation: the named one and no other (no diagonals)
+        if spec.relation is None or relations(placed[0].box, placed[1].box) == {spec.relation}:
+            return tuple(placed)
+
+
+@functools.cache
+def _mask(shape: str, size: int) -> np.ndarray:  # [size, size] bool, sampled at pixel centres
+    c = (np.arange(size) + 0.5) / size  # [size] in (0, 1)
+    y, x = c[:, None], c[None, :]
+    if shape == "circle":
+        return (x - 0.5) ** 2 + (y - 0.5) ** 2 <= 0.25
+    if shape == "square":
+        return np.ones((size, size), dtype=bool)
+    if shape == "triangle":
+        return np.abs(x - 0.5) <= y / 2
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def render(scene: tuple[Placed, ...]) -> np.ndarray:
+    """The scene as a [64, 64, 3] uint8 image: flat colours on white, no anti-aliasing."""
+    img = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    img[:] = BACKGROUND
+    for obj in scene:
+        region = img[obj.y:obj.y + obj.size, obj.x:obj.x + obj.size]
+        region[_mask(obj.shape, obj.size)] = COLORS[obj.color]
+    return img
+
+
+def sample(category: str, rng: np.random.Generator, split: str = "train") -> tuple[PromptSpec, str, np.ndarray]:
+    """A random prompt of ``category`` from ``split`` and a render of it: (spec, caption, image)."""
+    pool = prompts(category, split)
+    spec = pool[int(rng.integers(len(pool)))]
+    return spec, spec.caption, render(scene_for(spec, rng))
+
+
+def sample_training_batch(rng: np.random.Generator, batch: int) -> tuple[list[str], np.ndarray]:
+    """``batch`` training scenes, categories uniform: (captions, images [batch, 64, 64, 3] uint8)."""
+    captions, images = [], []
+    for category in rng.choice(CATEGORIES, size=batch):
+        _, caption, image = sample(str(category), rng)
+        captions.append(caption)
+        images.append(image)
+    return captions, np.stack(images)
