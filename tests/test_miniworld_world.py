@@ -1,0 +1,108 @@
+import numpy as np
+import pytest
+
+from bitflux_cli.miniworld import world as w
+
+
+def test_vocab_is_exactly_the_caption_words():
+    words = {word for c in w.CATEGORIES for spec in w.prompts(c, "all") for word in spec.caption.split()}
+    assert words == set(w.VOCAB_WORDS)
+    assert w.VOCAB_WORDS == sorted(w.VOCAB_WORDS) and all(x == x.lower() for x in w.VOCAB_WORDS)
+
+
+def test_tokenizer_knows_every_word():
+    from bitflux_cli.miniworld import model
+
+    assert set(w.VOCAB_WORDS) <= set(model.WORDS)
+
+
+@pytest.mark.parametrize("spec,caption", [
+    (w.PromptSpec("single_object", (w.ObjectSpec("circle"),)), "a circle"),
+    (w.PromptSpec("two_object", (w.ObjectSpec("circle"), w.ObjectSpec("square"))), "a circle and a square"),
+    (w.PromptSpec("counting", (w.ObjectSpec("triangle", 3),)), "three triangles"),
+    (w.PromptSpec("colors", (w.ObjectSpec("square", 1, "blue"),)), "a blue square"),
+    (w.PromptSpec("position", (w.ObjectSpec("circle"), w.ObjectSpec("square")), "left of"),
+     "a circle left of a square"),
+    (w.PromptSpec("color_attr", (w.ObjectSpec("circle", 1, "red"), w.ObjectSpec("square", 1, "green"))),
+     "a red circle and a green square"),
+])
+def test_captions(spec, caption):
+    assert spec.caption == caption
+
+
+def test_split_holds_out_combinations():
+    for c in w.CATEGORIES:
+        train, test = set(w.prompts(c, "train")), set(w.prompts(c, "test"))
+        assert train and test
+        if c == "single_object":
+            assert train == test
+            continue
+        assert not train & test and train | test == set(w.prompts(c, "all"))
+        assert not any(w.held_out(s) for s in train) and all(w.held_out(s) for s in test)
+    train_captions = {s.caption for c in w.CATEGORIES for s in w.prompts(c, "train")}
+    for color, shape in w.HELD_OUT_COLOR_SHAPE:
+        assert not any(f"{color} {shape}" in cap for cap in train_captions)
+    for a, rel, b in w.HELD_OUT_POSITIONS:
+        assert f"a {a} {rel} a {b}" not in train_captions
+    for n, shape in w.HELD_OUT_COUNTS:
+        assert f"{w.NUMBERS[n]} {shape}s" not in train_captions
+    for a, b in w.HELD_OUT_PAIRS:
+        assert f"a {a} and a {b}" not in train_captions
+    # every word still occurs in training captions
+    assert {word for cap in train_captions for word in cap.split()} == set(w.VOCAB_WORDS)
+
+
+def test_eval_prompts_fixed_and_held_out():
+    ev = w.eval_prompts()
+    assert len(ev) == 96 and ev == w.eval_prompts(seed=0)
+    assert ev != w.eval_prompts(seed=1)
+    for c in w.CATEGORIES:
+        mine = [s for s in ev if s.category == c]
+        test = set(w.prompts(c, "test"))
+        assert len(mine) == 16 and set(mine) <= test and len(set(mine)) == min(16, len(test))
+
+
+def test_sampling_is_deterministic():
+    a = w.sample_training_batch(np.random.default_rng(7), 16)
+    b = w.sample_training_batch(np.random.default_rng(7), 16)
+    assert a[0] == b[0] and np.array_equal(a[1], b[1])
+    assert a[1].shape == (16, 64, 64, 3) and a[1].dtype == np.uint8
+    c = w.sample_training_batch(np.random.default_rng(8), 16)
+    assert not np.array_equal(a[1], c[1])
+
+
+@pytest.mark.parametrize("category", w.CATEGORIES)
+def test_scenes_obey_spec(category):
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        spec, caption, img = w.sample(category, rng, "test")
+        assert caption == spec.caption and spec in w.prompts(category, "test")
+        scene = w.scene_for(spec, rng)
+        assert len(scene) == sum(o.count for o in spec.objects) <= 4
+        for i, a in enumerate(scene):
+            x0, y0, x1, y1 = a.box
+            assert w.BORDER <= min(x0, y0) and max(x1, y1) <= w.IMAGE_SIZE - w.BORDER
+            assert all(w._apart(a, b) for b in scene[i + 1:])
+        if spec.relation:
+            assert w.relations(scene[0].box, scene[1].box) == {spec.relation}
+        colors = {tuple(p) for p in img.reshape(-1, 3)}
+        assert colors <= {w.BACKGROUND, *w.COLORS.values()}  # flat colours, no anti-aliasing
+
+
+def test_render_draws_the_shapes():
+    img = w.render((w.Placed("square", "red", 10, 10, 16), w.Placed("circle", "blue", 40, 40, 20),
+                    w.Placed("triangle", "green", 10, 40, 20)))
+    red = (img == w.COLORS["red"]).all(-1)
+    blue = (img == w.COLORS["blue"]).all(-1)
+    green = (img == w.COLORS["green"]).all(-1)
+    assert red.sum() == 256 and red[10:26, 10:26].all()
+    assert abs(blue.sum() / 400 - np.pi / 4) < 0.03
+    assert abs(green.sum() / 400 - 0.5) < 0.05 and green[59, 10:30].all() and not green[40, 10:18].any()
+
+
+def test_relations_follow_geneval():
+    assert w.relations((0, 0, 10, 10), (0, 30, 10, 40)) == {"above"}
+    assert w.relations((0, 30, 10, 40), (0, 0, 10, 10)) == {"below"}
+    assert w.relations((30, 0, 40, 10), (0, 0, 10, 10)) == {"right of"}
+    assert w.relations((0, 0, 10, 10), (30, 30, 40, 40)) == {"above", "left of"}
+    assert w.relations((0, 0, 10, 10), (1, 1, 11, 11)) == set()  # within the margin
