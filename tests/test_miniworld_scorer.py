@@ -144,3 +144,18 @@ def test_label_connectivity():
     assert lab[0, 0] != lab[2, 0]  # diagonal contact does not connect
     assert lab[0, 3] == lab[2, 2] and lab[3, 3] != lab[2, 3]  # same class only
     assert (lab[classes <= 0] == 0).all() and len(np.unique(lab[lab > 0])) == 4
+
+
+def test_contact_sheet_layout():
+    from bitflux_cli.miniworld.sheet import contact_sheet
+
+    rng = np.random.default_rng(8)
+    specs = w.eval_prompts()[:5]
+    images = [w.render(w.scene_for(spec, rng)) for spec in specs]
+    sheet = contact_sheet(images, [spec.caption for spec in specs], cols=3, scale=2)
+    arr = np.asarray(sheet)
+    assert sheet.mode == "RGB" and sheet.width == 3 * (128 + 4) + 4
+    assert np.array_equal(arr[4:132:2, 4:132:2], images[0])  # nearest upscaling, first cell top-left
+    assert (arr[132:, :136] < 100).all(-1).any()  # caption text under the first image
+    with pytest.raises(ValueError):
+        contact_sheet(images, ["one"], cols=3)
