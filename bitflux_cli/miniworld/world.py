@@ -78,6 +78,7 @@ class ObjectSpec:
 
     @property
     def phrase(self) -> str:
+        """``a red circle``, ``a circle`` or ``three circles``."""
         if self.count > 1:
             return f"{NUMBERS[self.count]} {self.shape}s"
         return f"a {self.color} {self.shape}" if self.color else f"a {self.shape}"
@@ -115,6 +116,7 @@ class Placed:
 
     @property
     def box(self) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1), x1 and y1 exclusive."""
         return self.x, self.y, self.x + self.size, self.y + self.size
 
 
