@@ -97,7 +97,8 @@ def test_render_draws_the_shapes():
     green = (img == w.COLORS["green"]).all(-1)
     assert red.sum() == 256 and red[10:26, 10:26].all()
     assert abs(blue.sum() / 400 - np.pi / 4) < 0.03
-    assert abs(green.sum() / 400 - 0.5) < 0.05 and green[59, 10:30].all() and not green[40, 10:18].any()
+    assert 0.5 < green.sum() / 400 < 0.6 and green[59, 10:30].all() and green[40, 19:21].all()
+    assert not green[40, 10:19].any() and not green[40, 21:30].any()
 
 
 def test_relations_follow_geneval():

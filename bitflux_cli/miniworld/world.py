@@ -3,7 +3,7 @@
 A scene is one to four axis-aligned objects on a white 64x64 canvas, drawn without
 anti-aliasing, never touching each other (a gap of ``MARGIN`` pixels) nor the border:
 
-- shapes ``circle``, ``square``, ``triangle`` (isosceles, apex up; it fills half its box);
+- shapes ``circle``, ``square``, ``triangle`` (isosceles, apex up, filling a little over half its box);
 - colours ``red``, ``green``, ``blue``, ``yellow`` (``COLORS``, at least 160 apart in RGB);
 - sizes: the side of the object's box, 12, 16 or 20 pixels (12 or 16 when there are 3-4 objects);
 - position anywhere on the integer grid.
@@ -178,8 +178,11 @@ def eval_prompts(seed: int = 0, per_category: int = 16) -> list[PromptSpec]:
     return out
 
 
-def relations(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> set[str]:
-    """GenEval's relative position of box ``a`` to box ``b`` (x0, y0, x1, y1), y downwards."""
+def relations(a: tuple[int, int, int, int], b: tuple[int, int, int, int], cut: float = 0.5) -> set[str]:
+    """GenEval's relative position of box ``a`` to box ``b`` (x0, y0, x1, y1), y downwards.
+
+    A relation holds when its component of the shrunk offset exceeds ``cut`` (GenEval's 0.5).
+    """
     boxes = np.array([a, b], dtype=float).reshape(2, 2, 2)  # [box, corner, xy]
     center_a, center_b = boxes.mean(axis=1)
     dim_a, dim_b = boxes[:, 1] - boxes[:, 0]
@@ -188,8 +191,8 @@ def relations(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> set
     if np.all(np.abs(revised) < 1e-3):
         return set()
     dx, dy = revised / np.linalg.norm(offset)
-    return {name for name, hit in (("left of", dx < -0.5), ("right of", dx > 0.5),
-                                   ("above", dy < -0.5), ("below", dy > 0.5)) if hit}
+    return {name for name, hit in (("left of", dx < -cut), ("right of", dx > cut),
+                                   ("above", dy < -cut), ("below", dy > cut)) if hit}
 
 
 def _apart(a: Placed, b: Placed) -> bool:
@@ -217,8 +220,11 @@ def scene_for(spec: PromptSpec, rng: np.random.Generator) -> tuple[Placed, ...]:
                 break
         if len(placed) < len(items):
             continue
-        # an unambiguous relation: the named one and no other (no diagonals)
-        if spec.relation is None or relations(placed[0].box, placed[1].box) == {spec.relation}:
+        if spec.relation is None:
+            return tuple(placed)
+        # the named relation and, even at a lower cut, no other: a pixel of blur must not add a diagonal
+        a, b = placed[0].box, placed[1].box
+        if spec.relation in relations(a, b) and relations(a, b, 0.3) == {spec.relation}:
             return tuple(placed)
 
 
@@ -231,7 +237,9 @@ def _mask(shape: str, size: int) -> np.ndarray:  # [size, size] bool, sampled at
     if shape == "square":
         return np.ones((size, size), dtype=bool)
     if shape == "triangle":
-        return np.abs(x - 0.5) <= y / 2
+        # in half-pixels, exact and symmetric; the apex row is never empty (so the box is the drawn box)
+        r, k = np.arange(size)[:, None], np.arange(size)[None, :]
+        return np.abs(2 * k + 1 - size) <= r + 1
     raise ValueError(f"unknown shape {shape!r}")
 
 
