@@ -15,6 +15,7 @@ LAYOUT = {
     "quantize": ("ternary/transformer.safetensors", "bitflux quantize"),
     "pack": ("packed/transformer.safetensors", "bitflux pack"),
     "generate": ("images", "bitflux generate"),
+    "eval": ("eval", "bitflux eval"),
 }
 
 

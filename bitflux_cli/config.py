@@ -65,6 +65,14 @@ class BenchConfig(_Section):
     iters: int = Field(default=20, ge=1)
 
 
+class EvalConfig(_Section):
+    suite: Literal["mini"] = "mini"
+    per_category: int = Field(default=16, ge=1)  # held-out prompts per GenEval category
+    images_per_prompt: int = Field(default=4, ge=1)
+    seed: int = 0
+    batch: int = Field(default=64, ge=1)
+
+
 class Config(_Section):
     workdir: Path = Path("runs/tiny")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -73,6 +81,7 @@ class Config(_Section):
     pack: PackConfig = Field(default_factory=PackConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     def resolved(self) -> dict:
         """The whole config as plain JSON-able data, for artifact metadata."""

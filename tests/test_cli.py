@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from bitflux_cli.cli import app
 
 runner = CliRunner()
-STAGES = ["calibrate", "quantize", "pack", "generate", "bench"]
+STAGES = ["calibrate", "quantize", "pack", "generate", "bench", "eval"]
 
 
 def bitflux(*args):

@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_model
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 IMAGE_SIZE = 64
-MAX_SEQUENCE_LENGTH = 24  # T5 tokens; CLIP uses the same length
+MAX_SEQUENCE_LENGTH = 12  # T5 tokens (captions are at most 8 with </s>); CLIP uses the same length
 
 SPECIAL = ["<pad>", "</s>", "<unk>"]
 WORDS = """a an the one two three four five six of and with photo picture image
@@ -32,10 +32,11 @@ TRANSFORMER = dict(
     attention_head_dim=32, num_attention_heads=4, joint_attention_dim=64,
     pooled_projection_dim=64, guidance_embeds=True, axes_dims_rope=[8, 12, 12],
 )
+# Narrow and without mid-block attention: flat shapes need little, and it trains 3x faster on CPU.
 VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1, norm_num_groups=16,
+    in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1, norm_num_groups=8,
     down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-    block_out_channels=[32, 64, 64, 64], sample_size=IMAGE_SIZE,
+    block_out_channels=[16, 32, 32, 32], sample_size=IMAGE_SIZE, mid_block_add_attention=False,
     use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.0, shift_factor=0.0,
 )
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
@@ -87,7 +88,7 @@ def build_pipeline(weights: Path | None = None, dtype: torch.dtype = torch.float
     for name, module in parts.items():
         if weights is not None:
             path = str(Path(weights) / f"{name}.safetensors")
-            module.load_state_dict(load_file(path))
+            load_model(module, path)
             if name == "vae":
                 with safe_open(path, framework="pt") as f:
                     meta = f.metadata() or {}

@@ -1,0 +1,51 @@
+"""The eval stage: GenEval-style scores of the FP or the packed 1.58-bit model on the mini world."""
+
+import numpy as np
+
+from .artifacts import artifact_path, atomic_file, require
+from .config import Config
+from .errors import UsageError
+from .loader import load_quantized_transformer
+from .miniworld.scorer import check, evaluate as score_images
+from .miniworld.sheet import contact_sheet
+from .miniworld.world import eval_prompts
+from .models import load_pipeline, model_id, resolve_device
+from .teacher import run_pipeline
+
+
+def evaluate(cfg: Config, full_precision: bool = False) -> dict:
+    """Score ``eval.images_per_prompt`` images for each held-out mini-world prompt; write a contact sheet.
+
+    Seeds: image ``j`` of prompt ``i`` uses ``eval.seed + j * len(prompts) + i``.
+    """
+    if cfg.model.source != "embedded":
+        raise UsageError(f"the mini suite scores the embedded mini model; {cfg.model.source} has no programmatic scorer")
+    device = resolve_device(cfg.model)
+    if full_precision:
+        pipe, label = load_pipeline(cfg.model), "full-precision"
+    else:
+        transformer = load_quantized_transformer(require(cfg.workdir, "pack"), cfg.model,
+                                                 cfg.quantization.activations, device)
+        pipe, label = load_pipeline(cfg.model, transformer), "1.58-bit"
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    specs = eval_prompts(cfg.eval.seed, cfg.eval.per_category)
+    k, n = cfg.eval.images_per_prompt, len(specs)
+    captions = [s.caption for s in specs] * k  # flat index j * n + i
+    images = []
+    for start in range(0, len(captions), cfg.eval.batch):
+        chunk = captions[start:start + cfg.eval.batch]
+        images += list(run_pipeline(pipe, chunk, cfg.generate, cfg.eval.seed + start))  # [B] of [H, W, 3] in [0, 1]
+    images = [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in images]
+    per_prompt = [(spec, [images[j * n + i] for j in range(k)]) for i, spec in enumerate(specs)]
+    summary = score_images(per_prompt)
+
+    sheet_path = artifact_path(cfg.workdir, "eval") / f"mini-{'fp' if full_precision else 'ternary'}.png"
+    marks = [f"{'ok' if check(imgs[0], spec).ok else 'X'} {spec.caption}" for spec, imgs in per_prompt]
+    with atomic_file(sheet_path) as tmp:
+        contact_sheet([imgs[0] for _, imgs in per_prompt], marks, cols=12).save(tmp, format="PNG")
+    return {"stage": "eval", "suite": "mini", "model": label, "base_model": model_id(cfg.model),
+            "method": None if full_precision else cfg.quantization.method, "overall": summary["overall"],
+            "categories": summary["categories"], "prompts": n, "distinct_prompts": len(set(specs)),
+            "images_per_prompt": k, "seeds": [cfg.eval.seed, cfg.eval.seed + k * n - 1],
+            "steps": cfg.generate.steps, "guidance": cfg.generate.guidance, "sheet": str(sheet_path)}
