@@ -23,6 +23,10 @@ demo: $(STAMP)
 	$(BIN)/bitflux generate "$(PROMPT)" --workdir $(DEMO) --out $(DEMO)/demo.png
 	@echo "image written to $(DEMO)/demo.png"
 
+# Retrain the embedded mini model (about an hour on 2 CPU cores); writes bitflux_cli/assets/mini/.
+mini-model: $(STAMP)
+	$(BIN)/python -m bitflux_cli.miniworld.train --threads 2
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 

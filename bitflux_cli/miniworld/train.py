@@ -137,8 +137,8 @@ def main(argv=None) -> None:
     """Train all components and write ``<out>/<component>.safetensors`` plus ``train.json``."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "assets" / "mini")
-    ap.add_argument("--vae-steps", type=int, default=3000)
-    ap.add_argument("--steps", type=int, default=12000)
+    ap.add_argument("--vae-steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=9000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--pool", type=int, default=50_000, help="training scenes encoded once for the transformer")
     ap.add_argument("--seed", type=int, default=0)
