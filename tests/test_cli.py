@@ -105,3 +105,17 @@ def test_corrupted_packed_file_is_refused_and_left_alone(chain, tmp_path):
     assert res.exit_code == 1 and "checksum mismatch" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert out.read_bytes() == b"previous image"  # nothing already written is damaged
+
+
+def test_eval_mini_reports_categories_and_writes_a_sheet(chain, tmp_path):
+    wd, _, _ = chain
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text("model:\n  dtype: float32\ngenerate:\n  height: 64\n  width: 64\n  steps: 2\n  max_sequence_length: 12\n"
+                   "eval:\n  per_category: 1\n  images_per_prompt: 2\n")
+    r = as_json(bitflux("eval", "--suite", "mini", "--config", cfg, "--workdir", wd, "--json"))
+    assert r["model"] == "1.58-bit" and r["prompts"] == 6 and r["images_per_prompt"] == 2
+    assert set(r["categories"]) == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
+    assert 0 <= r["overall"] <= 1 and r["seeds"] == [0, 11]
+    assert Image.open(r["sheet"]).size[0] > 64
+    res = bitflux("eval", "--config", "flux-dev", "--workdir", wd)
+    assert res.exit_code == 2 and "no programmatic scorer" in res.stderr
