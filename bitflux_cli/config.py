@@ -35,6 +35,31 @@ class CalibrationConfig(_Section):
     timesteps: int = Field(default=4, ge=1)  # sampled denoising steps recorded per prompt
     tokens: int = Field(default=256, ge=1)  # image tokens subsampled per recorded step
     shard_size: int = Field(default=32, ge=1)  # prompts per shard
+    batch: int = Field(default=1, ge=1)  # prompts per pipeline call
+    record_every: int = Field(default=1, ge=1)  # teacher calls and block outputs of every n-th prompt
+    seed: int = 0
+
+
+class ActAwareConfig(_Section):
+    thresholds: int = Field(default=31, ge=2)  # candidate thresholds t = alpha * mean|w|, alpha in [0, max_alpha]
+    max_alpha: float = Field(default=1.5, gt=0)
+
+
+class BlockReconConfig(_Section):
+    steps: int = Field(default=200, ge=0)  # Adam steps per block
+    batch: int = Field(default=8, ge=1)  # recorded teacher calls per step
+    scale_lr: float = Field(default=1e-3, gt=0)  # relative to each scale (scales are trained in log space)
+    weight_lr: float = Field(default=1e-4, ge=0)  # latent weights through the STE; 0 learns the scales only
+    seed: int = 0
+
+
+class DistillConfig(_Section):
+    steps: int = Field(default=200, ge=0)
+    batch: int = Field(default=4, ge=1)  # recorded teacher calls per step
+    scale_lr: float = Field(default=1e-3, gt=0)
+    weight_lr: float = Field(default=1e-4, ge=0)
+    save_every: int = Field(default=50, ge=1)  # steps between checkpoints in <workdir>/distill/
+    gradient_checkpointing: bool = False
     seed: int = 0
 
 
@@ -42,6 +67,9 @@ class QuantizationConfig(_Section):
     method: Literal["absmean", "act-aware", "block-recon", "distill"] = "absmean"
     activations: Literal["none", "int8"] = "none"
     eval_prompts: int = Field(default=4, ge=1)  # prompts of the fidelity report
+    act_aware: ActAwareConfig = Field(default_factory=ActAwareConfig)
+    block_recon: BlockReconConfig = Field(default_factory=BlockReconConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
 
 
 class PackConfig(_Section):

@@ -1,0 +1,284 @@
+"""The calibrate stage: the FP teacher over the calibration prompts -> ``<workdir>/calib/``.
+
+Per prompt (global index ``g``), the pipeline runs ``calibration.steps`` denoising steps from the
+noise of seed ``calibration.seed + g``; ``calibration.timesteps`` of those steps are drawn, one per
+stratum, from a generator of ``g`` as well, so a prompt's record depends on nothing but its index.
+At the drawn steps it records:
+
+- for every quantized linear, the input sums ``sq_sum`` [K] (float64, sum of x^2), ``absmax`` [K]
+  and ``rows`` (vectors summed): sums and counts, so shards merge exactly;
+- for every ``record_every``-th prompt, the transformer's keyword arguments (``calls.*``), the
+  teacher's velocity (``calls.velocity``) and each block's image-stream output at
+  ``calibration.tokens`` drawn image tokens (``blocks.<block>`` [C, tokens, D], at
+  ``calls.token_idx``).
+
+Shards (``shard-00000.safetensors``, ``shard_size`` prompts each) are written atomically and
+skipped on a rerun when their fingerprint matches, so a killed run resumes. Under ``torchrun``
+(``WORLD_SIZE`` > 1) shard i goes to rank i % world_size and rank 0 merges after a barrier.
+``stats.safetensors`` holds the merged statistics, ``manifest.json`` the rest.
+"""
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .artifacts import artifact_path, atomic_file, file_sha256
+from .config import Config
+from .console import info, progress
+from .models import load_pipeline, model_id, resolve_device
+from .prompts import load_prompts
+from .teacher import run_pipeline
+from .ternary import scoped_linears
+
+FORMAT = 1
+CALL_KEYS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
+
+
+def _blocks(transformer) -> list[tuple[str, torch.nn.Module]]:
+    """(name, block) of the double then the single blocks, in execution order."""
+    return ([(f"transformer_blocks.{i}", b) for i, b in enumerate(transformer.transformer_blocks)]
+            + [(f"single_transformer_blocks.{i}", b) for i, b in enumerate(transformer.single_transformer_blocks)])
+
+
+def fingerprint(cfg: Config, prompts_sha256: str) -> str:
+    """What a shard's content depends on; a shard with another fingerprint is recomputed."""
+    gen = cfg.generate
+    key = {"format": FORMAT, "model": model_id(cfg.model), "dtype": cfg.model.dtype, "prompts": prompts_sha256,
+           "calibration": cfg.calibration.model_dump(mode="json", exclude={"prompts"}),
+           "generate": [gen.height, gen.width, gen.guidance, gen.max_sequence_length]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _schedule(cfg: Config, g: int, image_tokens: int) -> tuple[set[int], torch.Tensor]:
+    """The recorded steps of prompt ``g`` (one per stratum) and its recorded image tokens [tokens]."""
+    c = cfg.calibration
+    gen = torch.Generator().manual_seed(1_000_003 * (c.seed + 1) + g)
+    k = min(c.timesteps, c.steps)
+    edges = torch.linspace(0, c.steps, k + 1).round().long().tolist()
+    steps = {int(torch.randint(lo, hi, (1,), generator=gen)) for lo, hi in zip(edges, edges[1:])}
+    tokens = torch.randperm(image_tokens, generator=gen)[: c.tokens].sort().values
+    return steps, tokens
+
+
+class _Recorder:
+    """Hooks on the transformer, its blocks and its quantized linears for one batch of prompts."""
+
+    def __init__(self, transformer, names: list[str]):
+        self.transformer, self.names = transformer, names
+        self.stats = {n: {"sq_sum": None, "absmax": None, "rows": 0} for n in names}
+        self.calls, self.blocks = [], {}
+        self.handles = [transformer.register_forward_pre_hook(self._on_call, with_kwargs=True),
+                        transformer.register_forward_hook(self._on_velocity)]
+        self.handles += [transformer.get_submodule(n).register_forward_pre_hook(self._on_linear(n)) for n in names]
+        self.handles += [b.register_forward_hook(self._on_block(n)) for n, b in _blocks(transformer)]
+
+    def start(self, indices: list[int], schedules: list[tuple[set[int], torch.Tensor]], record: list[bool]):
+        self.indices, self.schedules, self.record, self.step = indices, schedules, record, -1
+
+    def _on_call(self, _m, _args, kwargs):
+        self.step += 1
+        self.mask = torch.tensor([self.step in s for s, _ in self.schedules])  # [B] stats rows
+        self.keep = self.mask & torch.tensor(self.record)  # [B] recorded calls
+        if self.keep.any():
+            rows = self.keep.nonzero().flatten().tolist()
+            call = {k: kwargs[k][self.keep].detach().clone() for k in CALL_KEYS if kwargs.get(k) is not None}
+            call["prompt_index"] = torch.tensor([self.indices[r] for r in rows])
+            call["step"] = torch.full((len(rows),), self.step)
+            call["token_idx"] = torch.stack([self.schedules[r][1] for r in rows])  # [c, tokens]
+            self.ids = {"ids.txt": kwargs["txt_ids"].clone(), "ids.img": kwargs["img_ids"].clone()}
+            self.calls.append(call)
+
+    def _on_velocity(self, _m, _args, out):
+        if self.keep.any():
+            self.calls[-1]["velocity"] = out[0][self.keep].detach().clone()
+
+    def _on_linear(self, name):
+        def hook(_m, args):
+            if not self.mask.any():
+                return
+            x = args[0][self.mask].detach().reshape(-1, args[0].shape[-1])  # [rows, K]
+            s = self.stats[name]
+            sq, amax = x.double().square().sum(0), x.abs().amax(0).float()
+            s["sq_sum"] = sq if s["sq_sum"] is None else s["sq_sum"] + sq
+            s["absmax"] = amax if s["absmax"] is None else torch.maximum(s["absmax"], amax)
+            s["rows"] += x.shape[0]
+        return hook
+
+    def _on_block(self, name):
+        def hook(_m, _args, out):
+            if self.keep.any():
+                hid = out[1][self.keep]  # [c, L, D] image stream
+                idx = self.calls[-1]["token_idx"]  # [c, tokens]
+                self.blocks.setdefault(name, []).append(
+                    torch.gather(hid, 1, idx[..., None].expand(-1, -1, hid.shape[-1])).detach().clone())
+        return hook
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Everything recorded so far, flat keys for safetensors."""
+        out = {}
+        for n, s in self.stats.items():
+            if s["rows"]:
+                out |= {f"stats.{n}.sq_sum": s["sq_sum"], f"stats.{n}.absmax": s["absmax"],
+                        f"stats.{n}.rows": torch.tensor([s["rows"]])}
+        if self.calls:
+            out |= {f"calls.{k}": torch.cat([c[k] for c in self.calls]) for k in self.calls[0]} | self.ids
+            out |= {f"blocks.{n}": torch.cat(v) for n, v in self.blocks.items()}
+        return {k: v.contiguous() for k, v in out.items()}
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _run_shard(cfg: Config, pipe, names: list[str], prompts: list[str], first: int, advance) -> dict:
+    c = cfg.calibration
+    gen = cfg.generate.model_copy(update={"steps": c.steps})
+    image_tokens = (gen.height // pipe.vae_scale_factor // 2) * (gen.width // pipe.vae_scale_factor // 2)
+    rec = _Recorder(pipe.transformer, names)
+    try:
+        for b in range(0, len(prompts), c.batch):
+            idx = list(range(first + b, first + min(b + c.batch, len(prompts))))
+            rec.start(idx, [_schedule(cfg, g, image_tokens) for g in idx], [g % c.record_every == 0 for g in idx])
+            with torch.no_grad():
+                run_pipeline(pipe, prompts[b: b + c.batch], gen, c.seed + idx[0], output_type="latent")
+            advance(len(idx))
+    finally:
+        rec.close()
+    return rec.tensors()
+
+
+def _shard_path(path: Path, i: int) -> Path:
+    return path / f"shard-{i:05d}.safetensors"
+
+
+def _shard_done(file: Path, fp: str) -> bool:
+    if not file.is_file():
+        return False
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return (f.metadata() or {}).get("fingerprint") == fp
+    except Exception:  # a foreign or damaged file: recompute it
+        return False
+
+
+def merge_stats(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Sum ``sq_sum`` and ``rows`` and take the max of ``absmax`` over shards, in the given order."""
+    merged: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for k in f.keys():
+                if not k.startswith("stats."):
+                    continue
+                v = f.get_tensor(k)
+                if k not in merged:
+                    merged[k] = v
+                else:
+                    merged[k] = torch.maximum(merged[k], v) if k.endswith(".absmax") else merged[k] + v
+    return merged
+
+
+def _num_calls(file: Path) -> int:
+    with safe_open(str(file), framework="pt") as f:
+        return f.get_slice("calls.step").get_shape()[0] if "calls.step" in f.keys() else 0
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def calibrate(cfg: Config) -> dict:
+    """Record the teacher's statistics and calls over the calibration prompts into ``<workdir>/calib``.
+
+    Resumes from finished shards; under torchrun each rank takes shards ``i % world_size == rank``.
+    """
+    start = time.perf_counter()
+    rank, world = _distributed()
+    c = cfg.calibration
+    ps = load_prompts(c.prompts.sets, c.prompts.data_dir, c.prompts.limit, c.prompts.seed)
+    path = artifact_path(cfg.workdir, "calibrate")
+    path.mkdir(parents=True, exist_ok=True)
+    fp = fingerprint(cfg, ps.sha256)
+    n_shards = -(-len(ps.prompts) // c.shard_size)
+    mine = [i for i in range(n_shards) if i % world == rank and not _shard_done(_shard_path(path, i), fp)]
+    todo = sum(len(ps.prompts[i * c.shard_size:(i + 1) * c.shard_size]) for i in mine)
+    info(f"calibrating on {len(ps.prompts)} prompts in {n_shards} shards ({n_shards - len(mine) if world == 1 else 'rank ' + str(rank)} done)")
+    if mine:
+        pipe = load_pipeline(cfg.model).to(resolve_device(cfg.model))
+        pipe.set_progress_bar_config(disable=True)
+        names = [n for n, _ in scoped_linears(pipe.transformer)]
+        with progress("calibrate", todo, "prompts") as advance:
+            for i in mine:
+                first = i * c.shard_size
+                tensors = _run_shard(cfg, pipe, names, ps.prompts[first:first + c.shard_size], first, advance)
+                with atomic_file(_shard_path(path, i)) as tmp:
+                    save_file(tensors, str(tmp), metadata={"fingerprint": fp, "first": str(first)})
+    if world > 1:
+        dist.barrier()
+    files = [_shard_path(path, i) for i in range(n_shards)]
+    if rank == 0:
+        with atomic_file(path / "stats.safetensors") as tmp:
+            save_file(merge_stats(files), str(tmp), metadata={"fingerprint": fp})
+        manifest = {"stage": "calibrate", "format": FORMAT, "fingerprint": fp, "model": model_id(cfg.model),
+                    "config": cfg.resolved(), "prompts_sha256": ps.sha256, "counts": ps.counts,
+                    "shards": [{"file": f.name, "sha256": file_sha256(f)} for f in files]}
+        with atomic_file(path / "manifest.json") as tmp:
+            tmp.write_text(json.dumps(manifest, indent=1))
+    if world > 1:
+        dist.barrier()
+    calls = sum(_num_calls(f) for f in files)
+    return {"stage": "calibrate", "path": str(path), "prompts": len(ps.prompts), "shards": n_shards,
+            "computed_shards": len(mine), "calls": calls, "seconds": time.perf_counter() - start, "counts": ps.counts}
+
+
+@dataclass
+class Calibration:
+    """The calibrate stage's artifact: merged linear statistics and the shards with the teacher's calls."""
+
+    path: Path
+    stats: dict[str, torch.Tensor]
+    shards: list[Path]
+
+    def second_moment(self, name: str) -> torch.Tensor:
+        """E[x_k^2] of the inputs of linear ``name``: [K] fp32."""
+        return (self.stats[f"stats.{name}.sq_sum"] / self.stats[f"stats.{name}.rows"].double()).float()
+
+    def records(self) -> dict[str, torch.Tensor]:
+        """The recorded calls (``calls.*``, ``ids.*``) and block outputs (``blocks.*``), over all shards."""
+        parts: dict[str, list[torch.Tensor]] = {}
+        for file in self.shards:
+            for k, v in load_file(str(file)).items():
+                if not k.startswith("stats."):
+                    parts.setdefault(k, []).append(v)
+        if "calls.step" not in parts:
+            raise ValueError(f"{self.path} holds no teacher calls: lower calibration.record_every")
+        return {k: v[0] if k.startswith("ids.") else torch.cat(v) for k, v in parts.items()}
+
+
+def teacher_kwargs(records: dict[str, torch.Tensor], idx: torch.Tensor) -> dict:
+    """Keyword arguments of the transformer for the recorded calls ``idx`` [B], batched."""
+    kw = {k: records[f"calls.{k}"][idx] for k in CALL_KEYS if f"calls.{k}" in records}
+    return kw | {"txt_ids": records["ids.txt"], "img_ids": records["ids.img"], "return_dict": False}
+
+
+def load_calibration(cfg: Config) -> Calibration:
+    """The workdir's calibration for this config, running (or resuming) ``calibrate`` when it is missing or stale."""
+    c = cfg.calibration
+    path = artifact_path(cfg.workdir, "calibrate")
+    ps = load_prompts(c.prompts.sets, c.prompts.data_dir, c.prompts.limit, c.prompts.seed)
+    manifest = path / "manifest.json"
+    if not manifest.is_file() or json.loads(manifest.read_text())["fingerprint"] != fingerprint(cfg, ps.sha256):
+        info("no calibration for this config in the workdir: running calibrate first")
+        calibrate(cfg)
+    shards = [path / s["file"] for s in json.loads(manifest.read_text())["shards"]]
+    return Calibration(path, load_file(str(path / "stats.safetensors")), shards)
