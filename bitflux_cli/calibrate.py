@@ -265,10 +265,11 @@ class Calibration:
         return {k: v[0] if k.startswith("ids.") else torch.cat(v) for k, v in parts.items()}
 
 
-def teacher_kwargs(records: dict[str, torch.Tensor], idx: torch.Tensor) -> dict:
-    """Keyword arguments of the transformer for the recorded calls ``idx`` [B], batched."""
+def teacher_kwargs(records: dict[str, torch.Tensor], idx: torch.Tensor, device: torch.device) -> dict:
+    """Keyword arguments of the transformer for the recorded calls ``idx`` [B], batched, on ``device``."""
     kw = {k: records[f"calls.{k}"][idx] for k in CALL_KEYS if f"calls.{k}" in records}
-    return kw | {"txt_ids": records["ids.txt"], "img_ids": records["ids.img"], "return_dict": False}
+    kw |= {"txt_ids": records["ids.txt"], "img_ids": records["ids.img"]}
+    return {k: v.to(device) for k, v in kw.items()} | {"return_dict": False}
 
 
 def load_calibration(cfg: Config) -> Calibration:

@@ -4,12 +4,13 @@ import copy
 
 import torch
 
-from .artifacts import artifact_path
+from .artifacts import artifact_path, file_sha256
+from .calibrate import load_calibration
 from .checkpoint import save_checkpoint
 from .config import Config
 from .console import info
 from .fidelity import fidelity_report
-from .methods import METHODS
+from .methods import METHODS, NEEDS_CALIBRATION
 from .models import build_meta_transformer, load_pipeline, model_id, resolve_device
 from .ternary import parameter_counts, quantize_transformer
 
@@ -30,13 +31,15 @@ def quantize(cfg: Config) -> dict:
     pipe = load_pipeline(cfg.model).to(resolve_device(cfg.model))
     teacher = pipe.transformer
     info(f"quantizing {counts['quantized_modules']} linears of {model_id(cfg.model)} with {cfg.quantization.method}")
-    codes = method(cfg, pipe)  # {module: (codes [N, K] int8, scale [N] fp32)}
+    calib = load_calibration(cfg) if cfg.quantization.method in NEEDS_CALIBRATION else None
+    codes = method(cfg, pipe, calib)  # {module: (codes [N, K] int8, scale [N] fp32)}
 
     path = artifact_path(cfg.workdir, "quantize")
     size = save_checkpoint(path, codes, dense_state(teacher, set(codes)), "int8", {
         "base_model": model_id(cfg.model), "revision": cfg.model.revision, "stage": "quantize",
         "activations": cfg.quantization.activations, "config": cfg.resolved(),
-        "inputs": {"method": cfg.quantization.method},
+        "inputs": {"method": cfg.quantization.method,
+                   "calibration_sha256": None if calib is None else file_sha256(calib.path / "manifest.json")},
     })
     student = copy.deepcopy(teacher)
     quantize_transformer(student, codes, cfg.quantization.activations)
