@@ -8,7 +8,7 @@ absmean; everything else stays frozen. Loss: ||v_student - v_teacher||^2 / mean(
 
 Checkpoints (latent weights, scales, Adam state, step) go to ``<workdir>/distill/state.pt`` every
 ``save_every`` steps and at the end; a rerun with the same calibration and distill settings resumes
-from it (``steps`` may be raised to train on). Batches are drawn from a generator seeded by the
+from it (``steps`` may be raised to train on; a checkpoint past ``steps`` is not used). Batches are drawn from a generator seeded by the
 step, so a resumed run equals an uninterrupted one.
 """
 
@@ -44,7 +44,8 @@ def distill(cfg: Config, pipe, calib: Calibration) -> dict:
     student.train()
     opt = optimizer(ste, dc.weight_lr, dc.scale_lr)
     ckpt, fp, start = cfg.workdir / "distill" / "state.pt", _fingerprint(cfg, calib), 0
-    if ckpt.is_file() and (saved := torch.load(ckpt, map_location=student.device))["fingerprint"] == fp:
+    saved = torch.load(ckpt, map_location=student.device) if ckpt.is_file() else None
+    if saved is not None and saved["fingerprint"] == fp and saved["step"] <= dc.steps:
         for name, m in ste.items():
             m.load_state_dict(saved["ste"][name])
         opt.load_state_dict(saved["optimizer"])

@@ -1,0 +1,105 @@
+"""Quantization methods on the tiny model: exact ternary codes, and each lowers the error it targets vs absmean."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from bitflux_cli.calibrate import load_calibration, teacher_kwargs
+from bitflux_cli.config import load_config
+from bitflux_cli.fidelity import REPORT_PROMPTS, _block_outputs
+from bitflux_cli.methods import METHODS
+from bitflux_cli.methods.act_aware import weighted_error
+from bitflux_cli.models import load_pipeline
+from bitflux_cli.teacher import record_transformer_calls, velocity_errors
+from bitflux_cli.ternary import quantize_transformer, scoped_linears
+
+DATA = (Path(__file__).parents[1] / "../shared/data").resolve()
+
+
+def tiny(workdir: Path, **overrides):
+    """The tiny config with a four-prompt calibration and short training."""
+    base = {"workdir": str(workdir), "calibration.prompts.limit": 4, "calibration.prompts.data_dir": str(DATA),
+            "calibration.steps": 4, "calibration.timesteps": 2, "calibration.tokens": 16,
+            "calibration.shard_size": 2, "calibration.batch": 2, "generate.steps": 4,
+            "quantization.block_recon.steps": 30, "quantization.distill.steps": 30}
+    return load_config("tiny", base | overrides)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # two cores shared with other jobs: two threads per process thrash
+    cfg = tiny(tmp_path_factory.mktemp("methods"))
+    pipe = load_pipeline(cfg.model)
+    pipe.set_progress_bar_config(disable=True)
+    calib = load_calibration(cfg)
+    held_out = record_transformer_calls(pipe, REPORT_PROMPTS[:2], cfg.generate, seed=10_000, keep=4)
+    codes = {m: METHODS[m](cfg, pipe, calib) for m in METHODS}
+    yield {"cfg": cfg, "pipe": pipe, "calib": calib, "codes": codes, "held_out": held_out}
+    torch.set_num_threads(n)
+
+
+def student(pipe, codes):
+    model = copy.deepcopy(pipe.transformer)
+    quantize_transformer(model, codes)
+    return model
+
+
+def block_error(pipe, codes, calls) -> float:
+    """Mean over blocks of the relative output error of the student's blocks vs the FP blocks."""
+    fp, _ = _block_outputs(pipe.transformer, calls)
+    q, _ = _block_outputs(student(pipe, codes), calls)
+    return sum(float(((q[n][i] - fp[n][i]).norm() / fp[n][i].norm()).mean())
+               for n in fp for i in range(len(calls))) / (len(fp) * len(calls))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_exact_ternary_codes_and_scales(setup, method):
+    codes = setup["codes"][method]
+    linears = dict(scoped_linears(setup["pipe"].transformer))
+    assert codes.keys() == linears.keys()
+    for name, (c, s) in codes.items():
+        assert c.dtype == torch.int8 and c.shape == linears[name].weight.shape
+        assert set(c.unique().tolist()) <= {-1, 0, 1}
+        assert s.dtype == torch.float32 and s.shape == (c.shape[0],) and torch.isfinite(s).all() and (s > 0).all()
+
+
+def test_act_aware_lowers_the_weighted_layer_error(setup):
+    aa, am = setup["codes"]["act-aware"], setup["codes"]["absmean"]
+    total_aa = total_am = 0.0
+    for name, lin in scoped_linears(setup["pipe"].transformer):
+        d = setup["calib"].second_moment(name)
+        e_aa, e_am = weighted_error(lin.weight, *aa[name], d), weighted_error(lin.weight, *am[name], d)
+        assert (e_aa <= e_am * (1 + 1e-5)).all(), name
+        total_aa, total_am = total_aa + e_aa.sum().item(), total_am + e_am.sum().item()
+    assert total_aa < 0.9 * total_am
+
+
+def test_block_recon_lowers_the_block_output_error(setup):
+    calls = setup["held_out"]
+    err = {m: block_error(setup["pipe"], setup["codes"][m], calls) for m in ("absmean", "act-aware", "block-recon")}
+    assert err["block-recon"] < err["act-aware"] < err["absmean"], err
+
+
+def test_distill_lowers_the_velocity_error(setup):
+    pipe, codes = setup["pipe"], setup["codes"]
+    records = setup["calib"].records()
+    train = [teacher_kwargs(records, torch.tensor([i]), pipe.device) for i in range(len(records["calls.step"]))]
+    for calls in (train, setup["held_out"]):
+        start = sum(velocity_errors(pipe.transformer, student(pipe, codes["absmean"]), calls))
+        trained = sum(velocity_errors(pipe.transformer, student(pipe, codes["distill"]), calls))
+        assert trained < 0.95 * start, (trained, start)
+
+
+def test_distill_resumes_from_its_checkpoint(setup, tmp_path):
+    pipe, calib = setup["pipe"], setup["calib"]
+    short = tiny(tmp_path, **{"quantization.distill.steps": 4, "quantization.distill.save_every": 2})
+    METHODS["distill"](short, pipe, calib)
+    assert (tmp_path / "distill/state.pt").is_file()
+    resumed = METHODS["distill"](tiny(tmp_path, **{"quantization.distill.steps": 8}), pipe, calib)
+    (tmp_path / "distill/state.pt").unlink()
+    straight = METHODS["distill"](tiny(tmp_path, **{"quantization.distill.steps": 8}), pipe, calib)
+    for name in straight:
+        assert torch.equal(resumed[name][0], straight[name][0]) and torch.equal(resumed[name][1], straight[name][1])
