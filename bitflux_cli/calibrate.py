@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,13 +254,15 @@ class Calibration:
         """E[x_k^2] of the inputs of linear ``name``: [K] fp32."""
         return (self.stats[f"stats.{name}.sq_sum"] / self.stats[f"stats.{name}.rows"].double()).float()
 
-    def records(self) -> dict[str, torch.Tensor]:
-        """The recorded calls (``calls.*``, ``ids.*``) and block outputs (``blocks.*``), over all shards."""
+    def records(self, select: Callable[[str], bool] = lambda key: True) -> dict[str, torch.Tensor]:
+        """The recorded calls (``calls.*``, ``ids.*``) and block outputs (``blocks.*``) whose key
+        ``select`` accepts, concatenated over all shards; only those are read from disk."""
         parts: dict[str, list[torch.Tensor]] = {}
         for file in self.shards:
-            for k, v in load_file(str(file)).items():
-                if not k.startswith("stats."):
-                    parts.setdefault(k, []).append(v)
+            with safe_open(str(file), framework="pt") as f:
+                for k in f.keys():
+                    if not k.startswith("stats.") and (k.startswith("ids.") or k == "calls.step" or select(k)):
+                        parts.setdefault(k, []).append(f.get_tensor(k))
         if "calls.step" not in parts:
             raise ValueError(f"{self.path} holds no teacher calls: lower calibration.record_every")
         return {k: v[0] if k.startswith("ids.") else torch.cat(v) for k, v in parts.items()}

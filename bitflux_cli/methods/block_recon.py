@@ -5,8 +5,8 @@ already-quantized student (blocks 0..i-1 ternary), computed from the teacher cal
 calibration, so each block also corrects the error that reaches it; the targets are the FP
 block's image-stream outputs that calibration recorded at a subsample of image tokens. Each linear
 starts from act-aware codes and scales; Adam then trains the scales (log space) and, through the
-straight-through estimator, the latent weights. Only one block, its optimizer state and the
-student activations of the recorded calls are held besides the FP model.
+straight-through estimator, the latent weights. Only one block, its optimizer state, its targets
+and the student activations of the recorded calls are held besides the FP model.
 """
 
 import copy
@@ -63,7 +63,7 @@ def _run(block, state: dict, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 def block_recon(cfg: Config, pipe, calib: Calibration) -> dict:
     """Act-aware start, then per-block Adam on scales and latent weights to match the FP block outputs."""
     rc = cfg.quantization.block_recon
-    records = calib.records()
+    records = calib.records(lambda k: k.startswith("calls.") and k != "calls.velocity")
     state = block_inputs(pipe.transformer, records, rc.batch)
     n = len(records["calls.step"])
     device = pipe.transformer.device
@@ -78,7 +78,8 @@ def block_recon(cfg: Config, pipe, calib: Calibration) -> dict:
                     for sub, lin in scoped_linears(block, lambda _n, m: isinstance(m, torch.nn.Linear))}
             ste = attach_ste(block, init, rc.weight_lr > 0)
             opt = optimizer(ste, rc.weight_lr, rc.scale_lr)
-            target = records[f"blocks.{name}"].to(device).float()  # [C, tokens, D]
+            key = f"blocks.{name}"
+            target = calib.records(lambda k: k == key)[key].to(device).float()  # [C, tokens, D]
             norm = target.square().mean()
             for _ in range(rc.steps):
                 idx = torch.randint(n, (min(rc.batch, n),), generator=gen)

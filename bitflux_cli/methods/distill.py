@@ -35,7 +35,7 @@ def _fingerprint(cfg: Config, calib: Calibration) -> str:
 def distill(cfg: Config, pipe, calib: Calibration) -> dict:
     """Train the ternary student on the recorded teacher velocities; return its codes and scales."""
     dc = cfg.quantization.distill
-    records = calib.records()
+    records = calib.records(lambda k: k.startswith("calls."))
     n = len(records["calls.step"])
     student = copy.deepcopy(pipe.transformer).requires_grad_(False)
     ste = attach_ste(student, {name: absmean_init(lin.weight) for name, lin in scoped_linears(student)}, dc.weight_lr > 0)
