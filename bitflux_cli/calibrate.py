@@ -213,7 +213,8 @@ def calibrate(cfg: Config) -> dict:
     n_shards = -(-len(ps.prompts) // c.shard_size)
     mine = [i for i in range(n_shards) if i % world == rank and not _shard_done(_shard_path(path, i), fp)]
     todo = sum(len(ps.prompts[i * c.shard_size:(i + 1) * c.shard_size]) for i in mine)
-    info(f"calibrating on {len(ps.prompts)} prompts in {n_shards} shards ({n_shards - len(mine) if world == 1 else 'rank ' + str(rank)} done)")
+    where = "" if world == 1 else f" on rank {rank} of {world}"
+    info(f"calibrating on {len(ps.prompts)} prompts in {n_shards} shards: {len(mine)} to compute{where}")
     if mine:
         pipe = load_pipeline(cfg.model).to(resolve_device(cfg.model))
         pipe.set_progress_bar_config(disable=True)
