@@ -6,7 +6,10 @@ Known sets (``SETS``):
 - ``t2i_compbench_train`` / ``t2i_compbench_val``: the 8 ``t2i_compbench/<category>_<split>.txt``;
 - ``geneval``: ``geneval/generation_prompts.txt`` (553 prompts);
 - ``paper``: ``parti`` + ``t2i_compbench_train``, the 7,232 calibration prompts of "1.58-bit FLUX"
-  (7,190 distinct).
+  (7,190 distinct);
+- ``mini``: the miniature world's training captions (the embedded model's language), 64 per
+  GenEval category, each category's distinct captions cycled: 384 prompts, 81 distinct. Generated
+  in code; never a held-out (evaluation) caption.
 
 Any other name that is the path of an existing text file is read as one prompt per line.
 
@@ -16,8 +19,7 @@ at the pinned commit. Every pinned file is checked against its sha256 in ``FILES
 
 Registering a set: ``SETS[name] = loader``, where ``loader(data_dir)`` returns
 ``{file label: [raw prompt, ...]}``, in order. ``load_prompts`` strips each prompt, skips and counts
-the empty ones, counts duplicates, and takes care of ``dedupe`` and ``limit``. The miniature world
-(``bitflux_cli.miniworld``) adds its generated set this way.
+the empty ones, counts duplicates, and takes care of ``dedupe`` and ``limit``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BitfluxError
+from .miniworld.world import balanced_prompts
 
 _PARTI = "https://raw.githubusercontent.com/google-research/parti/5a657978134374ce28973948331b319adef164bd/"
 _T2I = "https://raw.githubusercontent.com/Karine-Huang/T2I-CompBench/1b7094991a57f3c22abdd4f6e8ba6c1a15517073/examples/dataset/"
@@ -165,6 +168,10 @@ def _paper(data_dir: Path | None) -> dict[str, list[str]]:
     return {**_parti(data_dir), **_t2i("train")(data_dir)}
 
 
+def _mini(_data_dir: Path | None) -> dict[str, list[str]]:
+    return {"miniworld:train": [s.caption for s in balanced_prompts("train", seed=0, per_category=64)]}
+
+
 # Set name -> loader(data_dir) returning {file label: raw prompts}. Register new sets here (see the
 # module docstring).
 SETS: dict[str, Loader] = {
@@ -173,6 +180,7 @@ SETS: dict[str, Loader] = {
     "t2i_compbench_val": _t2i("val"),
     "geneval": _geneval,
     "paper": _paper,
+    "mini": _mini,
 }
 
 

@@ -31,7 +31,7 @@ def _assert_none(result):
 
 
 def test_renders_of_eval_prompts_pass():
-    result = s.evaluate(_renders(w.eval_prompts(), np.random.default_rng(0), k=4))
+    result = s.evaluate(_renders(w.balanced_prompts(), np.random.default_rng(0), k=4))
     assert result["prompts"] == 96 and result["images_per_prompt"] == 4
     _assert_all(result, 0.98)
 
@@ -47,20 +47,20 @@ def test_noisy_blurred_renders_pass(blur):
     """Gaussian noise of 10/255 and a box blur (3x3 or 5x5): the softness a generated image has."""
     rng = np.random.default_rng(2)
     pairs = [(spec, [_degrade(img, rng, blur=blur) for img in imgs])
-             for spec, imgs in _renders(w.eval_prompts(), rng, k=2)]
+             for spec, imgs in _renders(w.balanced_prompts(), rng, k=2)]
     _assert_all(s.evaluate(pairs), 0.95)
 
 
 def test_colour_shift_tolerated():
     rng = np.random.default_rng(3)
     pairs = [(spec, [np.clip(img.astype(int) + rng.integers(-25, 26, 3), 0, 255).astype(np.uint8)
-                     for img in imgs]) for spec, imgs in _renders(w.eval_prompts(), rng)]
+                     for img in imgs]) for spec, imgs in _renders(w.balanced_prompts(), rng)]
     _assert_all(s.evaluate(pairs), 0.98)
 
 
 def test_noise_scores_zero():
     rng = np.random.default_rng(4)
-    ev = w.eval_prompts()
+    ev = w.balanced_prompts()
     uniform = [(spec, [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)]) for spec in ev]
     _assert_none(s.evaluate(uniform))
     light = [(spec, [np.clip(rng.normal(220, 50, (64, 64, 3)), 0, 255).astype(np.uint8) for _ in range(3)])
@@ -71,7 +71,7 @@ def test_noise_scores_zero():
 def test_constant_images_score_zero():
     colours = [w.BACKGROUND, (0, 0, 0), (128, 128, 128), *w.COLORS.values()]
     images = [np.full((64, 64, 3), c, np.uint8) for c in colours]
-    _assert_none(s.evaluate([(spec, images) for spec in w.eval_prompts()]))
+    _assert_none(s.evaluate([(spec, images) for spec in w.balanced_prompts()]))
 
 
 def test_palette_speckle_scores_zero():
@@ -79,7 +79,7 @@ def test_palette_speckle_scores_zero():
     rng = np.random.default_rng(5)
     palette = np.array(list(w.COLORS.values()), np.uint8)
     pairs = []
-    for spec in w.eval_prompts():
+    for spec in w.balanced_prompts():
         img = np.full((64, 64, 3), 255, np.uint8)
         m = rng.random((64, 64)) < 0.3
         img[m] = palette[rng.integers(0, 4, m.sum())]
@@ -150,7 +150,7 @@ def test_contact_sheet_layout():
     from bitflux_cli.miniworld.sheet import contact_sheet
 
     rng = np.random.default_rng(8)
-    specs = w.eval_prompts()[:5]
+    specs = w.balanced_prompts()[:5]
     images = [w.render(w.scene_for(spec, rng)) for spec in specs]
     sheet = contact_sheet(images, [spec.caption for spec in specs], cols=3, scale=2)
     arr = np.asarray(sheet)

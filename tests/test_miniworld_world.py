@@ -53,9 +53,9 @@ def test_split_holds_out_combinations():
 
 
 def test_eval_prompts_fixed_and_held_out():
-    ev = w.eval_prompts()
-    assert len(ev) == 96 and ev == w.eval_prompts(seed=0)
-    assert ev != w.eval_prompts(seed=1)
+    ev = w.balanced_prompts()
+    assert len(ev) == 96 and ev == w.balanced_prompts("test", seed=0)
+    assert ev != w.balanced_prompts("test", seed=1)
     for c in w.CATEGORIES:
         mine = [s for s in ev if s.category == c]
         test = set(w.prompts(c, "test"))

@@ -149,3 +149,14 @@ def test_offline_without_local_copy(monkeypatch, tmp_path):
     message = str(err.value)
     assert "\n" not in message and "calibration.prompts.data_dir" in message
     assert str(tmp_path / "cache" / rel) in message
+
+
+def test_mini_set_is_balanced_training_captions():
+    from bitflux_cli.miniworld.world import CATEGORIES, prompts as world_prompts
+
+    ps = load_prompts(["mini"])
+    assert ps.counts["total"] == 384 and ps.counts["distinct"] == 81
+    train = {s.caption for c in CATEGORIES for s in world_prompts(c, "train")}
+    held_out = {s.caption for c in CATEGORIES if c != "single_object" for s in world_prompts(c, "test")}
+    assert set(ps.prompts) == train and not set(ps.prompts) & held_out
+    assert load_prompts(["mini"], limit=32, seed=1).prompts == load_prompts(["mini"], limit=32, seed=1).prompts

@@ -163,16 +163,17 @@ def prompts(category: str, split: str = "train") -> tuple[PromptSpec, ...]:
     return tuple(s for s in specs if held_out(s) == (split == "test"))
 
 
-def eval_prompts(seed: int = 0, per_category: int = 16) -> list[PromptSpec]:
-    """The fixed evaluation list: ``per_category`` test prompts of each category, category by category.
+def balanced_prompts(split: str = "test", seed: int = 0, per_category: int = 16) -> list[PromptSpec]:
+    """A fixed list of ``per_category`` prompts of each category from ``split``, category by category.
 
-    A category's test prompts are shuffled (seeded) and cycled when there are fewer than
+    The evaluation list is the test split's; the ``mini`` calibration set is the train split's.
+    A category's prompts are shuffled (seeded) and cycled when there are fewer than
     ``per_category``, so every distinct prompt appears as evenly as possible.
     """
     rng = np.random.default_rng(seed)
     out = []
     for category in CATEGORIES:
-        pool = prompts(category, "test")
+        pool = prompts(category, split)
         order = rng.permutation(len(pool))
         out += [pool[order[i % len(pool)]] for i in range(per_category)]
     return out
