@@ -2,14 +2,14 @@
 
 import numpy as np
 
-from .artifacts import artifact_path, atomic_file, require
+from .artifacts import artifact_path, atomic_file
 from .config import Config
 from .errors import UsageError
-from .loader import load_quantized_transformer
+from .loader import packed_transformer
 from .miniworld.scorer import check, evaluate as score_images
 from .miniworld.sheet import contact_sheet
-from .miniworld.world import eval_prompts
-from .models import load_pipeline, model_id, resolve_device
+from .miniworld.world import balanced_prompts
+from .models import EMBEDDED, load_pipeline, model_id, resolve_device
 from .teacher import run_pipeline
 
 
@@ -18,18 +18,16 @@ def evaluate(cfg: Config, full_precision: bool = False) -> dict:
 
     Seeds: image ``j`` of prompt ``i`` uses ``eval.seed + j * len(prompts) + i``.
     """
-    if cfg.model.source != "embedded":
+    if cfg.model.source != EMBEDDED:
         raise UsageError(f"the mini suite scores the embedded mini model; {cfg.model.source} has no programmatic scorer")
     device = resolve_device(cfg.model)
     if full_precision:
         pipe, label = load_pipeline(cfg.model), "full-precision"
     else:
-        transformer = load_quantized_transformer(require(cfg.workdir, "pack"), cfg.model,
-                                                 cfg.quantization.activations, device)
-        pipe, label = load_pipeline(cfg.model, transformer), "1.58-bit"
+        pipe, label = load_pipeline(cfg.model, packed_transformer(cfg, device)), "1.58-bit"
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    specs = eval_prompts(cfg.eval.seed, cfg.eval.per_category)
+    specs = balanced_prompts("test", cfg.eval.seed, cfg.eval.per_category)
     k, n = cfg.eval.images_per_prompt, len(specs)
     captions = [s.caption for s in specs] * k  # flat index j * n + i
     images = []

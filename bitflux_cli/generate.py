@@ -6,9 +6,9 @@ from pathlib import Path
 
 import bitflux_kernels
 
-from .artifacts import artifact_path, atomic_file, require
+from .artifacts import artifact_path, atomic_file
 from .config import Config
-from .loader import load_quantized_transformer
+from .loader import packed_transformer
 from .models import load_pipeline, resolve_device
 from .teacher import run_pipeline
 
@@ -25,9 +25,7 @@ def generate(cfg: Config, prompt: str, out: Path | None = None, full_precision: 
     if full_precision:
         pipe, backend = load_pipeline(cfg.model), "full-precision"
     else:
-        transformer = load_quantized_transformer(require(cfg.workdir, "pack"), cfg.model,
-                                                 cfg.quantization.activations, device)
-        pipe, backend = load_pipeline(cfg.model, transformer), bitflux_kernels.select_backend(device)
+        pipe, backend = load_pipeline(cfg.model, packed_transformer(cfg, device)), bitflux_kernels.select_backend(device)
     pipe = pipe.to(device)
     start = time.perf_counter()
     image = run_pipeline(pipe, [prompt], cfg.generate, cfg.generate.seed, output_type="pil")[0]

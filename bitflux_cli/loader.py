@@ -4,10 +4,12 @@ from pathlib import Path
 
 import torch
 
+from .artifacts import artifact_path, require
 from .checkpoint import read_checkpoint, to_runtime_2bit
 from .config import Config, ModelConfig
+from .console import info
 from .errors import ArtifactError
-from .models import build_meta_transformer
+from .models import EMBEDDED, build_meta_transformer
 from .ternary import replace_with_ternary, scoped_linears
 
 
@@ -42,3 +44,21 @@ def load_quantized_transformer(path: Path, model: ModelConfig | None = None, act
     except RuntimeError as exc:
         raise ArtifactError(f"{path}: does not match the {model.source} transformer ({str(exc).splitlines()[0]})") from None
     return transformer.to(device).eval()
+
+
+def packed_transformer(cfg: Config, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The workdir's packed 1.58-bit transformer, in the config's activation mode.
+
+    With the embedded model a missing checkpoint is made first (quantize, then pack: seconds), so
+    ``bitflux generate`` works on a fresh install; with a real FLUX the error names the command.
+    """
+    path = artifact_path(cfg.workdir, "pack")
+    if not path.exists() and cfg.model.source == EMBEDDED:
+        from .packing import pack
+        from .quantize import quantize
+
+        info(f"{path} does not exist: quantizing ({cfg.quantization.method}) and packing the embedded model first")
+        if not artifact_path(cfg.workdir, "quantize").exists():
+            quantize(cfg)
+        pack(cfg)
+    return load_quantized_transformer(require(cfg.workdir, "pack"), cfg.model, cfg.quantization.activations, device)

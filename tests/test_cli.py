@@ -77,10 +77,18 @@ def test_base3_round_trip_generates_the_same_image(chain, tmp_path):
 
 
 def test_missing_artifact_names_the_command(tmp_path):
-    res = bitflux("generate", "x", "--workdir", tmp_path)
+    res = bitflux("generate", "x", "--config", "flux-dev", "--workdir", tmp_path)
     assert res.exit_code == 2 and "run `bitflux pack` first" in res.stderr
     res = bitflux("pack", "--workdir", tmp_path)
     assert res.exit_code == 2 and "run `bitflux quantize` first" in res.stderr
+
+
+def test_generate_on_a_fresh_workdir_makes_the_embedded_checkpoint(tmp_path):
+    g = as_json(bitflux("generate", "a green triangle left of a yellow circle", "--workdir", tmp_path / "wd",
+                        "--out", tmp_path / "img.png", "--steps", 4, "--json"))
+    assert (tmp_path / "wd/ternary/transformer.safetensors").is_file()
+    assert (tmp_path / "wd/packed/transformer.safetensors").is_file()
+    assert np.asarray(Image.open(g["path"])).std() > 1
 
 
 def test_bad_config_is_one_line_exit_2(tmp_path):
