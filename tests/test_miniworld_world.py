@@ -75,9 +75,9 @@ def test_sampling_is_deterministic():
 def test_scenes_obey_spec(category):
     rng = np.random.default_rng(0)
     for _ in range(50):
-        spec, caption, img = w.sample(category, rng, "test")
-        assert caption == spec.caption and spec in w.prompts(category, "test")
-        scene = w.scene_for(spec, rng)
+        spec, scene = w.sample(category, rng, "test")
+        assert spec in w.prompts(category, "test")
+        img = w.render(scene)
         assert len(scene) == sum(o.count for o in spec.objects) <= 4
         for i, a in enumerate(scene):
             x0, y0, x1, y1 = a.box
@@ -107,3 +107,14 @@ def test_relations_follow_geneval():
     assert w.relations((30, 0, 40, 10), (0, 0, 10, 10)) == {"right of"}
     assert w.relations((0, 0, 10, 10), (30, 30, 40, 40)) == {"above", "left of"}
     assert w.relations((0, 0, 10, 10), (1, 1, 11, 11)) == set()  # within the margin
+
+
+def test_training_position_captions_may_name_colours_but_never_held_out_ones():
+    captions, _ = w.sample_training_batch(np.random.default_rng(0), 2000)
+    relational = [c for c in captions if any(f" {r} " in c for r in w.RELATIONS)]
+    colored = [c for c in relational if any(color in c for color in w.COLORS)]
+    assert 0.4 < len(colored) / len(relational) < 0.6
+    demo = w.PromptSpec("position", (w.ObjectSpec("triangle", 1, "green"), w.ObjectSpec("circle", 1, "yellow")), "left of")
+    assert demo.caption == "a green triangle left of a yellow circle" and not w.held_out(demo)
+    for color, shape in w.HELD_OUT_COLOR_SHAPE:
+        assert not any(f"{color} {shape}" in c for c in captions)

@@ -23,11 +23,15 @@ position       ``a circle above a square``         circle's relation to the squa
 color_attr     ``a red circle and a green square`` both bindings (different shapes and colours)
 =============  ==================================  ==============================================
 
+In training, half of the position captions also name the colours drawn (``a green triangle left
+of a yellow circle``), so a prompt that binds colours and a relation is in the model's language;
+the position prompts that are scored never name colours, as in GenEval.
+
 Split rule: a prompt is held out (``split="test"``) when it contains a held-out combination, and
 training captions never contain one (the images of other categories may still show, say, a red
 triangle captioned ``a triangle``: what is unseen is the caption's combination, not the pixels):
 
-- colors, color_attr: any (colour, shape) pair in ``HELD_OUT_COLOR_SHAPE``;
+- any category: a (colour, shape) pair in ``HELD_OUT_COLOR_SHAPE``;
 - two_object: the ordered pair (first, second) in ``HELD_OUT_PAIRS`` (the reverse order is trained);
 - counting: (count, shape) in ``HELD_OUT_COUNTS``;
 - position: (shape, relation, shape) in ``HELD_OUT_POSITIONS``;
@@ -38,6 +42,7 @@ Every shape and colour, every count and relation still occurs in training captio
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 from dataclasses import dataclass
@@ -141,12 +146,12 @@ def _all_prompts(category: str) -> list[PromptSpec]:
 def held_out(spec: PromptSpec) -> bool:
     """Whether the prompt contains a held-out combination (see the module docstring)."""
     objs = spec.objects
+    if any((o.color, o.shape) in HELD_OUT_COLOR_SHAPE for o in objs):
+        return True
     if spec.category == "two_object":
         return (objs[0].shape, objs[1].shape) in HELD_OUT_PAIRS
     if spec.category == "counting":
         return (objs[0].count, objs[0].shape) in HELD_OUT_COUNTS
-    if spec.category in ("colors", "color_attr"):
-        return any((o.color, o.shape) in HELD_OUT_COLOR_SHAPE for o in objs)
     if spec.category == "position":
         return (objs[0].shape, spec.relation, objs[1].shape) in HELD_OUT_POSITIONS
     return False
@@ -254,18 +259,36 @@ def render(scene: tuple[Placed, ...]) -> np.ndarray:
     return img
 
 
-def sample(category: str, rng: np.random.Generator, split: str = "train") -> tuple[PromptSpec, str, np.ndarray]:
-    """A random prompt of ``category`` from ``split`` and a render of it: (spec, caption, image)."""
+def sample(category: str, rng: np.random.Generator, split: str = "train") -> tuple[PromptSpec, tuple[Placed, ...]]:
+    """A random prompt of ``category`` from ``split`` and a scene that shows it: (spec, scene)."""
     pool = prompts(category, split)
     spec = pool[int(rng.integers(len(pool)))]
-    return spec, spec.caption, render(scene_for(spec, rng))
+    return spec, scene_for(spec, rng)
+
+
+def with_drawn_colors(spec: PromptSpec, scene: tuple[Placed, ...]) -> PromptSpec:
+    """``spec`` naming the colours its objects were drawn in (one object per ObjectSpec)."""
+    return PromptSpec(spec.category, tuple(ObjectSpec(o.shape, o.count, p.color) for o, p in zip(spec.objects, scene)),
+                      spec.relation)
+
+
+def _recolor(scene: tuple[Placed, ...], rng: np.random.Generator) -> tuple[Placed, ...]:
+    """The scene with each object's colour redrawn among those not held out for its shape."""
+    allowed = {s: [c for c in COLORS if (c, s) not in HELD_OUT_COLOR_SHAPE] for s in SHAPES}
+    return tuple(dataclasses.replace(p, color=str(rng.choice(allowed[p.shape]))) for p in scene)
 
 
 def sample_training_batch(rng: np.random.Generator, batch: int) -> tuple[list[str], np.ndarray]:
-    """``batch`` training scenes, categories uniform: (captions, images [batch, 64, 64, 3] uint8)."""
+    """``batch`` training scenes, categories uniform: (captions, images [batch, 64, 64, 3] uint8).
+
+    Half of the position scenes are recoloured (no held-out pair) and captioned with their colours.
+    """
     captions, images = [], []
     for category in rng.choice(CATEGORIES, size=batch):
-        _, caption, image = sample(str(category), rng)
-        captions.append(caption)
-        images.append(image)
+        spec, scene = sample(str(category), rng)
+        if category == "position" and rng.random() < 0.5:
+            scene = _recolor(scene, rng)
+            spec = with_drawn_colors(spec, scene)
+        captions.append(spec.caption)
+        images.append(render(scene))
     return captions, np.stack(images)
