@@ -25,6 +25,8 @@ from ..console import info
 from . import model as mini
 from .world import sample_training_batch
 
+TRAINED = ("transformer", "text_encoder", "text_encoder_2")  # trained together after the VAE
+
 
 def _images(batch: np.ndarray, device) -> torch.Tensor:  # [B, H, W, 3] uint8 -> [B, 3, H, W] in [-1, 1]
     return torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -86,10 +88,13 @@ def latent_pool(vae, rng, n: int, device) -> tuple[list[str], torch.Tensor]:
 
 
 def train_transformer(parts, rng, steps: int, batch: int, device, pool_size: int, lr=5e-4,
-                      ema_decay=0.999) -> tuple[dict, list[float]]:
-    """Flow matching on VAE latents with the text encoders trained jointly; returns EMA weights."""
+                      ema_decay=0.999, snapshot=None) -> tuple[dict, list[float]]:
+    """Flow matching on VAE latents with the text encoders trained jointly; returns EMA weights.
+
+    ``snapshot(step, ema)``, when given, is called every so often (see ``main``) with the EMA weights.
+    """
     vae, tr, clip, t5 = parts["vae"].eval(), parts["transformer"], parts["text_encoder"], parts["text_encoder_2"]
-    trainable = [tr, clip, t5]
+    trainable = [tr, clip, t5]  # in the order of TRAINED
     params = [p for m in trainable for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = _warmup_cosine(opt, steps, warmup=max(1, steps // 30))
@@ -130,17 +135,30 @@ def train_transformer(parts, rng, steps: int, batch: int, device, pool_size: int
         if step % 100 == 0 or step == steps - 1:
             log.append(round(loss.item(), 5))
             info(f"transformer step {step}/{steps} loss {loss.item():.4f}")
-    return dict(zip(("transformer", "text_encoder", "text_encoder_2"), ema)), log
+        if snapshot is not None:
+            snapshot(step + 1, dict(zip(TRAINED, ema)))
+    return dict(zip(TRAINED, ema)), log
+
+
+def save(out: Path, parts: dict, report: dict) -> None:
+    """Write ``<out>/<component>.safetensors`` (the VAE's latent statistics in its metadata) and ``train.json``."""
+    with atomic_dir(out) as tmp:
+        for name, module in parts.items():
+            meta = {k: str(module.config[k]) for k in mini.LATENT_STATS} if name == "vae" else None
+            save_model(copy.deepcopy(module).float().cpu(), str(tmp / f"{name}.safetensors"), metadata=meta)  # T5 ties weights
+        (tmp / "train.json").write_text(json.dumps(report, indent=1))
 
 
 def main(argv=None) -> None:
     """Train all components and write ``<out>/<component>.safetensors`` plus ``train.json``."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "assets" / "mini")
-    ap.add_argument("--vae-steps", type=int, default=1500)
+    ap.add_argument("--init", type=Path, help="start from the weights of an earlier run (a directory like --out)")
+    ap.add_argument("--vae-steps", type=int, default=1500, help="0 with --init keeps its VAE and latent statistics")
     ap.add_argument("--steps", type=int, default=9000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--pool", type=int, default=50_000, help="training scenes encoded once for the transformer")
+    ap.add_argument("--snapshot-every", type=int, default=0, help="also write the EMA weights to --out every N steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -150,21 +168,30 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     device = torch.device(args.device)
-    parts = {k: m.to(device) for k, m in mini.build_components(seed=args.seed).items()}
+    if args.init is not None:
+        pipe = mini.build_pipeline(args.init)
+        parts = {k: getattr(pipe, k).train() for k in mini.COMPONENTS}
+    else:
+        parts = mini.build_components(seed=args.seed)
+    parts = {k: m.to(device) for k, m in parts.items()}
     start = time.time()
-    vae_log = train_vae(parts["vae"], rng, args.vae_steps, 32, device)
-    shift, scale = latent_statistics(parts["vae"].eval(), rng, device)
-    parts["vae"].register_to_config(shift_factor=shift, scaling_factor=scale)
-    info(f"latent shift {shift:.4f} scale {scale:.4f}")
-    ema, tr_log = train_transformer(parts, rng, args.steps, args.batch, device, args.pool)
-    parts.update(ema)
-    report = {"args": {k: str(v) for k, v in vars(args).items()}, "seconds": round(time.time() - start, 1),
-              "latent_shift": shift, "latent_scale": scale, "vae_loss": vae_log, "transformer_loss": tr_log}
-    with atomic_dir(args.out) as tmp:
-        for name, module in parts.items():
-            meta = {k: str(module.config[k]) for k in mini.LATENT_STATS} if name == "vae" else None
-            save_model(module.float().cpu(), str(tmp / f"{name}.safetensors"), metadata=meta)  # T5 ties weights
-        (tmp / "train.json").write_text(json.dumps(report, indent=1))
+    report = {"args": {k: str(v) for k, v in vars(args).items()}}
+    if args.init is None or args.vae_steps > 0:
+        report["vae_loss"] = train_vae(parts["vae"], rng, args.vae_steps, 32, device)
+        shift, scale = latent_statistics(parts["vae"].eval(), rng, device)
+        parts["vae"].register_to_config(shift_factor=shift, scaling_factor=scale)
+    report |= {"latent_shift": parts["vae"].config.shift_factor, "latent_scale": parts["vae"].config.scaling_factor}
+    info(f"latent shift {report['latent_shift']:.4f} scale {report['latent_scale']:.4f}")
+
+    def snapshot(step: int, ema: dict) -> None:
+        if args.snapshot_every and step % args.snapshot_every == 0 and step < args.steps:
+            save(args.out, parts | ema, report | {"step": step, "seconds": round(time.time() - start, 1)})
+            info(f"snapshot of step {step} written to {args.out}")
+
+    ema, report["transformer_loss"] = train_transformer(parts, rng, args.steps, args.batch, device, args.pool,
+                                                        snapshot=snapshot)
+    report |= {"step": args.steps, "seconds": round(time.time() - start, 1)}
+    save(args.out, parts | ema, report)
     info(f"wrote {args.out} in {report['seconds']} s")
 
 
