@@ -66,8 +66,7 @@ def quantize(config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: Json
              method: Annotated[Optional[str], typer.Option(help="Quantization method; overrides quantization.method.")] = None,
              activations: ActivationsOpt = None):
     """Quantize the transformer's block linears to ternary codes and report fidelity vs FP."""
-    from .quantize import quantize as stage
-    _run(stage, config, {"workdir": workdir, "quantization.method": method, "quantization.activations": activations}, as_json)
+    _run(_quantize, config, {"workdir": workdir, "quantization.method": method, "quantization.activations": activations}, as_json)
 
 
 @app.command()
@@ -117,6 +116,15 @@ def evaluate(suite: Annotated[str, typer.Option(help="Benchmark suite: mini (the
     overrides = {"workdir": workdir, "eval.suite": suite, "eval.images_per_prompt": images,
                  "quantization.activations": activations}
     _run(stage, config, overrides, as_json, full_precision)
+
+
+def _quantize(cfg) -> dict:
+    from .fidelity import fidelity_table
+    from .quantize import quantize
+    result = quantize(cfg)
+    if "fidelity" in result:  # under torchrun only rank 0 measures it
+        console.print(fidelity_table(result["fidelity"]))
+    return result
 
 
 def _bench(cfg, random_weights: bool, kernels: bool, plot: Path | None) -> dict:

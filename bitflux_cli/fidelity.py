@@ -2,6 +2,7 @@
 
 import numpy as np
 import torch
+from rich.table import Table
 
 from .config import Config
 from .teacher import psnr, record_transformer_calls, run_pipeline
@@ -71,3 +72,15 @@ def fidelity_report(cfg: Config, pipe, student: torch.nn.Module) -> dict:
         "image_psnr_db": float(np.mean(psnrs)),
         "image_psnr_db_per_prompt": psnrs,
     }
+
+
+def fidelity_table(report: dict) -> Table:
+    """The fidelity report as a table: one row per block, then the velocity error and image PSNR."""
+    table = Table(title=f"1.58-bit vs full precision on {report['prompts']} held-out prompts")
+    table.add_column("block")
+    table.add_column("relative error", justify="right")
+    for name, err in report["block_rel_error"].items():
+        table.add_row(name, f"{err:.4f}")
+    table.add_row("[bold]velocity[/bold]", f"[bold]{report['velocity_rel_error']:.4f}[/bold]", end_section=True)
+    table.add_row("[bold]image PSNR[/bold]", f"[bold]{report['image_psnr_db']:.2f} dB[/bold]")
+    return table

@@ -33,19 +33,20 @@ def test_help_lists_the_five_subcommands():
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     wd = tmp_path_factory.mktemp("cli")
-    q = as_json(bitflux("quantize", "--workdir", wd, "--json"))
+    res = bitflux("quantize", "--workdir", wd, "--json")
     p = as_json(bitflux("pack", "--workdir", wd, "--json"))
-    return wd, q, p
+    return wd, (as_json(res), res.stderr), p
 
 
 def test_quantize_reports_counts_and_error_vs_fp(chain):
-    _, q, _ = chain
+    _, (q, stderr), _ = chain
     assert {"quantized_params", "total_params", "fraction"} <= set(q)
     assert 0 < q["fraction"] < 1 and q["quantized_params"] < q["total_params"]
     fid = q["fidelity"]
     # the 1.58-bit output next to the FP output: relative error reported, finite and not zero
     assert 0 < fid["velocity_rel_error"] < 1 and np.isfinite(fid["image_psnr_db"])
     assert len(fid["block_rel_error"]) == 6
+    assert "single_transformer_blocks.3" in stderr and "image PSNR" in stderr  # the table on stderr
 
 
 def test_pack_reports_storage(chain):
