@@ -20,7 +20,6 @@ skipped on a rerun when their fingerprint matches, so a killed run resumes. Unde
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from .artifacts import artifact_path, atomic_file, file_sha256
 from .config import Config
 from .console import info, progress
+from .distributed import init_distributed
 from .models import load_pipeline, model_id, resolve_device
 from .prompts import load_prompts
 from .teacher import run_pipeline
@@ -191,20 +191,13 @@ def _num_calls(file: Path) -> int:
         return f.get_slice("calls.step").get_shape()[0] if "calls.step" in f.keys() else 0
 
 
-def _distributed() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
-
-
 def calibrate(cfg: Config) -> dict:
     """Record the teacher's statistics and calls over the calibration prompts into ``<workdir>/calib``.
 
     Resumes from finished shards; under torchrun each rank takes shards ``i % world_size == rank``.
     """
     start = time.perf_counter()
-    rank, world = _distributed()
+    rank, world = init_distributed()
     c = cfg.calibration
     ps = load_prompts(c.prompts.sets, c.prompts.data_dir, c.prompts.limit, c.prompts.seed)
     path = artifact_path(cfg.workdir, "calibrate")

@@ -54,8 +54,11 @@ class BlockReconConfig(_Section):
 
 
 class DistillConfig(_Section):
-    steps: int = Field(default=200, ge=0)
-    batch: int = Field(default=4, ge=1)  # recorded teacher calls per step
+    mode: Literal["full", "blockwise"] = "full"  # full: all blocks at once (FSDP under torchrun); blockwise: one block at a time
+    steps: int = Field(default=200, ge=0)  # full: Adam steps
+    block_steps: int = Field(default=50, ge=1)  # blockwise: Adam steps per visit of a block
+    rounds: int = Field(default=1, ge=1)  # blockwise: passes over all blocks
+    batch: int = Field(default=4, ge=1)  # recorded teacher calls per step, over all ranks (divisible by their number)
     scale_lr: float = Field(default=1e-3, gt=0)
     weight_lr: float = Field(default=1e-4, ge=0)
     save_every: int = Field(default=50, ge=1)  # steps between checkpoints in <workdir>/distill/

@@ -9,6 +9,7 @@ from .calibrate import load_calibration
 from .checkpoint import save_checkpoint
 from .config import Config
 from .console import info
+from .distributed import init_distributed
 from .fidelity import fidelity_report
 from .methods import METHODS, NEEDS_CALIBRATION
 from .models import build_meta_transformer, load_pipeline, model_id, resolve_device
@@ -24,8 +25,10 @@ def dense_state(transformer: torch.nn.Module, quantized: set[str]) -> dict[str, 
 def quantize(cfg: Config) -> dict:
     """Quantize the config's transformer with ``quantization.method``; write ``ternary/`` and report.
 
-    Runs calibration first when the method needs it and the workdir has none.
+    Runs calibration first when the method needs it and the workdir has none. Under torchrun every
+    rank runs the method (distill shards its training over them); rank 0 alone writes and reports.
     """
+    rank, world = init_distributed()
     method = METHODS[cfg.quantization.method]
     counts = parameter_counts(build_meta_transformer(cfg.model))
     pipe = load_pipeline(cfg.model).to(resolve_device(cfg.model))
@@ -33,6 +36,8 @@ def quantize(cfg: Config) -> dict:
     info(f"quantizing {counts['quantized_modules']} linears of {model_id(cfg.model)} with {cfg.quantization.method}")
     calib = load_calibration(cfg) if cfg.quantization.method in NEEDS_CALIBRATION else None
     codes = method(cfg, pipe, calib)  # {module: (codes [N, K] int8, scale [N] fp32)}
+    if rank != 0:
+        return {"stage": "quantize", "method": cfg.quantization.method, "rank": rank, "world_size": world}
 
     path = artifact_path(cfg.workdir, "quantize")
     size = save_checkpoint(path, codes, dense_state(teacher, set(codes)), "int8", {

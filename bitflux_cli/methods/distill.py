@@ -2,72 +2,175 @@
 
 The data are the transformer calls that calibration recorded (noisy latents, timesteps, guidance,
 text embeddings) with the teacher's velocity at each: no images and no teacher forward during
-training. The student is a copy of the transformer whose in-scope linears are ``STELinear`` (latent
-FP weights through a straight-through estimator, per-channel scales in log space), started from
-absmean; everything else stays frozen. Loss: ||v_student - v_teacher||^2 / mean(v_teacher^2).
+training. In-scope linears train as ``STELinear`` (latent FP weights through a straight-through
+estimator, per-channel scales in log space) started from absmean; everything else stays frozen.
+Loss: the batch mean of ||v_student - v_teacher||^2 / E[v_teacher^2], the normaliser one constant
+over all recorded calls, so a batch split across ranks gives the gradient of the whole batch.
 
-Checkpoints (latent weights, scales, Adam state, step) go to ``<workdir>/distill/state.pt`` every
-``save_every`` steps and at the end; a rerun with the same calibration and distill settings resumes
-from it (``steps`` may be raised to train on; a checkpoint past ``steps`` is not used). Batches are drawn from a generator seeded by the
-step, so a resumed run equals an uninterrupted one.
+``distill.mode``:
+
+- ``full``: every in-scope linear trains at once. Under ``torchrun`` (``WORLD_SIZE`` > 1) the
+  student is sharded with FSDP2 (``fully_shard`` per block, then the root; the frozen parameters
+  are left out and replicated), and each rank takes its contiguous slice of the step's global
+  batch of ``distill.batch`` calls, which must divide by the number of ranks.
+- ``blockwise``: one block's linears train at a time, the others frozen ternary (``distill_blockwise``).
+
+Checkpoints go to ``<workdir>/distill/state.pt`` every ``save_every`` steps and at the end: the step,
+the full (gathered) latent weights, scales and thresholds and the full Adam state keyed by parameter
+name (``torch.distributed.checkpoint.state_dict``), written by rank 0; the file is the same at any
+world size, so a run resumes at another. A rerun with the same calibration and settings resumes
+(``steps`` or ``rounds`` may be raised to train on; a checkpoint past the end is not used). Batches
+come from a generator seeded by the step, so a resumed run equals an uninterrupted one.
 """
 
 import copy
 import hashlib
 import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
 from ..artifacts import atomic_file
-from ..calibrate import Calibration, teacher_kwargs
-from ..config import Config
+from ..calibrate import Calibration, _blocks, teacher_kwargs
+from ..config import Config, DistillConfig
 from ..console import info, progress
+from ..distributed import init_distributed
+from ..errors import UsageError
 from ..ternary import scoped_linears
-from .ste import absmean_init, attach_ste, optimizer
+from .distill_blockwise import blockwise
+from .ste import FULL, STELinear, absmean_init, attach_ste, optimizer, ste_state
+
+
+@dataclass
+class Run:
+    """What both modes share: the recorded calls, the loss normaliser, this rank's batches, the checkpoint."""
+
+    dc: DistillConfig
+    records: dict[str, torch.Tensor]
+    norm: float  # E[v_teacher^2] over every recorded call
+    device: torch.device
+    rank: int
+    world: int
+    path: Path  # <workdir>/distill
+    fingerprint: str
+
+    def batch(self, step: int) -> torch.Tensor:
+        """This rank's contiguous slice [batch / world] of the step's global batch of call indices."""
+        gen = torch.Generator().manual_seed(self.dc.seed * 1_000_003 + step)
+        idx = torch.randint(len(self.records["calls.step"]), (self.dc.batch,), generator=gen)  # [batch]
+        per = self.dc.batch // self.world
+        return idx[self.rank * per:(self.rank + 1) * per]
+
+    def train_step(self, student: torch.nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
+        """One Adam step on this rank's calls of ``step`` (FSDP averages the gradients over ranks)."""
+        idx = self.batch(step)
+        target = self.records["calls.velocity"][idx].to(self.device).float()  # [b, L, C]
+        pred = student(**teacher_kwargs(self.records, idx, self.device))[0].float()  # [b, L, C]
+        loss = (pred - target).square().mean() / self.norm
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def checkpoint(self, total: int) -> dict | None:
+        """The saved state of this run (memory-mapped) when it is at or before step ``total``, else None."""
+        file = self.path / "state.pt"
+        saved = torch.load(file, map_location="cpu", mmap=True) if file.is_file() else None
+        if saved is None or saved["fingerprint"] != self.fingerprint or saved["step"] > total:
+            return None
+        info(f"distill: resuming from step {saved['step']} ({file})")
+        return saved
+
+    def load(self, student: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Set the STE linears of ``student`` from full tensors by parameter name (sharded again under FSDP)."""
+        set_model_state_dict(student, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+    def restore(self, saved: dict, student: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+        """The latent weights, scales and Adam state of a checkpoint, at this run's world size."""
+        self.load(student, saved["model"])
+        set_optimizer_state_dict(student, opt, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
+
+    def save(self, step: int, student: torch.nn.Module, ste: dict[str, STELinear],
+             opt: torch.optim.Optimizer | None, **where) -> None:
+        """Checkpoint at ``step`` (every rank calls it, rank 0 writes); ``where`` records the position."""
+        state = {"fingerprint": self.fingerprint, "step": step, **where, "model": ste_state(ste),
+                 "optimizer": {} if opt is None else get_optimizer_state_dict(student, opt, options=FULL)}
+        if self.rank == 0:
+            with atomic_file(self.path / "state.pt") as tmp:
+                torch.save(state, tmp)
 
 
 def _fingerprint(cfg: Config, calib: Calibration) -> str:
-    settings = cfg.quantization.distill.model_dump(mode="json", exclude={"steps", "save_every"})
-    key = {"calibration": json.loads((calib.path / "manifest.json").read_text())["fingerprint"], "distill": settings}
+    dc = cfg.quantization.distill
+    unused = {"steps", "save_every", "rounds"} | ({"block_steps"} if dc.mode == "full" else set())
+    key = {"calibration": json.loads((calib.path / "manifest.json").read_text())["fingerprint"],
+           "distill": dc.model_dump(mode="json", exclude=unused)}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def distill(cfg: Config, pipe, calib: Calibration) -> dict:
-    """Train the ternary student on the recorded teacher velocities; return its codes and scales."""
-    dc = cfg.quantization.distill
-    records = calib.records(lambda k: k.startswith("calls."))
-    n = len(records["calls.step"])
-    student = copy.deepcopy(pipe.transformer).requires_grad_(False)
-    ste = attach_ste(student, {name: absmean_init(lin.weight) for name, lin in scoped_linears(student)}, dc.weight_lr > 0)
+def _frozen(module: torch.nn.Module) -> set[torch.nn.Parameter]:
+    # replicated, not sharded: they never change, and FSDP2 wants one dtype per group (fp32 latents, bf16 rest)
+    return {p for m in module.modules() if not isinstance(m, STELinear) for p in m.parameters(recurse=False)}
+
+
+# A frozen copy of the teacher whose in-scope linears are STE linears from absmean, FSDP2-sharded when world > 1.
+def _student(teacher: torch.nn.Module, dc: DistillConfig, world: int) -> tuple[torch.nn.Module, dict[str, STELinear]]:
+    student = copy.deepcopy(teacher).requires_grad_(False)
     if dc.gradient_checkpointing:
         student.enable_gradient_checkpointing()
-    student.train()
+    mesh = init_device_mesh(teacher.device.type, (world,)) if world > 1 else None
+    # diffusers' blocks return slices of one tensor; nothing writes to them in place, which is what FSDP2 warns of
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    ste = {}
+    for name, block in _blocks(student):  # attach, then shard, block by block: one block's fp32 latents are whole at a time
+        init = {sub: absmean_init(lin.weight)
+                for sub, lin in scoped_linears(block, lambda _n, m: isinstance(m, torch.nn.Linear))}
+        ste |= {f"{name}.{sub}": m for sub, m in attach_ste(block, init, dc.weight_lr > 0).items()}
+        if mesh is not None:
+            fully_shard(block, mesh=mesh, ignored_params=_frozen(block))
+    if mesh is not None:
+        fully_shard(student, mesh=mesh, ignored_params=_frozen(student))
+    return student.train(), ste
+
+
+def _full(run: Run, teacher: torch.nn.Module) -> dict:
+    dc = run.dc
+    student, ste = _student(teacher, dc, run.world)
     opt = optimizer(ste, dc.weight_lr, dc.scale_lr)
-    ckpt, fp, start = cfg.workdir / "distill" / "state.pt", _fingerprint(cfg, calib), 0
-    saved = torch.load(ckpt, map_location=student.device) if ckpt.is_file() else None
-    if saved is not None and saved["fingerprint"] == fp and saved["step"] <= dc.steps:
-        for name, m in ste.items():
-            m.load_state_dict(saved["ste"][name])
-        opt.load_state_dict(saved["optimizer"])
-        start = saved["step"]
-        info(f"distill: resuming from step {start} ({ckpt})")
-
-    def save(step: int) -> None:
-        state = {"fingerprint": fp, "step": step, "optimizer": opt.state_dict(),
-                 "ste": {name: m.state_dict() for name, m in ste.items()}}
-        with atomic_file(ckpt) as tmp:
-            torch.save(state, tmp)
-
-    with progress("distill", max(dc.steps - start, 0), "steps") as advance:
+    saved = run.checkpoint(dc.steps)
+    start = 0 if saved is None else saved["step"]
+    if saved is not None:
+        run.restore(saved, student, opt)
+    with progress("distill", dc.steps - start, "steps") as advance:
         for step in range(start, dc.steps):
-            idx = torch.randint(n, (min(dc.batch, n),), generator=torch.Generator().manual_seed(dc.seed * 1_000_003 + step))
-            target = records["calls.velocity"][idx].to(student.device).float()  # [B, L, C]
-            pred = student(**teacher_kwargs(records, idx, student.device))[0].float()
-            loss = (pred - target).square().mean() / target.square().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            run.train_step(student, opt, step)
             advance()
             if (step + 1) % dc.save_every == 0 or step + 1 == dc.steps:
-                save(step + 1)
+                run.save(step + 1, student, ste, opt)
     return {name: m.export() for name, m in ste.items()}
+
+
+def distill(cfg: Config, pipe, calib: Calibration) -> dict:
+    """Train the ternary student on the recorded teacher velocities; return its codes and scales.
+
+    Under torchrun every rank takes part (full mode only) and all return the same codes.
+    """
+    dc = cfg.quantization.distill
+    rank, world = init_distributed()
+    if dc.batch % world:
+        raise UsageError(f"quantization.distill.batch ({dc.batch}) must be divisible by the number of ranks ({world})")
+    if dc.mode == "blockwise" and world > 1:
+        raise UsageError("quantization.distill.mode blockwise runs on one process: under torchrun use mode full")
+    records = calib.records(lambda k: k.startswith("calls."))
+    norm = records["calls.velocity"].double().square().mean().item()
+    run = Run(dc, records, norm, pipe.transformer.device, rank, world, cfg.workdir / "distill", _fingerprint(cfg, calib))
+    return blockwise(run, pipe.transformer) if dc.mode == "blockwise" else _full(run, pipe.transformer)

@@ -2,9 +2,13 @@
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from ..ternary import _set_submodule
 from .act_aware import threshold_codes
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU only
 
 
 class STELinear(nn.Module):
@@ -30,16 +34,25 @@ class STELinear(nn.Module):
         return nn.functional.linear(x, self.ternary_weight().to(x.dtype), self.bias)
 
     def export(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(codes [N, K] int8, scale [N] fp32) of the current latent weight."""
-        codes = threshold_codes(self.weight.detach(), self.threshold).to(torch.int8)
-        return codes, self.log_scale.detach().exp().float()
+        """(codes [N, K] int8, scale [N] fp32) of the current latent weight (gathered when FSDP shards it)."""
+        weight, log_scale = (_full(p.detach()) for p in (self.weight, self.log_scale))
+        return threshold_codes(weight, self.threshold).to(torch.int8), log_scale.exp().float()
 
 
-def attach_ste(model: nn.Module, init: dict[str, tuple[torch.Tensor, torch.Tensor]], train_weight: bool = True) -> dict[str, STELinear]:
-    """Replace the named linears of ``model`` in place by ``STELinear`` from {name: (threshold [N], scale [N])}."""
+def _full(t: torch.Tensor) -> torch.Tensor:  # a DTensor's whole tensor: a collective, every rank calls it
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def attach_ste(model: nn.Module, init: dict[str, tuple[torch.Tensor, torch.Tensor]], train_weight: bool = True,
+               source: nn.Module | None = None) -> dict[str, STELinear]:
+    """Replace the named modules of ``model`` in place by ``STELinear`` from {name: (threshold [N], scale [N])}.
+
+    The weights and biases come from the linears of that name in ``source`` (default: ``model`` itself).
+    """
     out = {}
     for name, (threshold, scale) in init.items():
-        out[name] = STELinear(model.get_submodule(name), threshold, scale, train_weight).to(model.get_submodule(name).weight.device)
+        linear = (source or model).get_submodule(name)
+        out[name] = STELinear(linear, threshold, scale, train_weight).to(linear.weight.device)
         _set_submodule(model, name, out[name])
     return out
 
@@ -56,3 +69,9 @@ def absmean_init(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Threshold [N] and scale [N] that reproduce absmean's codes: t = mean|w| / 2, s = mean|w|."""
     mean_abs = weight.detach().float().abs().mean(1).clamp_min(1e-8)
     return mean_abs / 2, mean_abs
+
+
+def ste_state(ste: dict[str, STELinear]) -> dict[str, torch.Tensor]:
+    """Latent weights, scales, thresholds and biases of ``ste`` by full parameter name, gathered from
+    their FSDP shards (a collective: every rank calls it; ranks other than 0 get {})."""
+    return {f"{name}.{k}": v for name, m in ste.items() for k, v in get_model_state_dict(m, options=FULL).items()}
