@@ -1,10 +1,18 @@
 """Train the miniature FLUX on the procedural world: ``make mini-model``.
 
-VAE first (reconstruction + a small KL), then the latent statistics (shift and scale, as FLUX's
-VAE config carries them), then the transformer and both text encoders together with the
-flow-matching objective FLUX is trained with: ``x_t = (1 - t) x0 + t noise``, the model predicts
-``noise - x0``, ``t`` logit-normal. An exponential moving average of the weights is what is saved.
-Deterministic for a seed on a given machine; runs on CPU (about an hour on two cores) or CUDA.
+Three phases, as FLUX.1-dev is made:
+
+1. the VAE (reconstruction + a small KL), then the latent statistics (shift and scale, as FLUX's
+   VAE config carries them);
+2. flow matching: the transformer and both text encoders together, ``x_t = (1 - t) x0 + t noise``,
+   the model predicts ``noise - x0``, ``t`` logit-normal, a tenth of the captions empty;
+3. guidance distillation: the transformer learns from its guidance input ``g`` the
+   classifier-free-guided velocity of a frozen copy of itself, so that ``guidance_scale`` means
+   what it means for FLUX.1-dev and one transformer call a step suffices.
+
+Exponential moving averages of the weights are what is saved. ``--init`` continues from an earlier
+run's weights (its ``train.json`` is kept in the new one). Deterministic for a seed on a given
+machine; runs on CPU (two cores: see the Makefile's ``mini-model`` for the time) or CUDA.
 """
 
 import argparse
@@ -25,7 +33,7 @@ from ..console import info
 from . import model as mini
 from .world import sample_training_batch
 
-TRAINED = ("transformer", "text_encoder", "text_encoder_2")  # trained together after the VAE
+TRAINED = ("transformer", "text_encoder", "text_encoder_2")  # trained together after the VAE (flow phase)
 
 
 def _images(batch: np.ndarray, device) -> torch.Tensor:  # [B, H, W, 3] uint8 -> [B, 3, H, W] in [-1, 1]
@@ -87,41 +95,51 @@ def latent_pool(vae, rng, n: int, device) -> tuple[list[str], torch.Tensor]:
     return captions[:n], torch.cat(latents)[:n]
 
 
-def train_transformer(parts, rng, steps: int, batch: int, device, pool_size: int, lr=5e-4,
-                      ema_decay=0.999, snapshot=None) -> tuple[dict, list[float]]:
-    """Flow matching on VAE latents with the text encoders trained jointly; returns EMA weights.
+class _Batches:
+    """Noisy training batches from a pool of encoded scenes: the flow-matching inputs FLUX trains on."""
 
-    ``snapshot(step, ema)``, when given, is called every so often (see ``main``) with the EMA weights.
-    """
-    vae, tr, clip, t5 = parts["vae"].eval(), parts["transformer"], parts["text_encoder"], parts["text_encoder_2"]
-    trainable = [tr, clip, t5]  # in the order of TRAINED
-    params = [p for m in trainable for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    sched = _warmup_cosine(opt, steps, warmup=max(1, steps // 30))
-    ema = [copy.deepcopy(m).eval().requires_grad_(False) for m in trainable]
-    tok = mini.tokenizer()
-    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
-    gen = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31)))
-    log = []
-    for m in trainable:
-        m.train()
-    pool_captions, pool = latent_pool(vae, rng, pool_size, device)
-    for step in range(steps):
-        idx = torch.randint(len(pool), (batch,), generator=gen)
-        captions = [pool_captions[i] for i in idx.tolist()]
-        lat = (pool[idx].to(device) - shift) * scale  # [B, 16, h, w]
+    def __init__(self, vae, rng, pool_size: int, device):
+        self.captions, self.latents = latent_pool(vae, rng, pool_size, device)  # [n, 16, h, w]
+        self.shift, self.scale, self.device = vae.config.shift_factor, vae.config.scaling_factor, device
+        self.gen = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31)))
+
+    def __call__(self, batch: int) -> tuple[list[str], dict, torch.Tensor]:
+        """(captions, transformer inputs without text, flow target ``noise - x0`` [B, L, 64])."""
+        idx = torch.randint(len(self.latents), (batch,), generator=self.gen)
+        lat = (self.latents[idx].to(self.device) - self.shift) * self.scale  # [B, 16, h, w]
         b, c, h, w = lat.shape
         x0 = FluxPipeline._pack_latents(lat, b, c, h, w)  # [B, h/2 * w/2, 64]
-        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, lat.dtype)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        t = torch.sigmoid(torch.randn(b, generator=gen)).to(device)  # logit-normal timesteps
-        xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-        guidance = (1 + 4 * torch.rand(b, generator=gen)).to(device)  # any guidance in [1, 5] is in-distribution
-        pooled, seq = _encode_text(tok, clip, t5, captions, device)
-        v = tr(hidden_states=xt, timestep=t, guidance=guidance, pooled_projections=pooled,
-               encoder_hidden_states=seq, txt_ids=torch.zeros(seq.shape[1], 3, device=device),
-               img_ids=img_ids, return_dict=False)[0]
-        loss = F.mse_loss(v, noise - x0)
+        noise = torch.randn(x0.shape, generator=self.gen).to(self.device)
+        t = torch.sigmoid(torch.randn(b, generator=self.gen)).to(self.device)  # logit-normal timesteps
+        inputs = {"hidden_states": (1 - t[:, None, None]) * x0 + t[:, None, None] * noise, "timestep": t,
+                  "img_ids": FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, self.device, lat.dtype)}
+        return [self.captions[i] for i in idx.tolist()], inputs, noise - x0
+
+    def uniform(self, batch: int, lo: float, hi: float) -> torch.Tensor:
+        """[B] values drawn uniformly in [lo, hi) (guidance scales)."""
+        return (lo + (hi - lo) * torch.rand(batch, generator=self.gen)).to(self.device)
+
+
+def _velocity(tr, inputs: dict, text: tuple[torch.Tensor, torch.Tensor], guidance: torch.Tensor) -> torch.Tensor:
+    pooled, seq = text  # [B, 64], [B, T, 64]
+    return tr(**inputs, guidance=guidance, pooled_projections=pooled, encoder_hidden_states=seq,
+              txt_ids=torch.zeros(seq.shape[1], 3, device=seq.device), return_dict=False)[0]
+
+
+def _fit(modules: dict, loss_fn, steps: int, lr: float, name: str, ema_decay=0.999, snapshot=None) -> tuple[dict, list]:
+    """AdamW with warm-up and cosine decay on ``modules``; returns their EMA copies and the loss log.
+
+    ``snapshot(step, ema)``, when given, is called after every step with the EMA modules.
+    """
+    ema = {k: copy.deepcopy(m).eval().requires_grad_(False) for k, m in modules.items()}
+    params = [p for m in modules.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = _warmup_cosine(opt, steps, warmup=max(1, steps // 30))
+    log = []
+    for m in modules.values():
+        m.train().requires_grad_(True)
+    for step in range(steps):
+        loss = loss_fn()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -129,15 +147,57 @@ def train_transformer(parts, rng, steps: int, batch: int, device, pool_size: int
         sched.step()
         with torch.no_grad():
             decay = min(ema_decay, (1 + step) / (10 + step))
-            for e, m in zip(ema, trainable):
-                for pe, pm in zip(e.parameters(), m.parameters()):
+            for k, m in modules.items():
+                for pe, pm in zip(ema[k].parameters(), m.parameters()):
                     pe.lerp_(pm, 1 - decay)
         if step % 100 == 0 or step == steps - 1:
             log.append(round(loss.item(), 5))
-            info(f"transformer step {step}/{steps} loss {loss.item():.4f}")
+            info(f"{name} step {step}/{steps} loss {loss.item():.4f}")
         if snapshot is not None:
-            snapshot(step + 1, dict(zip(TRAINED, ema)))
-    return dict(zip(TRAINED, ema)), log
+            snapshot(step + 1, ema)
+    return ema, log
+
+
+def train_flow(parts, batches: _Batches, steps: int, batch: int, lr=5e-4, caption_dropout=0.1,
+               snapshot=None) -> tuple[dict, list]:
+    """Flow matching (``x_t = (1 - t) x0 + t noise``, target ``noise - x0``) with the text encoders
+    trained jointly; a ``caption_dropout`` share of captions is empty, which the guidance phase needs."""
+    tr, clip, t5 = (parts[k] for k in TRAINED)
+    tok = mini.tokenizer()
+
+    def loss_fn():
+        captions, inputs, target = batches(batch)
+        keep = batches.uniform(batch, 0, 1) >= caption_dropout
+        captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
+        guidance = batches.uniform(batch, 1, 5)  # the guidance phase gives it meaning
+        return F.mse_loss(_velocity(tr, inputs, _encode_text(tok, clip, t5, captions, batches.device), guidance), target)
+
+    return _fit(dict(zip(TRAINED, (tr, clip, t5))), loss_fn, steps, lr, "flow", snapshot=snapshot)
+
+
+def train_guidance(parts, batches: _Batches, steps: int, batch: int, lr=2e-4, scales=(1.0, 6.0),
+                   snapshot=None) -> tuple[dict, list]:
+    """Guidance distillation, as FLUX.1-dev is made: the transformer learns, from its guidance input g,
+    the classifier-free-guided velocity ``v_u + g (v_c - v_u)`` of a frozen copy of itself (``v_u``:
+    the empty caption), so that one call a step draws what classifier-free guidance would."""
+    tr, clip, t5 = (parts[k] for k in TRAINED)
+    teacher = copy.deepcopy(tr).eval().requires_grad_(False)
+    clip.eval().requires_grad_(False)
+    t5.eval().requires_grad_(False)
+    tok = mini.tokenizer()
+
+    def loss_fn():
+        captions, inputs, _ = batches(batch)
+        g = batches.uniform(batch, *scales)  # [B]
+        with torch.no_grad():
+            text = _encode_text(tok, clip, t5, captions, batches.device)
+            empty = _encode_text(tok, clip, t5, [""] * batch, batches.device)
+            both = {k: torch.cat([v, v]) if k != "img_ids" else v for k, v in inputs.items()}
+            v_c, v_u = _velocity(teacher, both, tuple(torch.cat(p) for p in zip(text, empty)), torch.cat([g, g])).chunk(2)
+            target = v_u + g[:, None, None] * (v_c - v_u)
+        return F.mse_loss(_velocity(tr, inputs, text, g), target)
+
+    return _fit({"transformer": tr}, loss_fn, steps, lr, "guidance", snapshot=snapshot)
 
 
 def save(out: Path, parts: dict, report: dict) -> None:
@@ -155,7 +215,9 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "assets" / "mini")
     ap.add_argument("--init", type=Path, help="start from the weights of an earlier run (a directory like --out)")
     ap.add_argument("--vae-steps", type=int, default=1500, help="0 with --init keeps its VAE and latent statistics")
-    ap.add_argument("--steps", type=int, default=9000)
+    ap.add_argument("--steps", type=int, default=9000, help="flow-matching steps")
+    ap.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty captions in flow matching")
+    ap.add_argument("--guidance-steps", type=int, default=3000, help="guidance-distillation steps after flow matching")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--pool", type=int, default=50_000, help="training scenes encoded once for the transformer")
     ap.add_argument("--snapshot-every", type=int, default=0, help="also write the EMA weights to --out every N steps")
@@ -176,6 +238,8 @@ def main(argv=None) -> None:
     parts = {k: m.to(device) for k, m in parts.items()}
     start = time.time()
     report = {"args": {k: str(v) for k, v in vars(args).items()}}
+    if args.init is not None:  # provenance: what the starting weights came from
+        report["init"] = json.loads((args.init / "train.json").read_text())
     if args.init is None or args.vae_steps > 0:
         report["vae_loss"] = train_vae(parts["vae"], rng, args.vae_steps, 32, device)
         shift, scale = latent_statistics(parts["vae"].eval(), rng, device)
@@ -183,15 +247,22 @@ def main(argv=None) -> None:
     report |= {"latent_shift": parts["vae"].config.shift_factor, "latent_scale": parts["vae"].config.scaling_factor}
     info(f"latent shift {report['latent_shift']:.4f} scale {report['latent_scale']:.4f}")
 
-    def snapshot(step: int, ema: dict) -> None:
-        if args.snapshot_every and step % args.snapshot_every == 0 and step < args.steps:
-            save(args.out, parts | ema, report | {"step": step, "seconds": round(time.time() - start, 1)})
-            info(f"snapshot of step {step} written to {args.out}")
+    def snapshot(phase: str, total: int):
+        def write(step: int, ema: dict) -> None:
+            if args.snapshot_every and step % args.snapshot_every == 0 and step < total:
+                save(args.out, parts | ema, report | {"phase": phase, "step": step, "seconds": round(time.time() - start, 1)})
+                info(f"snapshot of {phase} step {step} written to {args.out}")
+        return write
 
-    ema, report["transformer_loss"] = train_transformer(parts, rng, args.steps, args.batch, device, args.pool,
-                                                        snapshot=snapshot)
-    report |= {"step": args.steps, "seconds": round(time.time() - start, 1)}
-    save(args.out, parts | ema, report)
+    batches = _Batches(parts["vae"].eval(), rng, args.pool, device)
+    ema, report["flow_loss"] = train_flow(parts, batches, args.steps, args.batch, caption_dropout=args.caption_dropout,
+                                          snapshot=snapshot("flow", args.steps))
+    parts |= ema
+    ema, report["guidance_loss"] = train_guidance(parts, batches, args.guidance_steps, args.batch,
+                                                  snapshot=snapshot("guidance", args.guidance_steps))
+    parts |= ema
+    report |= {"phase": "done", "seconds": round(time.time() - start, 1)}
+    save(args.out, parts, report)
     info(f"wrote {args.out} in {report['seconds']} s")
 
 
