@@ -79,10 +79,12 @@ def test_scenes_obey_spec(category):
         assert spec in w.prompts(category, "test")
         img = w.render(scene)
         assert len(scene) == sum(o.count for o in spec.objects) <= 4
-        for i, a in enumerate(scene):
+        cells = {(a.x // w.CELL, a.y // w.CELL) for a in scene}
+        assert len(cells) == len(scene)  # one object a cell
+        for a in scene:
             x0, y0, x1, y1 = a.box
-            assert w.BORDER <= min(x0, y0) and max(x1, y1) <= w.IMAGE_SIZE - w.BORDER
-            assert all(w._apart(a, b) for b in scene[i + 1:])
+            assert a.size in w.SIZES and x0 % w.CELL == y0 % w.CELL == (w.CELL - a.size) // 2  # centred in its cell
+            assert x1 <= w.IMAGE_SIZE - 2 and y1 <= w.IMAGE_SIZE - 2
         if spec.relation:
             assert w.relations(scene[0].box, scene[1].box) == {spec.relation}
         colors = {tuple(p) for p in img.reshape(-1, 3)}

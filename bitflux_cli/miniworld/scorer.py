@@ -28,9 +28,9 @@ _WHITE = np.array(BACKGROUND, dtype=np.float32)
 _TO_COLOR = np.array(list(COLORS.values()), dtype=np.float32) - _WHITE  # [4, 3]
 MAX_RESIDUAL = 60.0  # RGB distance off the white-to-colour segment; colours are >= 160 apart
 MAX_WHITE_DISTANCE = 100.0
-MIN_AREA = 30  # the smallest object (a 12 px triangle) has 72 pixels
+MIN_AREA = 30  # the smallest object (a 12 px triangle) has 84 pixels
 MAX_AREA = 2 * max(SIZES) ** 2
-MIN_BACKGROUND = 0.5  # four 16 px squares leave 75 % background
+MIN_BACKGROUND = 0.5  # four 12 px squares leave 86 % background
 
 
 @dataclass(frozen=True)
