@@ -98,9 +98,10 @@ def latent_pool(vae, rng, n: int, device) -> tuple[list[str], torch.Tensor]:
 class _Batches:
     """Noisy training batches from a pool of encoded scenes: the flow-matching inputs FLUX trains on."""
 
-    def __init__(self, vae, rng, pool_size: int, device):
+    def __init__(self, vae, rng, pool_size: int, device, timesteps: str = "logit-normal"):
         self.captions, self.latents = latent_pool(vae, rng, pool_size, device)  # [n, 16, h, w]
         self.shift, self.scale, self.device = vae.config.shift_factor, vae.config.scaling_factor, device
+        self.timesteps = timesteps
         self.gen = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31)))
 
     def __call__(self, batch: int) -> tuple[list[str], dict, torch.Tensor]:
@@ -110,7 +111,9 @@ class _Batches:
         b, c, h, w = lat.shape
         x0 = FluxPipeline._pack_latents(lat, b, c, h, w)  # [B, h/2 * w/2, 64]
         noise = torch.randn(x0.shape, generator=self.gen).to(self.device)
-        t = torch.sigmoid(torch.randn(b, generator=self.gen)).to(self.device)  # logit-normal timesteps
+        # logit-normal (FLUX's, mid noise) or uniform (7x more of t > 0.9, where the layout is decided)
+        z = torch.randn(b, generator=self.gen) if self.timesteps == "logit-normal" else torch.rand(b, generator=self.gen)
+        t = (torch.sigmoid(z) if self.timesteps == "logit-normal" else z).to(self.device)
         inputs = {"hidden_states": (1 - t[:, None, None]) * x0 + t[:, None, None] * noise, "timestep": t,
                   "img_ids": FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, self.device, lat.dtype)}
         return [self.captions[i] for i in idx.tolist()], inputs, noise - x0
@@ -215,9 +218,10 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "assets" / "mini")
     ap.add_argument("--init", type=Path, help="start from the weights of an earlier run (a directory like --out)")
     ap.add_argument("--vae-steps", type=int, default=1500, help="0 with --init keeps its VAE and latent statistics")
-    ap.add_argument("--steps", type=int, default=9000, help="flow-matching steps")
+    ap.add_argument("--steps", type=int, default=8000, help="flow-matching steps")
+    ap.add_argument("--timesteps", choices=["logit-normal", "uniform"], default="uniform", help="t distribution of both phases")
     ap.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty captions in flow matching")
-    ap.add_argument("--guidance-steps", type=int, default=3000, help="guidance-distillation steps after flow matching")
+    ap.add_argument("--guidance-steps", type=int, default=2000, help="guidance-distillation steps after flow matching")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--pool", type=int, default=50_000, help="training scenes encoded once for the transformer")
     ap.add_argument("--snapshot-every", type=int, default=0, help="also write the EMA weights to --out every N steps")
@@ -254,7 +258,7 @@ def main(argv=None) -> None:
                 info(f"snapshot of {phase} step {step} written to {args.out}")
         return write
 
-    batches = _Batches(parts["vae"].eval(), rng, args.pool, device)
+    batches = _Batches(parts["vae"].eval(), rng, args.pool, device, args.timesteps)
     ema, report["flow_loss"] = train_flow(parts, batches, args.steps, args.batch, caption_dropout=args.caption_dropout,
                                           snapshot=snapshot("flow", args.steps))
     parts |= ema
