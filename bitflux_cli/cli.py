@@ -39,6 +39,8 @@ def _run(stage, config: str | None, overrides: dict, as_json: bool, *args, **kwa
         cause = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         console.print(f"[red]error:[/red] {type(exc).__name__}: {cause} (set BITFLUX_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the job
+        return
     if as_json:
         sys.stdout.write(json.dumps(result, default=str) + "\n")
     else:

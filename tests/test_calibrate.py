@@ -92,10 +92,12 @@ def test_torchrun_two_ranks_merge_to_the_single_process_result(single, tmp_path)
     workdir = tmp_path / "ranks"
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     bitflux = str(Path(sys.executable).with_name("bitflux"))
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-                    bitflux, "calibrate", "-c", str(config_file(tmp_path, workdir)), "--json"],
-                   check=True, env=env, capture_output=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+                          bitflux, "calibrate", "-c", str(config_file(tmp_path, workdir)), "--json"],
+                         check=True, env=env, capture_output=True, text=True, timeout=300)
     assert_same(shard_tensors(workdir), single["tensors"])
+    assert len(run.stdout.splitlines()) == 1, run.stdout  # one JSON object for the job, from rank 0
+    assert json.loads(run.stdout)["computed_shards"] >= 1
 
 
 def test_load_calibration_runs_calibrate_when_missing(single, tmp_path):
