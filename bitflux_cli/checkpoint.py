@@ -141,7 +141,9 @@ def read_checkpoint(path: Path) -> Checkpoint:
             raise ArtifactError(f"{path}: tensor list does not match its checksums ({len(diff)} differ, e.g. {diff[0]})")
         tensors = {}
         for name in sorted(names):
-            t = f.get_tensor(name)
+            # own memory, not a view into the file: its alignment would follow the header's length,
+            # and CPU matmul kernels round differently at different alignments
+            t = f.get_tensor(name).clone()
             if tensor_sha256(t) != sums[name]:
                 raise ArtifactError(f"{path}: checksum mismatch in tensor {name}: the file was edited or corrupted")
             tensors[name] = t
