@@ -29,5 +29,5 @@ def tiny_chain(tmp_path_factory):
     from bitflux_cli.quantize import quantize
 
     workdir = tmp_path_factory.mktemp("tiny-chain")
-    cfg = load_config("tiny", {"workdir": str(workdir)})
+    cfg = load_config("tiny", {"workdir": str(workdir), "quantization.method": "absmean"})  # fast; the CLI chain runs the default
     return {"cfg": cfg, "quantize": quantize(cfg), "pack": pack(cfg), "workdir": workdir}
