@@ -111,11 +111,12 @@ def bench(config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt
 def evaluate(suite: Annotated[str, typer.Option(help="Benchmark suite: mini (the miniature world's GenEval-style scorer).")] = "mini",
              full_precision: Annotated[bool, typer.Option("--full-precision", help="Score the FP model instead of the packed 1.58-bit one.")] = False,
              images: Annotated[Optional[int], typer.Option("--images", help="Images per prompt; overrides eval.images_per_prompt.")] = None,
+             split: Annotated[Optional[str], typer.Option("--split", help="test (held-out prompts, the score) or train (training prompts); overrides eval.split.")] = None,
              activations: ActivationsOpt = None,
              config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt = False):
     """Score generated images per GenEval category (overall, per category) and write a contact sheet."""
     from .evaluate import evaluate as stage
-    overrides = {"workdir": workdir, "eval.suite": suite, "eval.images_per_prompt": images,
+    overrides = {"workdir": workdir, "eval.suite": suite, "eval.images_per_prompt": images, "eval.split": split,
                  "quantization.activations": activations}
     _run(stage, config, overrides, as_json, full_precision)
 

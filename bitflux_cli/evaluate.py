@@ -14,7 +14,7 @@ from .teacher import run_pipeline
 
 
 def evaluate(cfg: Config, full_precision: bool = False) -> dict:
-    """Score ``eval.images_per_prompt`` images for each held-out mini-world prompt; write a contact sheet.
+    """Score ``eval.images_per_prompt`` images for each mini-world prompt of ``eval.split``; write a contact sheet.
 
     Seeds: image ``j`` of prompt ``i`` uses ``eval.seed + j * len(prompts) + i``.
     """
@@ -27,7 +27,7 @@ def evaluate(cfg: Config, full_precision: bool = False) -> dict:
         pipe, label = load_pipeline(cfg.model, packed_transformer(cfg, device)), "1.58-bit"
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    specs = balanced_prompts("test", cfg.eval.seed, cfg.eval.per_category)
+    specs = balanced_prompts(cfg.eval.split, cfg.eval.seed, cfg.eval.per_category)
     k, n = cfg.eval.images_per_prompt, len(specs)
     captions = [s.caption for s in specs] * k  # flat index j * n + i
     images = []
@@ -44,6 +44,6 @@ def evaluate(cfg: Config, full_precision: bool = False) -> dict:
         contact_sheet([imgs[0] for _, imgs in per_prompt], marks, cols=12).save(tmp, format="PNG")
     return {"stage": "eval", "suite": "mini", "model": label, "base_model": model_id(cfg.model),
             "method": None if full_precision else cfg.quantization.method, "overall": summary["overall"],
-            "categories": summary["categories"], "prompts": n, "distinct_prompts": len(set(specs)),
+            "categories": summary["categories"], "split": cfg.eval.split, "prompts": n, "distinct_prompts": len(set(specs)),
             "images_per_prompt": k, "seeds": [cfg.eval.seed, cfg.eval.seed + k * n - 1],
             "steps": cfg.generate.steps, "guidance": cfg.generate.guidance, "sheet": str(sheet_path)}

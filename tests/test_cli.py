@@ -126,6 +126,8 @@ def test_eval_mini_reports_categories_and_writes_a_sheet(chain, tmp_path):
     assert r["model"] == "1.58-bit" and r["prompts"] == 6 and r["images_per_prompt"] == 2
     assert set(r["categories"]) == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
     assert 0 <= r["overall"] <= 1 and r["seeds"] == [0, 11]
-    assert Image.open(r["sheet"]).size[0] > 64
+    assert Image.open(r["sheet"]).size[0] > 64 and r["split"] == "test"
+    train = as_json(bitflux("eval", "--config", cfg, "--workdir", wd, "--split", "train", "--json"))
+    assert train["split"] == "train" and train["prompts"] == 6
     res = bitflux("eval", "--config", "flux-dev", "--workdir", wd)
     assert res.exit_code == 2 and "no programmatic scorer" in res.stderr
