@@ -99,7 +99,7 @@ class BenchConfig(_Section):
 class EvalConfig(_Section):
     suite: Literal["mini"] = "mini"
     split: Literal["test", "train"] = "test"  # held-out prompts, or training prompts (fit vs generalisation)
-    per_category: int = Field(default=16, ge=1)  # held-out prompts per GenEval category
+    per_category: int = Field(default=16, ge=1)  # prompts of the split per GenEval category
     images_per_prompt: int = Field(default=4, ge=1)
     seed: int = 0
     batch: int = Field(default=64, ge=1)

@@ -1,7 +1,5 @@
 """The eval stage: GenEval-style scores of the FP or the packed 1.58-bit model on the mini world."""
 
-import numpy as np
-
 from .artifacts import artifact_path, atomic_file
 from .config import Config
 from .errors import UsageError
@@ -10,7 +8,7 @@ from .miniworld.scorer import check, evaluate as score_images
 from .miniworld.sheet import contact_sheet
 from .miniworld.world import balanced_prompts
 from .models import EMBEDDED, load_pipeline, model_id, resolve_device
-from .teacher import run_pipeline
+from .teacher import run_pipeline, to_uint8
 
 
 def evaluate(cfg: Config, full_precision: bool = False) -> dict:
@@ -34,7 +32,7 @@ def evaluate(cfg: Config, full_precision: bool = False) -> dict:
     for start in range(0, len(captions), cfg.eval.batch):
         chunk = captions[start:start + cfg.eval.batch]
         images += list(run_pipeline(pipe, chunk, cfg.generate, cfg.eval.seed + start))  # [B] of [H, W, 3] in [0, 1]
-    images = [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in images]
+    images = [to_uint8(im) for im in images]
     per_prompt = [(spec, [images[j * n + i] for j in range(k)]) for i, spec in enumerate(specs)]
     summary = score_images(per_prompt)
 

@@ -6,6 +6,11 @@ import torch
 from .config import GenerateConfig
 
 
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """A pipeline image [H, W, 3] in [0, 1] as uint8 pixels."""
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+
+
 def run_pipeline(pipe, prompts: list[str], gen: GenerateConfig, seed: int, output_type: str = "np", **kwargs):
     """Run the pipeline on ``prompts`` with one seeded generator per prompt (same seed, same image)."""
     device = pipe._execution_device

@@ -10,7 +10,7 @@ from bitflux_cli.miniworld.scorer import score
 from bitflux_cli.miniworld.world import balanced_prompts
 from bitflux_cli.models import load_pipeline
 from bitflux_cli.models.source import embedded_weights
-from bitflux_cli.teacher import run_pipeline
+from bitflux_cli.teacher import run_pipeline, to_uint8
 
 
 def test_bundled_weights_are_the_trained_model():
@@ -30,5 +30,5 @@ def test_trained_model_draws_single_objects_and_colours():
     pipe.set_progress_bar_config(disable=True)
     specs = [s for s in balanced_prompts("test", seed=1, per_category=6) if s.category in ("single_object", "colors")]
     images = run_pipeline(pipe, [s.caption for s in specs], cfg.generate, seed=100)  # [B] of [H, W, 3] in [0, 1]
-    hits = [score((np.clip(im, 0, 1) * 255).round().astype(np.uint8), s) for im, s in zip(images, specs)]
+    hits = [score(to_uint8(im), s) for im, s in zip(images, specs)]
     assert np.mean(hits) >= 0.75, [(s.caption, h) for s, h in zip(specs, hits)]
