@@ -55,6 +55,7 @@ class BlockReconConfig(_Section):
 
 class DistillConfig(_Section):
     mode: Literal["full", "blockwise"] = "full"  # full: all blocks at once (FSDP under torchrun); blockwise: one block at a time
+    init: Literal["absmean", "block-recon"] = "absmean"  # the student's start: absmean, or block-recon's result (runs it first)
     steps: int = Field(default=200, ge=0)  # full: Adam steps
     block_steps: int = Field(default=50, ge=1)  # blockwise: Adam steps per visit of a block
     rounds: int = Field(default=1, ge=1)  # blockwise: passes over all blocks

@@ -26,7 +26,7 @@ from bitflux_cli.ternary import quantize_transformer, scoped_linears
 
 DATA = (Path(__file__).parents[1] / "../shared/data").resolve()
 CALIBRATION = {"prompts": {"sets": ["paper"], "limit": 4, "data_dir": str(DATA)},
-               "steps": 4, "timesteps": 2, "tokens": 16, "shard_size": 2, "batch": 2}
+               "steps": 4, "timesteps": 2, "tokens": 8, "shard_size": 2, "batch": 2}
 FULL = {"steps": 4, "batch": 4, "save_every": 2, "gradient_checkpointing": True}
 BLOCKWISE = {"mode": "blockwise", "block_steps": 4, "rounds": 2, "batch": 4, "save_every": 3, "gradient_checkpointing": True}
 # Ranks sum each batch half apart and reduce the gradients: fp32 rounding, which Adam turns into
@@ -41,7 +41,7 @@ def tiny(tmp: Path, name: str, calib: Path | None, **distill) -> Path:
     data = yaml.safe_load(Path(__file__).parents[1].joinpath("configs/tiny.yaml").read_text())
     data |= {"workdir": str(tmp / name), "calibration": CALIBRATION}
     data["generate"]["steps"] = 4
-    data["quantization"] |= {"eval_prompts": 1, "distill": distill}
+    data["quantization"] |= {"eval_prompts": 1, "distill": distill, "block_recon": {"steps": 3, "batch": 4}}
     if calib is not None:
         shutil.copytree(calib, tmp / name / "calib")
     path = tmp / f"{name}.yaml"
@@ -174,3 +174,17 @@ def test_blockwise_resumes_mid_block(setup, blockwise, tmp_path, monkeypatch):
     saved = torch.load(tmp_path / "killed/distill/state.pt")  # saved every 3 steps: at 33, in round 1's third block
     assert (saved["step"], saved["round"], saved["block"], saved["block_step"]) == (33, 1, "single_transformer_blocks.0", 1)
     assert_same_codes(distill(config, setup["pipe"]), blockwise, rtol=0)
+
+
+@pytest.mark.parametrize("mode", [FULL | {"steps": 2}, BLOCKWISE | {"rounds": 1, "block_steps": 1}], ids=["full", "blockwise"])
+def test_init_block_recon_starts_from_its_result(setup, mode):
+    # learning rates ~0: the export is the start, which must be block-recon's codes and scales
+    name = mode.get("mode", "full")
+    config = tiny(setup["tmp"], f"init-{name}", setup["calib"], **mode, init="block-recon", weight_lr=0, scale_lr=1e-12)
+    cfg = load_config(str(config))
+    recon = METHODS["block-recon"](cfg, setup["pipe"], load_calibration(cfg))
+    absmean = distill(tiny(setup["tmp"], f"absmean-{name}", setup["calib"], **mode, weight_lr=0, scale_lr=1e-12),
+                      setup["pipe"])
+    started = distill(config, setup["pipe"])
+    assert_same_codes(started, recon, rtol=1e-9)
+    assert any(not torch.equal(started[m][0], absmean[m][0]) for m in started)

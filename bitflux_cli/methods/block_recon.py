@@ -10,6 +10,8 @@ and the student activations of the recorded calls are held besides the FP model.
 """
 
 import copy
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -18,7 +20,7 @@ from ..config import Config
 from ..console import progress
 from ..ternary import scoped_linears
 from .act_aware import alphas, search
-from .ste import attach_ste, optimizer
+from .ste import STELinear, attach_ste, optimizer
 
 
 class _Stop(Exception):
@@ -62,6 +64,12 @@ def _run(block, state: dict, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 def block_recon(cfg: Config, pipe, calib: Calibration) -> dict:
     """Act-aware start, then per-block Adam on scales and latent weights to match the FP block outputs."""
+    return reconstruct(cfg, pipe, calib, STELinear.export)
+
+
+def reconstruct(cfg: Config, pipe, calib: Calibration, keep: Callable[[STELinear], Any]) -> dict[str, Any]:
+    """{full module name: ``keep(m)``} for the trained ``STELinear`` m of every in-scope linear, kept
+    as each block finishes (codes and scales for block-recon; latent state where distill starts from it)."""
     rc = cfg.quantization.block_recon
     records = calib.records(lambda k: k.startswith("calls.") and k != "calls.velocity")
     state = block_inputs(pipe.transformer, records, rc.batch)
@@ -89,7 +97,7 @@ def block_recon(cfg: Config, pipe, calib: Calibration) -> dict:
                 loss.backward()
                 opt.step()
                 advance()
-            out |= {f"{name}.{sub}": m.export() for sub, m in ste.items()}
+            out |= {f"{name}.{sub}": keep(m) for sub, m in ste.items()}
             with torch.no_grad():
                 outs = [_run(block, state, idx) for idx in torch.arange(n).split(rc.batch)]
             state["encoder_hidden_states"] = torch.cat([o[0] for o in outs])

@@ -15,6 +15,12 @@ over all recorded calls, so a batch split across ranks gives the gradient of the
   batch of ``distill.batch`` calls, which must divide by the number of ranks.
 - ``blockwise``: one block's linears train at a time, the others frozen ternary (``distill_blockwise``).
 
+``distill.init``: the student starts from absmean (thresholds mean|w| / 2, the FP weights as
+latents), or from ``block-recon``: block reconstruction (``quantization.block_recon``) runs first
+and its trained latent weights, thresholds and scales are the start, so the end-to-end loss only
+has to correct what block-local targets could not see. Under torchrun every rank runs it (it is
+deterministic); a resumed full run skips it.
+
 Checkpoints go to ``<workdir>/distill/state.pt`` every ``save_every`` steps and at the end: the step,
 the full (gathered) latent weights, scales and thresholds and the full Adam state keyed by parameter
 name (``torch.distributed.checkpoint.state_dict``), written by rank 0; the file is the same at any
@@ -27,6 +33,7 @@ import copy
 import hashlib
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +54,7 @@ from ..console import info, progress
 from ..distributed import init_distributed
 from ..errors import UsageError
 from ..ternary import scoped_linears
+from .block_recon import reconstruct
 from .distill_blockwise import blockwise
 from .ste import FULL, STELinear, absmean_init, attach_ste, optimizer, ste_state
 
@@ -63,6 +71,7 @@ class Run:
     world: int
     path: Path  # <workdir>/distill
     fingerprint: str
+    init: Callable[[], dict[str, torch.Tensor]] | None = None  # the start state by parameter name; None: absmean
 
     def batch(self, step: int) -> torch.Tensor:
         """This rank's contiguous slice [batch / world] of the step's global batch of call indices."""
@@ -114,7 +123,13 @@ def _fingerprint(cfg: Config, calib: Calibration) -> str:
     unused = {"steps", "save_every", "rounds"} | ({"block_steps"} if dc.mode == "full" else set())
     key = {"calibration": json.loads((calib.path / "manifest.json").read_text())["fingerprint"],
            "distill": dc.model_dump(mode="json", exclude=unused)}
+    if dc.init == "block-recon":
+        key["block_recon"] = cfg.quantization.block_recon.model_dump(mode="json")
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _latent_state(m: STELinear) -> dict[str, torch.Tensor]:  # weight, log_scale, threshold, bias, on the CPU
+    return {k: v.detach().cpu() for k, v in m.state_dict().items()}
 
 
 def _frozen(module: torch.nn.Module) -> set[torch.nn.Parameter]:
@@ -150,6 +165,8 @@ def _full(run: Run, teacher: torch.nn.Module) -> dict:
     start = 0 if saved is None else saved["step"]
     if saved is not None:
         run.restore(saved, student, opt)
+    elif run.init is not None:
+        run.load(student, run.init())
     with progress("distill", dc.steps - start, "steps") as advance:
         for step in range(start, dc.steps):
             run.train_step(student, opt, step)
@@ -173,4 +190,7 @@ def distill(cfg: Config, pipe, calib: Calibration) -> dict:
     records = calib.records(lambda k: k.startswith("calls."))
     norm = records["calls.velocity"].double().square().mean().item()
     run = Run(dc, records, norm, pipe.transformer.device, rank, world, cfg.workdir / "distill", _fingerprint(cfg, calib))
+    if dc.init == "block-recon":
+        run.init = lambda: {f"{name}.{k}": v for name, state in reconstruct(cfg, pipe, calib, _latent_state).items()
+                            for k, v in state.items()}
     return blockwise(run, pipe.transformer) if dc.mode == "blockwise" else _full(run, pipe.transformer)

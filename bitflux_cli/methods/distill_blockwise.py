@@ -1,6 +1,6 @@
 """Block-wise distillation: the end-to-end velocity loss, one block's latent weights trainable at a time.
 
-Every in-scope linear of the student starts frozen ternary (absmean), held packed as a
+Every in-scope linear of the student starts frozen ternary (absmean, or the ``distill.init`` state), held packed as a
 ``FrozenTernary`` (2-bit codes and a scale per row: 1/16 of fp32 latent weights). The blocks are
 visited in execution order (double, then single), ``distill.rounds`` times over; a visit turns the
 block's linears into ``STELinear`` (latent weights from the FP teacher on the first round, else
@@ -26,6 +26,7 @@ from ..calibrate import _blocks
 from ..console import progress
 from ..errors import ArtifactError
 from ..ternary import TernaryLinear, _set_submodule, scoped_linears, ternarize
+from .act_aware import threshold_codes
 from .ste import STELinear, absmean_init, attach_ste, optimizer, ste_state
 
 
@@ -44,16 +45,24 @@ def _freeze(student: torch.nn.Module, ste: dict[str, STELinear]) -> None:
         _set_submodule(student, name, FrozenTernary.from_codes(*m.export(), m.bias))
 
 
+def _start_codes(start: dict[str, torch.Tensor], name: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [N, K] int8, scale [N]) of linear ``name`` in a start state (latent weight, threshold, log scale)."""
+    codes = threshold_codes(start[f"{name}.weight"].float(), start[f"{name}.threshold"])
+    return codes.to(device, torch.int8), start[f"{name}.log_scale"].exp().to(device)
+
+
 def _latents(run, block: str, rnd: int) -> Path:  # the block's latent state after its visit in round ``rnd``
     return run.path / "blocks" / f"{block}.r{rnd}.pt"
 
 
-# STE linears in place of the block's frozen ones: from the FP weights, or from the latent state
-# that the block's visit in ``last_round`` saved.
-def _thaw(run, student, teacher, block: str, last_round: int) -> dict[str, STELinear]:
+# STE linears in place of the block's frozen ones: from the FP weights or the ``start`` state (first
+# visit), or from the latent state that the block's visit in ``last_round`` saved.
+def _thaw(run, student, teacher, block: str, last_round: int, start: dict | None) -> dict[str, STELinear]:
     lins = scoped_linears(teacher.get_submodule(block), lambda _n, m: isinstance(m, torch.nn.Linear))
     init = {f"{block}.{sub}": absmean_init(lin.weight) for sub, lin in lins}
     ste = attach_ste(student, init, run.dc.weight_lr > 0, teacher)
+    if last_round < 0 and start is not None:
+        run.load(student, {k: v for k, v in start.items() if k.startswith(f"{block}.")})
     if last_round >= 0:
         file = _latents(run, block, last_round)
         saved = torch.load(file, map_location="cpu", mmap=True)
@@ -69,9 +78,11 @@ def blockwise(run, teacher: torch.nn.Module) -> dict:
     ``run`` is the ``distill.Run`` (calls, loss, checkpoint); returns every linear's codes and scales.
     """
     dc = run.dc
+    init_state = None if run.init is None else run.init()
     student = copy.deepcopy(teacher).requires_grad_(False)
     for name, lin in list(scoped_linears(student)):
-        _set_submodule(student, name, FrozenTernary.from_codes(*ternarize(lin.weight), lin.bias))
+        codes = ternarize(lin.weight) if init_state is None else _start_codes(init_state, name, lin.weight.device)
+        _set_submodule(student, name, FrozenTernary.from_codes(*codes, lin.bias))
     if dc.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     student.train()
@@ -88,11 +99,11 @@ def blockwise(run, teacher: torch.nn.Module) -> dict:
     for b, block in enumerate(blocks):  # the blocks finished before the resumed step, as their last visit left them
         done = first_round if b < first_block else first_round - 1
         if done >= 0:
-            _freeze(student, _thaw(run, student, teacher, block, done))
+            _freeze(student, _thaw(run, student, teacher, block, done, init_state))
     with progress("distill", visits * dc.block_steps - start, "steps") as advance:
         for visit in range(start // dc.block_steps, visits):
             rnd, b = divmod(visit, len(blocks))
-            ste = _thaw(run, student, teacher, blocks[b], rnd - 1)
+            ste = _thaw(run, student, teacher, blocks[b], rnd - 1, init_state)
             opt = optimizer(ste, dc.weight_lr, dc.scale_lr)
             lo, hi = visit * dc.block_steps, (visit + 1) * dc.block_steps
             if start > lo:
