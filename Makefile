@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := runs/demo
-PROMPT ?= a red circle above a blue square
+PROMPT ?= a green triangle left of a yellow circle
 
 .PHONY: install demo test mini-model clean
 
@@ -24,11 +24,10 @@ demo: $(STAMP)
 	$(BIN)/bitflux eval --workdir $(DEMO)
 	@echo "image written to $(DEMO)/demo.png; contact sheet of the scored prompts in $(DEMO)/eval/"
 
-# Retrain the embedded mini model as the committed one was made (42 + 22 min on 2 CPU cores):
-# a full run, then 6000 more flow-matching and 1500 guidance steps from it; writes bitflux_cli/assets/mini/.
+# Retrain the embedded mini model as the committed one was made (55 min on 2 CPU cores): VAE 1,000
+# steps, flow matching 20,000, guidance distillation 2,000; writes bitflux_cli/assets/mini/.
 mini-model: $(STAMP)
-	$(BIN)/python -m bitflux_cli.miniworld.train --threads 2 --out runs/mini-model/base
-	$(BIN)/python -m bitflux_cli.miniworld.train --threads 2 --init runs/mini-model/base --vae-steps 0 --steps 6000 --guidance-steps 1500
+	$(BIN)/python -m bitflux_cli.miniworld.train --threads 2
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -8,7 +8,7 @@ Known sets (``SETS``):
 - ``paper``: ``parti`` + ``t2i_compbench_train``, the 7,232 calibration prompts of "1.58-bit FLUX"
   (7,190 distinct);
 - ``mini``: the miniature world's training captions (the embedded model's language), 64 per
-  GenEval category, each category's distinct captions cycled: 384 prompts, 81 distinct. Generated
+  GenEval category, each category's distinct captions cycled: 384 prompts, 91 distinct. Generated
   in code; never a held-out (evaluation) caption.
 
 Any other name that is the path of an existing text file is read as one prompt per line.

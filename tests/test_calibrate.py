@@ -72,7 +72,7 @@ def test_shards_manifest_and_statistics(single):
     assert d.shape == (128,) and torch.isfinite(d).all() and (d > 0).all()
     assert (calib.stats["stats.transformer_blocks.0.attn.to_q.absmax"] ** 2 >= d).all()
     records = calib.records()
-    assert records["calls.velocity"].shape == records["calls.hidden_states"].shape == (8, 16, 64)
+    assert records["calls.velocity"].shape == records["calls.hidden_states"].shape == (8, 9, 64)  # [calls, image tokens of 48x48, channels]
     assert records["blocks.single_transformer_blocks.3"].shape == (8, 8, 128)
     assert sorted(records["calls.prompt_index"].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
 

@@ -64,7 +64,7 @@ def test_generate_same_seed_same_image(chain, tmp_path):
                             "--seed", 3, "--steps", 4, "--json"))
         assert g["seed"] == 3 and g["seconds"] > 0 and g["backend"] == "torch"
         outs.append(np.asarray(Image.open(g["path"])))
-    assert outs[0].shape == (64, 64, 3) and outs[0].std() > 1  # not a constant image
+    assert outs[0].shape == (48, 48, 3) and outs[0].std() > 1  # not a constant image
     assert np.array_equal(outs[0], outs[1])
 
 
@@ -120,13 +120,13 @@ def test_corrupted_packed_file_is_refused_and_left_alone(chain, tmp_path):
 def test_eval_mini_reports_categories_and_writes_a_sheet(chain, tmp_path):
     wd, _, _ = chain
     cfg = tmp_path / "eval.yaml"
-    cfg.write_text("model:\n  dtype: float32\ngenerate:\n  height: 64\n  width: 64\n  steps: 2\n  max_sequence_length: 12\n"
+    cfg.write_text("model:\n  dtype: float32\ngenerate:\n  height: 48\n  width: 48\n  steps: 2\n  max_sequence_length: 12\n"
                    "eval:\n  per_category: 1\n  images_per_prompt: 2\n")
     r = as_json(bitflux("eval", "--suite", "mini", "--config", cfg, "--workdir", wd, "--json"))
     assert r["model"] == "1.58-bit" and r["prompts"] == 6 and r["images_per_prompt"] == 2
     assert set(r["categories"]) == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
     assert 0 <= r["overall"] <= 1 and r["seeds"] == [0, 11]
-    assert Image.open(r["sheet"]).size[0] > 64 and r["split"] == "test"
+    assert Image.open(r["sheet"]).size[0] > 48 and r["split"] == "test"
     train = as_json(bitflux("eval", "--config", cfg, "--workdir", wd, "--split", "train", "--json"))
     assert train["split"] == "train" and train["prompts"] == 6
     res = bitflux("eval", "--config", "flux-dev", "--workdir", wd)

@@ -6,22 +6,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitflux_cli.calibrate import load_calibration, teacher_kwargs
+from bitflux_cli.calibrate import _blocks, load_calibration, teacher_kwargs
 from bitflux_cli.config import load_config
-from bitflux_cli.fidelity import REPORT_PROMPTS, _block_outputs
+from bitflux_cli.fidelity import REPORT_PROMPTS
 from bitflux_cli.methods import METHODS
 from bitflux_cli.methods.act_aware import weighted_error
 from bitflux_cli.models import load_pipeline
 from bitflux_cli.teacher import record_transformer_calls, velocity_errors
 from bitflux_cli.ternary import quantize_transformer, scoped_linears
 
-DATA = (Path(__file__).parents[1] / "../shared/data").resolve()
 
 
 def tiny(workdir: Path, **overrides):
-    """The tiny config with a four-prompt calibration and short training."""
-    base = {"workdir": str(workdir), "calibration.prompts.limit": 4, "calibration.prompts.data_dir": str(DATA),
-            "calibration.steps": 4, "calibration.timesteps": 2, "calibration.tokens": 16,
+    """The tiny config with an eight-prompt calibration in the mini world's language and short training."""
+    base = {"workdir": str(workdir), "calibration.prompts.sets": ["mini"], "calibration.prompts.limit": 8,
+            "calibration.steps": 4, "calibration.timesteps": 2, "calibration.tokens": 8,
             "calibration.shard_size": 2, "calibration.batch": 2, "generate.steps": 4,
             "quantization.block_recon.steps": 30, "quantization.distill.steps": 30}
     return load_config("tiny", base | overrides)
@@ -47,12 +46,25 @@ def student(pipe, codes):
     return model
 
 
+def image_stream_outputs(transformer, calls) -> dict[str, list[torch.Tensor]]:
+    """Each block's image-stream output (what block-recon matches) for every call."""
+    outs, handles = {}, []
+    for name, block in _blocks(transformer):
+        handles.append(block.register_forward_hook(lambda _m, _a, out, name=name: outs.setdefault(name, []).append(out[1])))
+    try:
+        with torch.no_grad():
+            for kw in calls:
+                transformer(**kw)
+    finally:
+        for h in handles:
+            h.remove()
+    return outs
+
+
 def block_error(pipe, codes, calls) -> float:
-    """Mean over blocks of the relative output error of the student's blocks vs the FP blocks."""
-    fp, _ = _block_outputs(pipe.transformer, calls)
-    q, _ = _block_outputs(student(pipe, codes), calls)
-    return sum(float(((q[n][i] - fp[n][i]).norm() / fp[n][i].norm()).mean())
-               for n in fp for i in range(len(calls))) / (len(fp) * len(calls))
+    """Mean over blocks and calls of the relative image-stream output error of the student vs FP."""
+    fp, q = image_stream_outputs(pipe.transformer, calls), image_stream_outputs(student(pipe, codes), calls)
+    return sum(float((q[n][i] - fp[n][i]).norm() / fp[n][i].norm()) for n in fp for i in range(len(calls))) / (len(fp) * len(calls))
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

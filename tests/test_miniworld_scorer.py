@@ -97,8 +97,8 @@ def test_wrong_colour_fails():
     verdict = _one(spec, (w.Placed("square", "green", 20, 20, 16),))
     assert not verdict.ok and "blue square" in verdict.reason
     spec2 = w.PromptSpec("color_attr", (w.ObjectSpec("circle", 1, "red"), w.ObjectSpec("square", 1, "green")))
-    assert _one(spec2, (w.Placed("circle", "red", 5, 5, 16), w.Placed("square", "green", 40, 40, 16))).ok
-    assert not _one(spec2, (w.Placed("circle", "green", 5, 5, 16), w.Placed("square", "red", 40, 40, 16))).ok
+    assert _one(spec2, (w.Placed("circle", "red", 5, 5, 16), w.Placed("square", "green", 28, 28, 16))).ok
+    assert not _one(spec2, (w.Placed("circle", "green", 5, 5, 16), w.Placed("square", "red", 28, 28, 16))).ok
 
 
 def test_wrong_shape_fails():
@@ -128,10 +128,10 @@ def test_wrong_count_fails():
 
 def test_single_object_is_exact_but_two_object_is_not():
     one = w.PromptSpec("single_object", (w.ObjectSpec("circle"),))
-    two_circles = (w.Placed("circle", "red", 5, 5, 16), w.Placed("circle", "blue", 40, 40, 16))
+    two_circles = (w.Placed("circle", "red", 5, 5, 16), w.Placed("circle", "blue", 28, 28, 16))
     assert not _one(one, two_circles).ok
     pair = w.PromptSpec("two_object", (w.ObjectSpec("circle"), w.ObjectSpec("square")))
-    assert _one(pair, two_circles + (w.Placed("square", "red", 5, 40, 12),)).ok
+    assert _one(pair, two_circles + (w.Placed("square", "red", 5, 30, 12),)).ok
 
 
 def test_label_connectivity():
@@ -154,8 +154,9 @@ def test_contact_sheet_layout():
     images = [w.render(w.scene_for(spec, rng)) for spec in specs]
     sheet = contact_sheet(images, [spec.caption for spec in specs], cols=3, scale=2)
     arr = np.asarray(sheet)
-    assert sheet.mode == "RGB" and sheet.width == 3 * (128 + 4) + 4
-    assert np.array_equal(arr[4:132:2, 4:132:2], images[0])  # nearest upscaling, first cell top-left
-    assert (arr[132:, :136] < 100).all(-1).any()  # caption text under the first image
+    side = 2 * w.IMAGE_SIZE
+    assert sheet.mode == "RGB" and sheet.width == 3 * (side + 4) + 4
+    assert np.array_equal(arr[4:side + 4:2, 4:side + 4:2], images[0])  # nearest upscaling, first cell top-left
+    assert (arr[side + 4:, :side + 8] < 100).all(-1).any()  # caption text under the first image
     with pytest.raises(ValueError):
         contact_sheet(images, ["one"], cols=3)

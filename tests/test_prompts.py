@@ -155,7 +155,7 @@ def test_mini_set_is_balanced_training_captions():
     from bitflux_cli.miniworld.world import CATEGORIES, prompts as world_prompts
 
     ps = load_prompts(["mini"])
-    assert ps.counts["total"] == 384 and ps.counts["distinct"] == 81
+    assert ps.counts["total"] == 384 and ps.counts["distinct"] == 91
     train = {s.caption for c in CATEGORIES for s in world_prompts(c, "train")}
     held_out = {s.caption for c in CATEGORIES if c != "single_object" for s in world_prompts(c, "test")}
     assert set(ps.prompts) == train and not set(ps.prompts) & held_out

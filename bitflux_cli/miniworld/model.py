@@ -16,7 +16,8 @@ from safetensors.torch import load_model
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
-IMAGE_SIZE = 64
+from .world import IMAGE_SIZE
+
 MAX_SEQUENCE_LENGTH = 12  # T5 tokens (captions are at most 8 with </s>); CLIP uses the same length
 
 SPECIAL = ["<pad>", "</s>", "<unk>"]

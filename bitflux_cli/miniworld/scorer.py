@@ -30,7 +30,7 @@ MAX_RESIDUAL = 60.0  # RGB distance off the white-to-colour segment; colours are
 MAX_WHITE_DISTANCE = 100.0
 MIN_AREA = 30  # the smallest object (a 12 px triangle) has 84 pixels
 MAX_AREA = 2 * max(SIZES) ** 2
-MIN_BACKGROUND = 0.5  # four 12 px squares leave 86 % background
+MIN_BACKGROUND = 0.5  # three 12 px squares leave 81 % background
 
 
 @dataclass(frozen=True)
