@@ -1,7 +1,8 @@
 """Block-wise distillation: the end-to-end velocity loss, one block's latent weights trainable at a time.
 
-Every in-scope linear of the student starts frozen ternary (absmean, or the ``distill.init`` state), held packed as a
-``FrozenTernary`` (2-bit codes and a scale per row: 1/16 of fp32 latent weights). The blocks are
+Every in-scope linear of the student starts frozen ternary (absmean, or the ``distill.init``
+state), held packed as a ``FrozenTernary`` (2-bit codes and a scale per row: 1/16 of fp32 latent
+weights). The blocks are
 visited in execution order (double, then single), ``distill.rounds`` times over; a visit turns the
 block's linears into ``STELinear`` (latent weights from the FP teacher on the first round, else
 those its previous visit left), trains them and their scales with Adam for ``distill.block_steps``
@@ -45,24 +46,24 @@ def _freeze(student: torch.nn.Module, ste: dict[str, STELinear]) -> None:
         _set_submodule(student, name, FrozenTernary.from_codes(*m.export(), m.bias))
 
 
-def _start_codes(start: dict[str, torch.Tensor], name: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _start_codes(init_state: dict[str, torch.Tensor], name: str, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes [N, K] int8, scale [N]) of linear ``name`` in a start state (latent weight, threshold, log scale)."""
-    codes = threshold_codes(start[f"{name}.weight"].float(), start[f"{name}.threshold"])
-    return codes.to(device, torch.int8), start[f"{name}.log_scale"].exp().to(device)
+    codes = threshold_codes(init_state[f"{name}.weight"].float(), init_state[f"{name}.threshold"])
+    return codes.to(device, torch.int8), init_state[f"{name}.log_scale"].exp().to(device)
 
 
 def _latents(run, block: str, rnd: int) -> Path:  # the block's latent state after its visit in round ``rnd``
     return run.path / "blocks" / f"{block}.r{rnd}.pt"
 
 
-# STE linears in place of the block's frozen ones: from the FP weights or the ``start`` state (first
+# STE linears in place of the block's frozen ones: from the FP weights or ``init_state`` (first
 # visit), or from the latent state that the block's visit in ``last_round`` saved.
-def _thaw(run, student, teacher, block: str, last_round: int, start: dict | None) -> dict[str, STELinear]:
+def _thaw(run, student, teacher, block: str, last_round: int, init_state: dict | None) -> dict[str, STELinear]:
     lins = scoped_linears(teacher.get_submodule(block), lambda _n, m: isinstance(m, torch.nn.Linear))
     init = {f"{block}.{sub}": absmean_init(lin.weight) for sub, lin in lins}
     ste = attach_ste(student, init, run.dc.weight_lr > 0, teacher)
-    if last_round < 0 and start is not None:
-        run.load(student, {k: v for k, v in start.items() if k.startswith(f"{block}.")})
+    if last_round < 0 and init_state is not None:
+        run.load(student, {k: v for k, v in init_state.items() if k.startswith(f"{block}.")})
     if last_round >= 0:
         file = _latents(run, block, last_round)
         saved = torch.load(file, map_location="cpu", mmap=True)

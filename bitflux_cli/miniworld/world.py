@@ -52,9 +52,9 @@ triangle captioned ``a triangle``: what is unseen is the caption's combination, 
 Holding out whole word sets in position and colour attribution is deliberate: holding out one
 order of a relation (``a triangle above a circle``) or one pairing of colours (``a green circle
 and a red square``) leaves its word-for-word twin with the opposite meaning in training (``a
-circle above a triangle``; ``a red circle and a green square``), and the mini model drew that
-twin, scoring 0.01 on colour attribution and below chance on position: the split then measured
-memorisation of the twin, not composition.
+circle above a triangle``; ``a red circle and a green square``). On colour attribution the mini
+model drew the twin (0.01, colours swapped): the split measured memorisation of the twin, not
+composition. Position is held out the same way for the same reason.
 
 Every shape and colour, every count and relation still occurs in training captions. Training
 draws the categories the mini model finds hard (counting, position, colour attribution) two or
