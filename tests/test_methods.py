@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitflux_cli.calibrate import _blocks, load_calibration, teacher_kwargs
+from bitflux_cli.calibrate import load_calibration, teacher_kwargs
 from bitflux_cli.config import load_config
-from bitflux_cli.fidelity import REPORT_PROMPTS
+from bitflux_cli.fidelity import REPORT_PROMPTS, _block_outputs
 from bitflux_cli.methods import METHODS
 from bitflux_cli.methods.act_aware import weighted_error
 from bitflux_cli.models import load_pipeline
@@ -46,24 +46,9 @@ def student(pipe, codes):
     return model
 
 
-def image_stream_outputs(transformer, calls) -> dict[str, list[torch.Tensor]]:
-    """Each block's image-stream output (what block-recon matches) for every call."""
-    outs, handles = {}, []
-    for name, block in _blocks(transformer):
-        handles.append(block.register_forward_hook(lambda _m, _a, out, name=name: outs.setdefault(name, []).append(out[1])))
-    try:
-        with torch.no_grad():
-            for kw in calls:
-                transformer(**kw)
-    finally:
-        for h in handles:
-            h.remove()
-    return outs
-
-
 def block_error(pipe, codes, calls) -> float:
     """Mean over blocks and calls of the relative image-stream output error of the student vs FP."""
-    fp, q = image_stream_outputs(pipe.transformer, calls), image_stream_outputs(student(pipe, codes), calls)
+    fp, q = (_block_outputs(model, calls, image_only=True)[0] for model in (pipe.transformer, student(pipe, codes)))
     return sum(float((q[n][i] - fp[n][i]).norm() / fp[n][i].norm()) for n in fp for i in range(len(calls))) / (len(fp) * len(calls))
 
 
