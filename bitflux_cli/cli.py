@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .config import load_config
+from .config import load_config, parse_assignments
 from .console import console
 from .errors import BitfluxError
 
@@ -19,14 +19,15 @@ app = typer.Typer(help="1.58-bit FLUX: calibrate, quantize, pack, generate and b
 ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="Config file, or a bundled config name (tiny, flux-dev, flux-schnell). Default: tiny (the embedded model).")]
 WorkdirOpt = Annotated[Optional[Path], typer.Option("--workdir", "-w", help="Work directory holding each stage's artifact (overrides `workdir`).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout; logs and progress go to stderr.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Set any config value, KEY=VALUE (YAML), e.g. --set quantization.block_recon.steps=4000; repeatable.")]
 ActivationsOpt = Annotated[Optional[str], typer.Option("--activations", help="none (W2A16) or int8 (W2A8, per-token dynamic); overrides quantization.activations.")]
 
 
-def _run(stage, config: str | None, overrides: dict, as_json: bool, *args, **kwargs) -> None:
-    """Load the config, run one stage, print its result; errors become one line and an exit code."""
+def _run(stage, config: str | None, overrides: dict, as_json: bool, *args, sets: list[str] | None = None) -> None:
+    """Load the config (``sets``: ``--set`` flags), run one stage, print its result; errors become one line and an exit code."""
     try:
-        cfg = load_config(config, overrides)
-        result = stage(cfg, *args, **kwargs)
+        cfg = load_config(config, overrides, parse_assignments(sets))
+        result = stage(cfg, *args)
     except BitfluxError as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
@@ -56,27 +57,27 @@ def _summary(result: dict) -> None:
 
 
 @app.command()
-def calibrate(config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt = False,
+def calibrate(config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt = False, sets: SetOpt = None,
               limit: Annotated[Optional[int], typer.Option(help="Calibrate on a seeded subset of this many prompts.")] = None):
     """Run the FP model over the calibration prompts and record what the quantizer needs (resumable)."""
     from .calibrate import calibrate as stage
-    _run(stage, config, {"workdir": workdir, "calibration.prompts.limit": limit}, as_json)
+    _run(stage, config, {"workdir": workdir, "calibration.prompts.limit": limit}, as_json, sets=sets)
 
 
 @app.command()
-def quantize(config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt = False,
+def quantize(config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt = False, sets: SetOpt = None,
              method: Annotated[Optional[str], typer.Option(help="Quantization method; overrides quantization.method.")] = None,
              activations: ActivationsOpt = None):
     """Quantize the transformer's block linears to ternary codes and report fidelity vs FP."""
-    _run(_quantize, config, {"workdir": workdir, "quantization.method": method, "quantization.activations": activations}, as_json)
+    _run(_quantize, config, {"workdir": workdir, "quantization.method": method, "quantization.activations": activations}, as_json, sets=sets)
 
 
 @app.command()
-def pack(config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt = False,
+def pack(config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt = False, sets: SetOpt = None,
          codec: Annotated[Optional[str], typer.Option(help="2bit (runtime layout) or base3 (1.6 bits a weight); overrides pack.codec.")] = None):
     """Pack the ternary codes into the 2-bit or base-3 format and report the storage ratio."""
     from .packing import pack as stage
-    _run(stage, config, {"workdir": workdir, "pack.codec": codec}, as_json)
+    _run(stage, config, {"workdir": workdir, "pack.codec": codec}, as_json, sets=sets)
 
 
 @app.command()
@@ -89,22 +90,22 @@ def generate(prompt: Annotated[str, typer.Argument(help="The text prompt.")],
              guidance: Annotated[Optional[float], typer.Option(help="Guidance scale.")] = None,
              full_precision: Annotated[bool, typer.Option("--full-precision", help="Use the FP transformer instead of the packed 1.58-bit one.")] = False,
              activations: ActivationsOpt = None,
-             config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt = False):
+             config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt = False, sets: SetOpt = None):
     """Generate an image with the packed 1.58-bit transformer from the workdir."""
     from .generate import generate as stage
     overrides = {"workdir": workdir, "generate.seed": seed, "generate.steps": steps, "generate.height": height,
                  "generate.width": width, "generate.guidance": guidance, "quantization.activations": activations}
-    _run(stage, config, overrides, as_json, prompt, out, full_precision)
+    _run(stage, config, overrides, as_json, prompt, out, full_precision, sets=sets)
 
 
 @app.command()
-def bench(config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt = False,
+def bench(config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt = False, sets: SetOpt = None,
           gpu: Annotated[Optional[str], typer.Option(help="GPU to report for (a10, l4, a100-80g, h100, ...); projected when it is not the present card.")] = None,
           random_weights: Annotated[bool, typer.Option("--random-weights", help="Measure the full-size architecture with random weights (no checkpoint needed).")] = False,
           kernels: Annotated[bool, typer.Option("--kernels", help="Time the ternary GEMM kernels on FLUX shapes instead of the model.")] = False,
           plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of storage, memory and latency bars.")] = None):
     """Storage, memory and latency of bf16 vs 1.58-bit, measured on CUDA or projected for a named GPU."""
-    _run(_bench, config, {"workdir": workdir, "bench.gpu": gpu}, as_json, random_weights, kernels, plot)
+    _run(_bench, config, {"workdir": workdir, "bench.gpu": gpu}, as_json, random_weights, kernels, plot, sets=sets)
 
 
 @app.command("eval")
@@ -113,12 +114,12 @@ def evaluate(suite: Annotated[str, typer.Option(help="Benchmark suite: mini (the
              images: Annotated[Optional[int], typer.Option("--images", help="Images per prompt; overrides eval.images_per_prompt.")] = None,
              split: Annotated[Optional[str], typer.Option("--split", help="test (held-out prompts, the score) or train (training prompts); overrides eval.split.")] = None,
              activations: ActivationsOpt = None,
-             config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt = False):
+             config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt = False, sets: SetOpt = None):
     """Score generated images per GenEval category (overall, per category) and write a contact sheet."""
     from .evaluate import evaluate as stage
     overrides = {"workdir": workdir, "eval.suite": suite, "eval.images_per_prompt": images, "eval.split": split,
                  "quantization.activations": activations}
-    _run(stage, config, overrides, as_json, full_precision)
+    _run(stage, config, overrides, as_json, full_precision, sets=sets)
 
 
 def _quantize(cfg) -> dict:

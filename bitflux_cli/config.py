@@ -152,13 +152,18 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
     *parents, leaf = key.split(".")
     for p in parents:
         data = data.setdefault(p, {})
+        if not isinstance(data, dict):
+            raise ConfigError(f"command line: {key}: {p} is a value, not a section")
     data[leaf] = value
 
 
-def load_config(name: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Load a config by path or bundled name, apply dotted ``overrides`` (flags), validate.
+def load_config(name: str | None = None, overrides: dict[str, Any] | None = None,
+                assignments: dict[str, Any] | None = None) -> Config:
+    """Load a config by path or bundled name, apply dotted ``assignments`` (``--set``, null included)
+    and ``overrides`` (named flags; None: not given), validate.
 
-    Raises ``ConfigError`` with one line naming the file, the key and what was expected.
+    Raises ``ConfigError`` with one line naming the file (or the command line, for a value given
+    there), the key and what was expected.
     """
     path = resolve_config_path(name or DEFAULT_CONFIG)
     try:
@@ -167,10 +172,26 @@ def load_config(name: str | None = None, overrides: dict[str, Any] | None = None
         raise ConfigError(f"{path}: not a readable YAML file ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            _set_dotted(data, key, value)
+    given = (assignments or {}) | {key: value for key, value in (overrides or {}).items() if value is not None}
+    for key, value in given.items():
+        _set_dotted(data, key, value)
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {_describe(exc.errors()[0])}") from None
+        error = exc.errors()[0]
+        source = "command line" if ".".join(str(p) for p in error["loc"]) in given else path
+        raise ConfigError(f"{source}: {_describe(error)}") from None
+
+
+def parse_assignments(items: list[str] | None) -> dict[str, Any]:
+    """``--set KEY=VALUE`` flags as dotted overrides, each value read as YAML (``4000``, ``true``, ``[mini]``)."""
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. --set quantization.block_recon.steps=4000")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item}: the value is not YAML ({str(exc).splitlines()[0]})") from None
+    return out

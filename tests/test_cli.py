@@ -102,6 +102,12 @@ def test_bad_config_is_one_line_exit_2(tmp_path):
     assert "Traceback" not in res.stderr
 
 
+def test_set_flag_reaches_the_config_and_a_bad_one_is_one_line(tmp_path):
+    res = bitflux("pack", "--workdir", tmp_path, "--set", "pack.codec=3bit", "--json")
+    assert res.exit_code == 2 and res.stdout == "" and len(res.stderr.strip().splitlines()) == 1
+    assert "command line: pack.codec" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_corrupted_packed_file_is_refused_and_left_alone(chain, tmp_path):
     wd, _, _ = chain
     target = tmp_path / "wd"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from bitflux_cli.config import bundled_configs, load_config
+from bitflux_cli.config import bundled_configs, load_config, parse_assignments
 from bitflux_cli.errors import ConfigError
 
 
@@ -22,6 +22,24 @@ def test_precedence_flag_over_yaml_over_default(tmp_path):
     cfg = load_config(str(path))
     assert cfg.generate.steps == 7 and cfg.generate.seed == 0  # YAML over default, default kept
     assert load_config(str(path), {"generate.steps": 3, "generate.seed": None}).generate.steps == 3
+    sets = parse_assignments(["generate.steps=5", "calibration.prompts.sets=[mini, parti]", "calibration.prompts.limit=null"])
+    cfg = load_config(str(path), {"generate.steps": None}, sets)
+    assert cfg.generate.steps == 5 and cfg.calibration.prompts.sets == ["mini", "parti"]
+    assert cfg.calibration.prompts.limit is None
+    assert load_config(str(path), {"generate.steps": 3}, sets).generate.steps == 3  # a named flag over --set
+
+
+@pytest.mark.parametrize("items, expected", [
+    (["generate.steps"], "expected KEY=VALUE"),
+    (["generate.steps=[1"], "not YAML"),
+    (["generate.steps=-1"], "command line: generate.steps"),
+    (["generate.stepz=4"], "command line: generate.stepz: unknown key"),
+    (["workdir.x=1"], "workdir is a value, not a section"),
+])
+def test_bad_set_flag_is_one_line_naming_the_command_line(items, expected):
+    with pytest.raises(ConfigError, match=expected) as exc:
+        load_config("tiny", None, parse_assignments(items))
+    assert "\n" not in str(exc.value) and "tiny.yaml" not in str(exc.value)
 
 
 @pytest.mark.parametrize("text, key, expected", [
