@@ -95,6 +95,8 @@ def test_scenes_obey_spec(category):
             assert x1 <= w.IMAGE_SIZE - 2 and y1 <= w.IMAGE_SIZE - 2
         if spec.relation:
             assert w.relations(scene[0].box, scene[1].box) == {spec.relation}
+            (row_a, col_a), (row_b, col_b) = ((o.y // w.CELL, o.x // w.CELL) for o in scene)
+            assert {abs(row_a - row_b), abs(col_a - col_b)} == {0, w.GRID - 1}  # opposite ends of a row or column
         colors = {tuple(p) for p in img.reshape(-1, 3)}
         assert colors <= {w.BACKGROUND, *w.COLORS.values()}  # flat colours, no anti-aliasing
 

@@ -5,7 +5,8 @@ Three phases, as FLUX.1-dev is made:
 1. the VAE (reconstruction + a small KL), then the latent statistics (shift and scale, as FLUX's
    VAE config carries them);
 2. flow matching: the transformer and both text encoders together, ``x_t = (1 - t) x0 + t noise``,
-   the model predicts ``noise - x0``, ``t`` logit-normal, a tenth of the captions empty;
+   the model predicts ``noise - x0``, ``t`` uniform and shifted towards noise as FLUX's is (where
+   the layout is decided), a tenth of the captions empty;
 3. guidance distillation: the transformer learns from its guidance input ``g`` the
    classifier-free-guided velocity of a frozen copy of itself, so that ``guidance_scale`` means
    what it means for FLUX.1-dev and one transformer call a step suffices.
@@ -98,10 +99,10 @@ def latent_pool(vae, rng, n: int, device) -> tuple[list[str], torch.Tensor]:
 class _Batches:
     """Noisy training batches from a pool of encoded scenes: the flow-matching inputs FLUX trains on."""
 
-    def __init__(self, vae, rng, pool_size: int, device, timesteps: str = "logit-normal"):
+    def __init__(self, vae, rng, pool_size: int, device, timesteps: str = "logit-normal", time_shift: float = 1.0):
         self.captions, self.latents = latent_pool(vae, rng, pool_size, device)  # [n, 16, h, w]
         self.shift, self.scale, self.device = vae.config.shift_factor, vae.config.scaling_factor, device
-        self.timesteps = timesteps
+        self.timesteps, self.time_shift = timesteps, time_shift
         self.gen = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31)))
 
     def __call__(self, batch: int) -> tuple[list[str], dict, torch.Tensor]:
@@ -113,7 +114,8 @@ class _Batches:
         noise = torch.randn(x0.shape, generator=self.gen).to(self.device)
         # logit-normal (FLUX's, mid noise) or uniform (7x more of t > 0.9, where the layout is decided)
         z = torch.randn(b, generator=self.gen) if self.timesteps == "logit-normal" else torch.rand(b, generator=self.gen)
-        t = (torch.sigmoid(z) if self.timesteps == "logit-normal" else z).to(self.device)
+        t = torch.sigmoid(z) if self.timesteps == "logit-normal" else z
+        t = (self.time_shift * t / (1 + (self.time_shift - 1) * t)).to(self.device)  # SD3/FLUX's shift towards noise
         inputs = {"hidden_states": (1 - t[:, None, None]) * x0 + t[:, None, None] * noise, "timestep": t,
                   "img_ids": FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, self.device, lat.dtype)}
         return [self.captions[i] for i in idx.tolist()], inputs, noise - x0
@@ -220,6 +222,8 @@ def main(argv=None) -> None:
     ap.add_argument("--vae-steps", type=int, default=1000, help="0 with --init keeps its VAE and latent statistics")
     ap.add_argument("--steps", type=int, default=20000, help="flow-matching steps")
     ap.add_argument("--timesteps", choices=["logit-normal", "uniform"], default="uniform", help="t distribution of both phases")
+    ap.add_argument("--time-shift", type=float, default=3.0,
+                    help="t -> s t / (1 + (s - 1) t) (SD3, FLUX): 3 gives t > 0.95 2.7x as often, where the layout is decided")
     ap.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty captions in flow matching")
     ap.add_argument("--guidance-steps", type=int, default=2000, help="guidance-distillation steps after flow matching")
     ap.add_argument("--batch", type=int, default=64)
@@ -258,7 +262,7 @@ def main(argv=None) -> None:
                 info(f"snapshot of {phase} step {step} written to {args.out}")
         return write
 
-    batches = _Batches(parts["vae"].eval(), rng, args.pool, device, args.timesteps)
+    batches = _Batches(parts["vae"].eval(), rng, args.pool, device, args.timesteps, args.time_shift)
     ema, report["flow_loss"] = train_flow(parts, batches, args.steps, args.batch, caption_dropout=args.caption_dropout,
                                           snapshot=snapshot("flow", args.steps))
     parts |= ema

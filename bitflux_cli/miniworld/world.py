@@ -7,7 +7,8 @@ objects are 4 pixels apart at least and 2 from the border:
 - shapes ``circle``, ``square``, ``triangle`` (isosceles, apex up, filling a little over half its box);
 - colours ``red``, ``green``, ``blue``, ``yellow`` (``COLORS``, at least 160 apart in RGB);
 - size: the side of the object's box, 12 pixels (10-pixel shapes blurred 5x5 lose their geometry);
-- position: one of the 9 cells.
+- position: one of the 9 cells; the two objects of a relation stand at opposite ends of one
+  column (``above``, ``below``) or row (``left of``, ``right of``), which one drawn at random.
 
 Why a grid: a 16-pixel cell is one token of the mini transformer (8x downsampling VAE, 2x2
 latent patches), so an object is one token's content. With free positions and sizes 12-20 px
@@ -15,6 +16,15 @@ latent patches), so an object is one token's content. With free positions and si
 objects but merged the others into blobs (0.17 overall); on a 64x64 canvas with a 4x4 grid and
 counts up to four, 64 minutes of training reached 0.58 (counting and position near chance). The
 issue's rule is to make the world smaller, never the scorer laxer.
+
+Why relations at opposite ends: with the two objects anywhere in one column or row (9 layouts a
+relation), the mini model never learnt which way a relation word points: its prediction at pure
+noise, averaged over seeds, did not depend on the relation (correlation with the data's relation-
+specific mean image about 0, while the shape words moved it fully), and 55 minutes of training
+left position at 0.28. On its own that mean is most of what has to be learnt, so a sharper one
+(3 layouts a relation: first object in the top row or left column) makes the signal several times
+stronger; fine-tuned on such scenes at high noise only, the same model's correlation rose to 0.5
+in 300 steps (none in 400 steps on the 9-layout scenes).
 
 A ``PromptSpec`` says what the caption constrains, like GenEval's ``include`` list; what it leaves
 free is drawn at random (colours when not named, sizes and positions always). The caption names
@@ -226,22 +236,26 @@ def relations(a: tuple[int, int, int, int], b: tuple[int, int, int, int], cut: f
                                    ("above", dy < -cut), ("below", dy > cut)) if hit}
 
 
+def _relation_cells(relation: str, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """(row, col) of the first and second object: opposite ends of a random column (or row)."""
+    k, far = int(rng.integers(GRID)), GRID - 1
+    return {"above": [(0, k), (far, k)], "below": [(far, k), (0, k)],
+            "left of": [(k, 0), (k, far)], "right of": [(k, far), (k, 0)]}[relation]
+
+
 def scene_for(spec: PromptSpec, rng: np.random.Generator) -> tuple[Placed, ...]:
     """A random scene that satisfies ``spec``: free colours and cells (and sizes) drawn from ``rng``."""
     items = [(o.shape, o.color) for o in spec.objects for _ in range(o.count)]
-    while True:  # rejection sampling for relations; a valid scene comes within a few tries
-        placed = []
-        for (shape, color), cell in zip(items, rng.choice(GRID * GRID, size=len(items), replace=False)):
-            size = int(rng.choice(SIZES))
-            row, col = divmod(int(cell), GRID)
-            pad = (CELL - size) // 2
-            placed.append(Placed(shape, color or str(rng.choice(list(COLORS))), col * CELL + pad, row * CELL + pad, size))
-        if spec.relation is None:
-            return tuple(placed)
-        # the named relation and, even at a lower cut, no other: a pixel of blur must not add a diagonal
-        a, b = placed[0].box, placed[1].box
-        if spec.relation in relations(a, b) and relations(a, b, 0.3) == {spec.relation}:
-            return tuple(placed)
+    if spec.relation is None:
+        cells = [divmod(int(c), GRID) for c in rng.choice(GRID * GRID, size=len(items), replace=False)]
+    else:
+        cells = _relation_cells(spec.relation, rng)
+    placed = []
+    for (shape, color), (row, col) in zip(items, cells):
+        size = int(rng.choice(SIZES))
+        pad = (CELL - size) // 2
+        placed.append(Placed(shape, color or str(rng.choice(list(COLORS))), col * CELL + pad, row * CELL + pad, size))
+    return tuple(placed)
 
 
 @functools.cache

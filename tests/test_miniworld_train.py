@@ -1,0 +1,31 @@
+"""The training script's flow-matching batches: targets and the timestep shift."""
+
+import numpy as np
+import pytest
+import torch
+
+from bitflux_cli.miniworld import model as mini
+from bitflux_cli.miniworld.train import _Batches
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return mini.build_components(seed=0, with_transformer=False)["vae"].eval()
+
+
+@pytest.mark.parametrize("shift, share_above_095", [(1.0, 0.05), (3.0, 1 - 0.95 / 1.1)])
+def test_time_shift_moves_timesteps_towards_noise(vae, shift, share_above_095):
+    batches = _Batches(vae, np.random.default_rng(0), 8, "cpu", timesteps="uniform", time_shift=shift)
+    t = torch.cat([batches(512)[1]["timestep"] for _ in range(8)])  # [4096]
+    assert abs((t > 0.95).float().mean().item() - share_above_095) < 0.015
+    assert 0 <= t.min() and t.max() <= 1
+
+
+def test_target_is_noise_minus_clean_latent(vae):
+    batches = _Batches(vae, np.random.default_rng(0), 8, "cpu", timesteps="uniform", time_shift=3.0)
+    captions, inputs, target = batches(4)
+    t = inputs["timestep"][:, None, None]  # [B, 1, 1]
+    x0 = inputs["hidden_states"] - t * target  # x_t = (1 - t) x0 + t noise = x0 + t (noise - x0)
+    lat = (batches.latents - batches.shift) * batches.scale  # [8, 16, 6, 6]
+    packed = lat.reshape(8, 16, 3, 2, 3, 2).permute(0, 2, 4, 1, 3, 5).reshape(8, 9, 64)  # FLUX's 2x2 patches
+    assert len(captions) == 4 and all(any(torch.allclose(x, p, atol=1e-5) for p in packed) for x in x0)
