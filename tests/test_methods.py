@@ -80,6 +80,29 @@ def test_block_recon_lowers_the_block_output_error(setup):
     assert err["block-recon"] < err["act-aware"] < err["absmean"], err
 
 
+def context_error(pipe, codes, calls) -> float:
+    """Relative error of the first double block's text-stream output, student vs FP (same inputs: the embedders are FP)."""
+    outs = []
+    for model in (pipe.transformer, student(pipe, codes)):
+        got = []
+        handle = model.transformer_blocks[0].register_forward_hook(lambda _m, _a, out: got.append(out[0].float()))
+        with torch.no_grad():
+            for kw in calls:
+                model(**kw)
+        handle.remove()
+        outs.append(torch.cat(got))  # [calls, T, D]
+    return float((outs[1] - outs[0]).norm() / outs[0].norm())
+
+
+def test_block_recon_context_weight_lowers_the_text_stream_error(setup, tmp_path):
+    cfg = tiny(tmp_path, **{"quantization.block_recon.context_weight": 1.0})
+    with_context = METHODS["block-recon"](cfg, setup["pipe"], setup["calib"])
+    image_only = tiny(tmp_path, **{"quantization.block_recon.context_weight": 0.0})
+    without = METHODS["block-recon"](image_only, setup["pipe"], setup["calib"])
+    err = [context_error(setup["pipe"], codes, setup["held_out"]) for codes in (with_context, without)]
+    assert err[0] < 0.9 * err[1], err
+
+
 def test_distill_lowers_the_velocity_error(setup):
     pipe, codes = setup["pipe"], setup["codes"]
     records = setup["calib"].records()

@@ -89,10 +89,16 @@ def reconstruct(cfg: Config, pipe, calib: Calibration, keep: Callable[[STELinear
             key = f"blocks.{name}"
             target = calib.records(lambda k: k == key)[key].to(device).float()  # [C, tokens, D]
             norm = target.square().mean()
+            context_weight = rc.context_weight if name != blocks[-1][0] else 0.0  # the last text output is unused
             for _ in range(rc.steps):
                 idx = torch.randint(n, (min(rc.batch, n),), generator=gen)
-                pred = _gather(_run(block, state, idx)[1], token_idx[idx]).float()
+                context, hidden = _run(block, state, idx)  # [B, T, D], [B, L, D]
+                pred = _gather(hidden, token_idx[idx]).float()
                 loss = (pred - target[idx]).square().mean() / norm
+                if context_weight:
+                    with torch.no_grad():
+                        fp_context = _run(fp_block, state, idx)[0].float()
+                    loss = loss + context_weight * (context.float() - fp_context).square().mean() / fp_context.square().mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
