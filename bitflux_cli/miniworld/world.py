@@ -90,6 +90,7 @@ NUMBERS = {2: "two", 3: "three"}
 RELATIONS = ("above", "below", "left of", "right of")
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 POSITION_THRESHOLD = 0.1  # GenEval's: centre offsets shrink by this fraction of both boxes' sizes
+POSITION_CUT = 0.5  # GenEval's: a relation's share of the shrunk offset that makes it hold
 
 HELD_OUT_COLOR_SHAPE = frozenset({("red", "triangle"), ("green", "circle"), ("blue", "square")})
 HELD_OUT_PAIRS = frozenset({("square", "circle"), ("triangle", "square"), ("circle", "triangle")})
@@ -219,10 +220,11 @@ def balanced_prompts(split: str = "test", seed: int = 0, per_category: int = 16)
     return out
 
 
-def relations(a: tuple[int, int, int, int], b: tuple[int, int, int, int], cut: float = 0.5) -> set[str]:
+def relations(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> set[str]:
     """GenEval's relative position of box ``a`` to box ``b`` (x0, y0, x1, y1), y downwards.
 
-    A relation holds when its component of the shrunk offset exceeds ``cut`` (GenEval's 0.5).
+    A relation holds when its component of the shrunk offset, over the offset's length, exceeds
+    ``POSITION_CUT``.
     """
     boxes = np.array([a, b], dtype=float).reshape(2, 2, 2)  # [box, corner, xy]
     center_a, center_b = boxes.mean(axis=1)
@@ -232,6 +234,7 @@ def relations(a: tuple[int, int, int, int], b: tuple[int, int, int, int], cut: f
     if np.all(np.abs(revised) < 1e-3):
         return set()
     dx, dy = revised / np.linalg.norm(offset)
+    cut = POSITION_CUT
     return {name for name, hit in (("left of", dx < -cut), ("right of", dx > cut),
                                    ("above", dy < -cut), ("below", dy > cut)) if hit}
 
