@@ -20,15 +20,19 @@ REPORT_PROMPTS = [
 ]
 
 
-# {block: [flattened output per call]} (both streams, or the image stream alone), and the velocities
-def _block_outputs(transformer, calls, image_only: bool = False):
+# {block: [flattened output per call]} and the velocities; ``streams`` picks from a block's
+# (text, image) outputs: both, ``IMAGE`` or ``TEXT``
+IMAGE, TEXT = slice(-1, None), slice(0, 1)
+
+
+def _block_outputs(transformer, calls, streams: slice = slice(None)):
     outs, handles = {}, []
     blocks = [(f"transformer_blocks.{i}", b) for i, b in enumerate(transformer.transformer_blocks)]
     blocks += [(f"single_transformer_blocks.{i}", b) for i, b in enumerate(transformer.single_transformer_blocks)]
     for name, block in blocks:
         def hook(_m, _a, out, name=name):
             out = out if isinstance(out, tuple) else (out,)
-            out = out[-1:] if image_only else out
+            out = out[streams]
             outs.setdefault(name, []).append(torch.cat([o.float().flatten() for o in out]))
         handles.append(block.register_forward_hook(hook))
     velocities = []

@@ -8,7 +8,7 @@ import torch
 
 from bitflux_cli.calibrate import load_calibration, teacher_kwargs
 from bitflux_cli.config import load_config
-from bitflux_cli.fidelity import REPORT_PROMPTS, _block_outputs
+from bitflux_cli.fidelity import IMAGE, REPORT_PROMPTS, TEXT, _block_outputs
 from bitflux_cli.methods import METHODS
 from bitflux_cli.methods.act_aware import weighted_error
 from bitflux_cli.models import load_pipeline
@@ -48,7 +48,7 @@ def student(pipe, codes):
 
 def block_error(pipe, codes, calls) -> float:
     """Mean over blocks and calls of the relative image-stream output error of the student vs FP."""
-    fp, q = (_block_outputs(model, calls, image_only=True)[0] for model in (pipe.transformer, student(pipe, codes)))
+    fp, q = (_block_outputs(model, calls, IMAGE)[0] for model in (pipe.transformer, student(pipe, codes)))
     return sum(float((q[n][i] - fp[n][i]).norm() / fp[n][i].norm()) for n in fp for i in range(len(calls))) / (len(fp) * len(calls))
 
 
@@ -82,16 +82,9 @@ def test_block_recon_lowers_the_block_output_error(setup):
 
 def context_error(pipe, codes, calls) -> float:
     """Relative error of the first double block's text-stream output, student vs FP (same inputs: the embedders are FP)."""
-    outs = []
-    for model in (pipe.transformer, student(pipe, codes)):
-        got = []
-        handle = model.transformer_blocks[0].register_forward_hook(lambda _m, _a, out: got.append(out[0].float()))
-        with torch.no_grad():
-            for kw in calls:
-                model(**kw)
-        handle.remove()
-        outs.append(torch.cat(got))  # [calls, T, D]
-    return float((outs[1] - outs[0]).norm() / outs[0].norm())
+    fp, q = (torch.cat(_block_outputs(model, calls, TEXT)[0]["transformer_blocks.0"])
+             for model in (pipe.transformer, student(pipe, codes)))
+    return float((q - fp).norm() / fp.norm())
 
 
 def test_block_recon_context_weight_lowers_the_text_stream_error(setup, tmp_path):

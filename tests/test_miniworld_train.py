@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from diffusers import FluxPipeline
 
 from bitflux_cli.miniworld import model as mini
 from bitflux_cli.miniworld.train import _Batches
@@ -27,5 +28,5 @@ def test_target_is_noise_minus_clean_latent(vae):
     t = inputs["timestep"][:, None, None]  # [B, 1, 1]
     x0 = inputs["hidden_states"] - t * target  # x_t = (1 - t) x0 + t noise = x0 + t (noise - x0)
     lat = (batches.latents - batches.shift) * batches.scale  # [8, 16, 6, 6]
-    packed = lat.reshape(8, 16, 3, 2, 3, 2).permute(0, 2, 4, 1, 3, 5).reshape(8, 9, 64)  # FLUX's 2x2 patches
+    packed = FluxPipeline._pack_latents(lat, 8, 16, 6, 6)  # [8, 9, 64]: FLUX's 2x2 patches
     assert len(captions) == 4 and all(any(torch.allclose(x, p, atol=1e-5) for p in packed) for x in x0)
