@@ -10,10 +10,13 @@ def test_vocab_is_exactly_the_caption_words():
     assert w.VOCAB_WORDS == sorted(w.VOCAB_WORDS) and all(x == x.lower() for x in w.VOCAB_WORDS)
 
 
-def test_tokenizer_knows_every_word():
+def test_tokenizer_knows_every_word_and_splits_plurals():
     from bitflux_cli.miniworld import model
 
-    assert set(w.VOCAB_WORDS) <= set(model.WORDS)
+    tok = model.tokenizer()
+    for word in w.VOCAB_WORDS:
+        pieces = tok.convert_ids_to_tokens(tok(word, add_special_tokens=False).input_ids)
+        assert pieces == ([word[:-1], model.PLURAL] if word[:-1] in w.SHAPES else [word])
 
 
 @pytest.mark.parametrize("spec,caption", [

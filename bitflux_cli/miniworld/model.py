@@ -1,7 +1,7 @@
 """The miniature FLUX: the exact FLUX.1 architecture at a size that trains on two CPU cores.
 
 A real ``FluxPipeline``: ``FluxTransformer2DModel`` (double and single blocks, guidance
-embedding), CLIP and T5 text encoders behind a word-level tokenizer built in code, a 16-channel
+embedding), CLIP and T5 text encoders behind a WordPiece tokenizer built in code, a 16-channel
 ``AutoencoderKL`` and the flow-matching Euler scheduler. Weights come from a directory of
 safetensors files (one per component) when one is given or bundled, else from a seeded random
 initialisation, so the model is the same on every machine.
@@ -21,12 +21,13 @@ from .world import IMAGE_SIZE
 MAX_SEQUENCE_LENGTH = 12  # T5 tokens (captions are at most 8 with </s>); CLIP uses the same length
 
 SPECIAL = ["<pad>", "</s>", "<unk>"]
+PLURAL = "##s"  # a plural is its singular's token and this suffix piece, as subword tokenizers split words
 WORDS = """a an the one two three four five six of and with photo picture image
 red green blue yellow orange purple white black pink cyan gray brown
-circle circles square squares triangle triangles star stars
+circle square triangle star
 small big large tiny
 above below left right top bottom next to on under beside
-""".split()
+""".split() + [PLURAL]
 
 TRANSFORMER = dict(
     patch_size=1, in_channels=64, out_channels=None, num_layers=2, num_single_layers=4,
@@ -45,9 +46,13 @@ LATENT_STATS = ("shift_factor", "scaling_factor")  # VAE config values, kept in 
 
 
 def tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the world's vocabulary, lower-cased, unknown words to <unk>."""
+    """WordPiece tokenizer over the world's vocabulary, lower-cased, unknown words to <unk>.
+
+    ``three triangles`` is ``three triangle ##s </s>``: with whole-word plurals, a held-out count
+    (``two triangles``) was a pair of tokens never seen together, and the mini model drew one triangle.
+    """
     vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="<unk>", continuing_subword_prefix="##"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     # CLIP pools the hidden state at </s>: without it the pooled vector would see only word one
