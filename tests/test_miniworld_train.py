@@ -1,4 +1,4 @@
-"""The training script's flow-matching batches: targets and the timestep shift."""
+"""The training script: flow-matching batches (targets, the timestep shift), determinism and --init."""
 
 import numpy as np
 import pytest
@@ -30,3 +30,19 @@ def test_target_is_noise_minus_clean_latent(vae):
     lat = (batches.latents - batches.shift) * batches.scale  # [8, 16, 6, 6]
     packed = FluxPipeline._pack_latents(lat, 8, 16, 6, 6)  # [8, 9, 64]: FLUX's 2x2 patches
     assert len(captions) == 4 and all(any(torch.allclose(x, p, atol=1e-5) for p in packed) for x in x0)
+
+
+def test_training_is_deterministic_and_continues_with_init(tmp_path):
+    from safetensors.torch import load_file
+
+    from bitflux_cli.miniworld.train import main
+
+    tiny = ["--vae-steps", "2", "--steps", "3", "--guidance-steps", "2", "--batch", "4", "--pool", "8"]
+    for name in ("a", "b"):
+        main([*tiny, "--out", str(tmp_path / name)])
+    main([*tiny, "--init", str(tmp_path / "a"), "--vae-steps", "0", "--out", str(tmp_path / "c")])
+    for component in mini.COMPONENTS:
+        a, b, c = (load_file(tmp_path / run / f"{component}.safetensors") for run in "abc")
+        assert all(torch.equal(a[k], b[k]) for k in a), component
+        changed = any(not torch.equal(a[k], c[k]) for k in a)
+        assert changed == (component != "vae"), component  # --vae-steps 0 keeps the VAE
