@@ -18,7 +18,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast,
 
 from .world import IMAGE_SIZE
 
-MAX_SEQUENCE_LENGTH = 12  # T5 tokens (captions are at most 8 with </s>); CLIP uses the same length
+MAX_SEQUENCE_LENGTH = 12  # T5 tokens (captions are at most 9 with </s>); CLIP uses the same length
 
 SPECIAL = ["<pad>", "</s>", "<unk>"]
 PLURAL = "##s"  # a plural is its singular's token and this suffix piece, as subword tokenizers split words
