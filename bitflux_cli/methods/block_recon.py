@@ -3,7 +3,8 @@
 Blocks run in execution order (double, then single). The inputs of block i are those of the
 already-quantized student (blocks 0..i-1 ternary), computed from the teacher calls recorded by
 calibration, so each block also corrects the error that reaches it; the targets are the FP
-block's image-stream outputs that calibration recorded at a subsample of image tokens. Each linear
+block's image-stream outputs that calibration recorded at a subsample of image tokens and
+(``block_recon.context_weight``) its text-stream output on the same student inputs. Each linear
 starts from act-aware codes and scales; Adam then trains the scales (log space) and, through the
 straight-through estimator, the latent weights. Only one block, its optimizer state, its targets
 and the student activations of the recorded calls are held besides the FP model.

@@ -99,7 +99,7 @@ def latent_pool(vae, rng, n: int, device) -> tuple[list[str], torch.Tensor]:
 class _Batches:
     """Noisy training batches from a pool of encoded scenes: the flow-matching inputs FLUX trains on."""
 
-    def __init__(self, vae, rng, pool_size: int, device, timesteps: str = "logit-normal", time_shift: float = 1.0):
+    def __init__(self, vae, rng, pool_size: int, device, timesteps: str, time_shift: float):
         self.captions, self.latents = latent_pool(vae, rng, pool_size, device)  # [n, 16, h, w]
         self.shift, self.scale, self.device = vae.config.shift_factor, vae.config.scaling_factor, device
         self.timesteps, self.time_shift = timesteps, time_shift
