@@ -1,13 +1,23 @@
-"""The work directory: where each stage's artifact lives, and atomic writes."""
+"""The work directory: where each stage's artifact lives, atomic writes, one writer per stage."""
 
+import fcntl
+import glob
 import hashlib
+import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import MissingArtifactError
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import ArtifactError, BusyError, MissingArtifactError, UsageError
 
 # stage -> (artifact path inside the workdir, command that makes it)
 LAYOUT = {
@@ -38,28 +48,65 @@ def require(workdir: Path, stage: str) -> Path:
     return path
 
 
+def _hold(path: str) -> int:
+    """An open descriptor of ``path`` with an exclusive lock: the mark of a live writer of a temp file."""
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove what killed writes of ``path`` left beside it: temp files and dirs ``.<name>.*.tmp`` and
+    ``atomic_dir``'s ``.<name>.old``. A temp whose writer is alive is locked by it and left alone."""
+    for stale in glob.glob(os.path.join(glob.escape(str(path.parent)), f".{glob.escape(path.name)}.*.tmp")):
+        try:
+            fd = os.open(stale, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live writer
+        else:
+            shutil.rmtree(stale, ignore_errors=True) if os.path.isdir(stale) else Path(stale).unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+    shutil.rmtree(path.with_name(f".{path.name}.old"), ignore_errors=True)
+
+
 @contextmanager
 def atomic_file(path: Path):
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
+
+    Temp files that a killed earlier write of ``path`` left are removed first.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    held = _hold(tmp)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts are ordinary files
         os.replace(tmp, path)
     finally:
+        os.close(held)
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
 @contextmanager
 def atomic_dir(path: Path):
-    """Yield a temporary directory beside ``path``; on success it replaces ``path``."""
+    """Yield a temporary directory beside ``path``; on success it replaces ``path``.
+
+    Temp dirs (and a ``.<name>.old``) that a killed earlier write of ``path`` left are removed first.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    _remove_stale(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    held = _hold(str(tmp))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
@@ -69,6 +116,7 @@ def atomic_dir(path: Path):
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
     finally:
+        os.close(held)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -79,3 +127,109 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _can_create_in(directory: Path) -> bool:
+    # a real probe: os.access says yes to root, even on a read-only mount or in /proc
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return True
+    except OSError:
+        return False
+
+
+def check_writable_dir(path: Path, what: str) -> None:
+    """Refuse (``UsageError``, exit 2) a directory ``path`` that is a file or cannot be made or written.
+
+    ``what`` names it in the message (``--workdir``). Nothing is created but a probe file, removed at once.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{what} {path} is a file, not a directory")
+    base = _nearest_existing(path)
+    if not base.is_dir():
+        raise UsageError(f"{what} {path}: {base} is a file, not a directory")
+    if not _can_create_in(base):
+        raise UsageError(f"{what} {path}: cannot write in {base}")
+
+
+def check_output_file(path: Path, what: str) -> None:
+    """Refuse (``UsageError``, exit 2) an output file ``path`` that is a directory or cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a directory: give the path of the file to write")
+    check_writable_dir(path.parent, f"{what} {path}: the directory")
+
+
+@contextmanager
+def stage_lock(workdir: Path, stage: str):
+    """Hold ``<workdir>/.lock-<stage>`` (an advisory ``flock``) while one run writes that stage's artifact.
+
+    A second holder is refused at once with ``BusyError`` (exit 1), naming the run that holds it; the
+    lock goes with the process (a killed run leaves no stale lock). The file stays: removing a lock
+    file another process has open would let a third lock a new one.
+    """
+    path = Path(workdir) / f".lock-{stage}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "a process that has not said who it is yet"
+            raise BusyError(f"{workdir}: another run is writing its {stage} stage ({holder}); "
+                            f"wait for it to finish, or use another --workdir") from None
+        os.ftruncate(fd, 0)
+        command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300].replace("\n", " ")
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {since}: {command}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _tensor_sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
+
+
+def write_state(path: Path, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
+    """Write resume state without pickle, atomically: ``tensors`` in a safetensors file, ``scalars``
+    (JSON-able: step, fingerprint, settings) as JSON in its header, with each tensor's sha256."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta = {"bitflux.state": json.dumps(scalars, sort_keys=True),
+            "bitflux.sha256": json.dumps({k: _tensor_sha256(v) for k, v in tensors.items()}, sort_keys=True)}
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def _damaged(path: Path, why: str) -> ArtifactError:
+    return ArtifactError(f"{path}: {why}; delete it to start over")
+
+
+def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, scalars) of a ``write_state`` file; anything else, or a tensor whose bytes do not match
+    its recorded sha256, is refused with one line naming the file (``ArtifactError``)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, SafetensorError) as exc:
+        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise _damaged(path, f"not a readable safetensors state file ({cause})") from None
+    try:
+        scalars, sums = json.loads(meta["bitflux.state"]), json.loads(meta["bitflux.sha256"])
+    except (KeyError, ValueError):
+        raise _damaged(path, "no bitflux state in its header") from None
+    if not isinstance(scalars, dict) or not isinstance(sums, dict) or sums.keys() != tensors.keys():
+        raise _damaged(path, "its header does not list the tensors it holds")
+    for name, t in tensors.items():
+        if _tensor_sha256(t) != sums[name]:
+            raise _damaged(path, f"tensor {name} does not match its recorded sha256")
+    return tensors, scalars

@@ -27,3 +27,7 @@ class ArtifactError(BitfluxError):
 
 class ModelUnavailableError(BitfluxError):
     """The base model cannot be loaded (offline with no local copy)."""
+
+
+class BusyError(BitfluxError):
+    """Another run holds the lock of a workdir stage this run would write (exit 1: retry once it ends)."""
