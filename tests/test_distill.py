@@ -1,9 +1,12 @@
 """distill at scale, on the tiny model: FSDP over two torchrun CPU ranks equals one process, resumes
-across world sizes, and the block-wise mode lowers the velocity error, exports exact codes and resumes."""
+across world sizes, and the block-wise mode lowers the velocity error, exports exact codes and resumes.
+Resume state holds no pickle: a planted one is never run, a damaged or foreign one is refused."""
 
 import copy
 import importlib
 import os
+import pickle
+import re
 import shutil
 import socket
 import subprocess
@@ -17,14 +20,16 @@ import yaml
 from bitflux_cli.calibrate import calibrate, load_calibration
 from bitflux_cli.checkpoint import read_checkpoint
 from bitflux_cli.config import load_config
-from bitflux_cli.errors import UsageError
+from bitflux_cli.errors import ArtifactError, UsageError
 from bitflux_cli.fidelity import REPORT_PROMPTS
 from bitflux_cli.methods import METHODS
+from bitflux_cli.methods.ste import read_saved, write_saved
 from bitflux_cli.models import load_pipeline
 from bitflux_cli.teacher import record_transformer_calls, velocity_errors
 from bitflux_cli.ternary import quantize_transformer, scoped_linears
 
 DATA = (Path(__file__).parents[1] / "../shared/data").resolve()
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"calibration prompts (paper set) not found at {DATA}: needs the shared/data checkout beside the repo")
 CALIBRATION = {"prompts": {"sets": ["paper"], "limit": 4, "data_dir": str(DATA)},
                "steps": 4, "timesteps": 2, "tokens": 8, "shard_size": 2, "batch": 2}
 FULL = {"steps": 4, "batch": 4, "save_every": 2, "gradient_checkpointing": True}
@@ -107,7 +112,7 @@ def two_ranks(setup):
 
 def test_two_ranks_equal_one_process(setup, two_ranks):
     assert_same_codes(exported(two_ranks), setup["single2"])
-    fsdp, single = (torch.load(w / "distill/state.pt") for w in (two_ranks, setup["tmp"] / "single2"))
+    fsdp, single = (read_saved(w / "distill/state.safetensors") for w in (two_ranks, setup["tmp"] / "single2"))
     assert fsdp.keys() == single.keys() and fsdp["step"] == single["step"] == 2
     shapes = [{k: (v.shape, v.dtype) for k, v in state["model"].items()} for state in (fsdp, single)]
     assert shapes[0] == shapes[1]
@@ -145,7 +150,7 @@ def test_blockwise_lowers_the_velocity_error_with_exact_codes(setup, blockwise):
         assert c.dtype == torch.int8 and c.shape == linears[name].weight.shape and set(c.unique().tolist()) <= {-1, 0, 1}
         assert s.dtype == torch.float32 and s.shape == (c.shape[0],) and (s > 0).all()
     blocks = {".".join(name.split(".")[:2]) for name in linears}  # only the last round's latents are kept
-    assert {f.name for f in (setup["tmp"] / "blockwise/distill/blocks").iterdir()} == {f"{b}.r1.pt" for b in blocks}
+    assert {f.name for f in (setup["tmp"] / "blockwise/distill/blocks").iterdir()} == {f"{b}.r1.safetensors" for b in blocks}
     errors = {}
     for method, codes in (("absmean", None), ("blockwise", blockwise)):
         student = copy.deepcopy(pipe.transformer)
@@ -171,7 +176,7 @@ def test_blockwise_resumes_mid_block(setup, blockwise, tmp_path, monkeypatch):
     with pytest.raises(_Killed):
         distill(config, setup["pipe"])
     monkeypatch.undo()
-    saved = torch.load(tmp_path / "killed/distill/state.pt")  # saved every 3 steps: at 33, in round 1's third block
+    saved = read_saved(tmp_path / "killed/distill/state.safetensors")  # saved every 3 steps: at 33, in round 1's third block
     assert (saved["step"], saved["round"], saved["block"], saved["block_step"]) == (33, 1, "single_transformer_blocks.0", 1)
     assert_same_codes(distill(config, setup["pipe"]), blockwise, rtol=0)
 
@@ -188,3 +193,62 @@ def test_init_block_recon_starts_from_its_result(setup, mode):
     started = distill(config, setup["pipe"])
     assert_same_codes(started, recon, rtol=1e-9)
     assert any(not torch.equal(started[m][0], absmean[m][0]) for m in started)
+
+
+def test_a_planted_pickle_state_is_never_run(setup, tmp_path):
+    # A state.pt whose unpickling runs a shell command; TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 would make
+    # torch.load unpickle it. distill must not open it at all, and still run cleanly.
+    from typer.testing import CliRunner
+
+    from bitflux_cli.cli import app
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, ('touch "$BITFLUX_TEST_MARKER"',)
+
+    config = tiny(tmp_path, "planted", setup["calib"], **FULL | {"steps": 2})
+    bomb = pickle.dumps({"fingerprint": "x", "step": 0, "model": Payload()})
+    (tmp_path / "planted/distill/blocks").mkdir(parents=True)
+    (tmp_path / "planted/distill/state.pt").write_bytes(bomb)
+    (tmp_path / "planted/distill/blocks/transformer_blocks.0.r0.pt").write_bytes(bomb)
+    live = tmp_path / "live-marker"  # the payload is real: plain unpickling runs it
+    subprocess.run([sys.executable, "-c", "import pickle, sys; pickle.load(open(sys.argv[1], 'rb'))",
+                    str(tmp_path / "planted/distill/state.pt")], env=os.environ | {"BITFLUX_TEST_MARKER": str(live)}, check=True)
+    assert live.exists()
+    marker = tmp_path / "marker"
+    res = CliRunner().invoke(app, ["quantize", "--method", "distill", "-c", str(config), "--json"],
+                             env={"BITFLUX_TEST_MARKER": str(marker), "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})
+    assert res.exit_code == 0, res.stderr
+    assert not marker.exists()
+    assert "Traceback" not in res.stderr and "pickle state: not read" in res.stderr
+    assert (tmp_path / "planted/distill/state.safetensors").is_file()
+    assert_same_codes(exported(tmp_path / "planted"), setup["single2"], rtol=0)
+
+
+def test_fingerprint_includes_the_tool_version(setup, monkeypatch):
+    cfg = load_config(str(setup["tmp"] / "single2.yaml"))
+    calib = load_calibration(cfg)
+    before = DISTILL._fingerprint(cfg, calib)
+    monkeypatch.setattr(DISTILL, "TOOL_VERSION", "0.0.0-other")
+    assert DISTILL._fingerprint(cfg, calib) != before
+
+
+def test_damaged_or_foreign_state_is_refused_naming_the_file(setup, tmp_path):
+    config = tiny(tmp_path, "damaged", setup["calib"], **FULL)
+    shutil.copytree(setup["tmp"] / "single2/distill", tmp_path / "damaged/distill")
+    state = tmp_path / "damaged/distill/state.safetensors"
+    intact = state.read_bytes()
+    data = bytearray(intact)
+    data[-5] ^= 0x40  # inside the last tensor's bytes
+    state.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"state.safetensors: tensor .* does not match its recorded sha256") as err:
+        distill(config, setup["pipe"])
+    assert "\n" not in str(err.value) and str(state) in str(err.value)
+    state.write_bytes(intact)
+    saved = read_saved(state)
+    model = dict(saved["model"])  # a checksummed file whose tensors are not this model's
+    name = next(k for k in model if k.endswith(".log_scale"))
+    model[name] = model[name][:-1]
+    write_saved(state, {k: v for k, v in saved.items() if k in ("fingerprint", "step")}, model, saved["optimizer"])
+    with pytest.raises(ArtifactError, match=f"its latent tensors do not fit this model .*first {re.escape(name)}"):
+        distill(config, setup["pipe"])

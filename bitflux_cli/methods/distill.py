@@ -21,12 +21,18 @@ and its trained latent weights, thresholds and scales are the start, so the end-
 has to correct what block-local targets could not see. Under torchrun every rank runs it (it is
 deterministic); a resumed full run skips it.
 
-Checkpoints go to ``<workdir>/distill/state.pt`` every ``save_every`` steps and at the end: the step,
-the full (gathered) latent weights, scales and thresholds and the full Adam state keyed by parameter
-name (``torch.distributed.checkpoint.state_dict``), written by rank 0; the file is the same at any
-world size, so a run resumes at another. A rerun with the same calibration and settings resumes
-(``steps`` or ``rounds`` may be raised to train on; a checkpoint past the end is not used). Batches
-come from a generator seeded by the step, so a resumed run equals an uninterrupted one.
+Checkpoints go to ``<workdir>/distill/state.safetensors`` every ``save_every`` steps and at the end,
+written by rank 0 in one atomic rename, with no pickle: the tensors are the full (gathered) latent
+weights, scales and thresholds (``model.<parameter>``) and the full Adam state keyed by parameter
+name (``optimizer.<parameter>.<exp_avg|exp_avg_sq|step>``, from
+``torch.distributed.checkpoint.state_dict``); the header holds the scalars as JSON (fingerprint,
+step, position, Adam's param groups) and each tensor's sha256 (``artifacts.write_state``). The file
+is the same at any world size, so a run resumes at another. A rerun with the same calibration,
+settings and bitflux version resumes (``steps`` or ``rounds`` may be raised to train on; a
+checkpoint past the end is not used); a state of another run is not used, and a damaged one, or one
+whose tensors do not fit the model, is refused naming the file. Batches come from a generator seeded
+by the step, so a resumed run equals an uninterrupted one. A ``state.pt`` of an earlier bitflux
+(pickle) is never opened.
 """
 
 import copy
@@ -47,8 +53,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from ..artifacts import atomic_file
 from ..calibrate import Calibration, _blocks, teacher_kwargs
+from ..checkpoint import TOOL_VERSION
 from ..config import Config, DistillConfig
 from ..console import info, progress
 from ..distributed import init_distributed
@@ -56,7 +62,9 @@ from ..errors import UsageError
 from ..ternary import scoped_linears
 from .block_recon import reconstruct
 from .distill_blockwise import blockwise
-from .ste import FULL, STELinear, absmean_init, attach_ste, optimizer, ste_state
+from .ste import FULL, STELinear, absmean_init, attach_ste, check_fits, optimizer, read_saved, ste_state, write_saved
+
+STATE = "state.safetensors"
 
 
 @dataclass
@@ -91,10 +99,18 @@ class Run:
         opt.step()
 
     def checkpoint(self, total: int) -> dict | None:
-        """The saved state of this run (memory-mapped) when it is at or before step ``total``, else None."""
-        file = self.path / "state.pt"
-        saved = torch.load(file, map_location="cpu", mmap=True) if file.is_file() else None
-        if saved is None or saved["fingerprint"] != self.fingerprint or saved["step"] > total:
+        """The saved state of this run when it is at or before step ``total``, else None."""
+        for legacy in [self.path / "state.pt", *sorted(self.path.glob("blocks/*.pt"))]:
+            if legacy.is_file():  # pickle: loading it could run any code
+                info(f"distill: {legacy} is an earlier bitflux's pickle state: not read (delete it)")
+        file = self.path / STATE
+        if not file.is_file():
+            return None
+        saved = read_saved(file)
+        if saved["fingerprint"] != self.fingerprint:
+            info(f"distill: {file} comes from another run (calibration, settings or bitflux version): starting over")
+            return None
+        if saved["step"] > total:
             return None
         info(f"distill: resuming from step {saved['step']} ({file})")
         return saved
@@ -103,26 +119,26 @@ class Run:
         """Set the STE linears of ``student`` from full tensors by parameter name (sharded again under FSDP)."""
         set_model_state_dict(student, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
-    def restore(self, saved: dict, student: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    def restore(self, saved: dict, student: torch.nn.Module, ste: dict[str, STELinear], opt: torch.optim.Optimizer) -> None:
         """The latent weights, scales and Adam state of a checkpoint, at this run's world size."""
+        check_fits(saved, ste)
         self.load(student, saved["model"])
         set_optimizer_state_dict(student, opt, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
 
     def save(self, step: int, student: torch.nn.Module, ste: dict[str, STELinear],
              opt: torch.optim.Optimizer | None, **where) -> None:
         """Checkpoint at ``step`` (every rank calls it, rank 0 writes); ``where`` records the position."""
-        state = {"fingerprint": self.fingerprint, "step": step, **where, "model": ste_state(ste),
-                 "optimizer": {} if opt is None else get_optimizer_state_dict(student, opt, options=FULL)}
+        model = ste_state(ste)
+        optim = {"state": {}, "param_groups": []} if opt is None else get_optimizer_state_dict(student, opt, options=FULL)
         if self.rank == 0:
-            with atomic_file(self.path / "state.pt") as tmp:
-                torch.save(state, tmp)
+            write_saved(self.path / STATE, {"fingerprint": self.fingerprint, "step": step, **where}, model, optim)
 
 
 def _fingerprint(cfg: Config, calib: Calibration) -> str:
     dc = cfg.quantization.distill
     unused = {"steps", "save_every", "rounds"} | ({"block_steps"} if dc.mode == "full" else set())
     key = {"calibration": json.loads((calib.path / "manifest.json").read_text())["fingerprint"],
-           "distill": dc.model_dump(mode="json", exclude=unused)}
+           "distill": dc.model_dump(mode="json", exclude=unused), "tool_version": TOOL_VERSION}
     if dc.init == "block-recon":
         key["block_recon"] = cfg.quantization.block_recon.model_dump(mode="json")
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -164,7 +180,7 @@ def _full(run: Run, teacher: torch.nn.Module) -> dict:
     saved = run.checkpoint(dc.steps)
     start = 0 if saved is None else saved["step"]
     if saved is not None:
-        run.restore(saved, student, opt)
+        run.restore(saved, student, ste, opt)
     elif run.init is not None:
         run.load(student, run.init())
     with progress("distill", dc.steps - start, "steps") as advance:

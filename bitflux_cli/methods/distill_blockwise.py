@@ -9,11 +9,12 @@ those its previous visit left), trains them and their scales with Adam for ``dis
 steps against the velocity loss, and freezes them back to ternary. Only that block's latent
 weights and Adam state are ever held.
 
-The end of a visit writes the block's latent state to ``<workdir>/distill/blocks/<block>.r<round>.pt``
-(where its next visit starts, and from which a resumed run rebuilds finished blocks), then
-``state.pt``, then drops the block's file of the round before. Steps count globally over visits;
-``state.pt`` records the step, the round and block it falls in, and mid-visit the block's latent
-and Adam state.
+The end of a visit writes the block's latent state to
+``<workdir>/distill/blocks/<block>.r<round>.safetensors`` (where its next visit starts, and from
+which a resumed run rebuilds finished blocks; the run's fingerprint in its JSON header), then
+``state.safetensors``, then drops the block's file of the round before. Steps count globally over
+visits; ``state.safetensors`` records the step, the round and block it falls in, and mid-visit the
+block's latent and Adam state. No file is pickle (see ``distill``).
 """
 
 import copy
@@ -22,13 +23,12 @@ from pathlib import Path
 import torch
 from bitflux_kernels import ternary_linear_torch, unpack_2bit
 
-from ..artifacts import atomic_file
 from ..calibrate import _blocks
 from ..console import progress
 from ..errors import ArtifactError
 from ..ternary import TernaryLinear, _set_submodule, scoped_linears, ternarize
 from .act_aware import threshold_codes
-from .ste import STELinear, absmean_init, attach_ste, optimizer, ste_state
+from .ste import STELinear, absmean_init, attach_ste, check_fits, optimizer, read_saved, ste_state, write_saved
 
 
 class FrozenTernary(TernaryLinear):
@@ -53,7 +53,7 @@ def _start_codes(init_state: dict[str, torch.Tensor], name: str, device) -> tupl
 
 
 def _latents(run, block: str, rnd: int) -> Path:  # the block's latent state after its visit in round ``rnd``
-    return run.path / "blocks" / f"{block}.r{rnd}.pt"
+    return run.path / "blocks" / f"{block}.r{rnd}.safetensors"
 
 
 # STE linears in place of the block's frozen ones: from the FP weights or ``init_state`` (first
@@ -66,9 +66,12 @@ def _thaw(run, student, teacher, block: str, last_round: int, init_state: dict |
         run.load(student, {k: v for k, v in init_state.items() if k.startswith(f"{block}.")})
     if last_round >= 0:
         file = _latents(run, block, last_round)
-        saved = torch.load(file, map_location="cpu", mmap=True)
+        if not file.is_file():
+            raise ArtifactError(f"{file} is missing, and the distill state resumes from it: delete {run.path} to start over")
+        saved = read_saved(file)
         if saved["fingerprint"] != run.fingerprint:
             raise ArtifactError(f"{file} comes from another distill run: delete {run.path} to start over")
+        check_fits(saved, ste)
         run.load(student, saved["model"])
     return ste
 
@@ -108,14 +111,13 @@ def blockwise(run, teacher: torch.nn.Module) -> dict:
             opt = optimizer(ste, dc.weight_lr, dc.scale_lr)
             lo, hi = visit * dc.block_steps, (visit + 1) * dc.block_steps
             if start > lo:
-                run.restore(saved, student, opt)
+                run.restore(saved, student, ste, opt)
             for step in range(max(start, lo), hi):
                 run.train_step(student, opt, step)
                 advance()
                 if (step + 1) % dc.save_every == 0 and step + 1 < hi:
                     run.save(step + 1, student, ste, opt, **where(step + 1))
-            with atomic_file(_latents(run, blocks[b], rnd)) as tmp:
-                torch.save({"fingerprint": run.fingerprint, "model": ste_state(ste)}, tmp)
+            write_saved(_latents(run, blocks[b], rnd), {"fingerprint": run.fingerprint}, ste_state(ste))
             _freeze(student, ste)
             run.save(hi, student, {}, None, **where(hi))
             _latents(run, blocks[b], rnd - 1).unlink(missing_ok=True)

@@ -1,10 +1,14 @@
 """Ternary linears trained through a straight-through estimator, shared by block-recon and distill."""
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
+from ..artifacts import read_state, write_state
+from ..errors import ArtifactError
 from ..ternary import _set_submodule
 from .act_aware import threshold_codes
 
@@ -75,3 +79,45 @@ def ste_state(ste: dict[str, STELinear]) -> dict[str, torch.Tensor]:
     """Latent weights, scales, thresholds and biases of ``ste`` by full parameter name, gathered from
     their FSDP shards (a collective: every rank calls it; ranks other than 0 get {})."""
     return {f"{name}.{k}": v for name, m in ste.items() for k, v in get_model_state_dict(m, options=FULL).items()}
+
+
+def write_saved(file: Path, scalars: dict, model: dict[str, torch.Tensor], optim: dict | None = None) -> None:
+    """A checkpoint without pickle: tensors by name (``model.*``, ``optimizer.<param>.<key>``), the rest JSON."""
+    tensors = {f"model.{k}": v for k, v in model.items()}
+    scalars = dict(scalars, format="bitflux-distill-state")
+    if optim is not None:
+        for param, entries in optim["state"].items():
+            for key, value in entries.items():
+                if not isinstance(value, torch.Tensor):
+                    raise TypeError(f"optimizer state {param}.{key} is a {type(value).__name__}, not a tensor")
+                tensors[f"optimizer.{param}.{key}"] = value
+        scalars["param_groups"] = optim["param_groups"]
+    write_state(file, tensors, scalars)
+
+
+def read_saved(file: Path) -> dict:
+    """A ``write_saved`` checkpoint as {scalars..., "model": {...}, "optimizer": {"state", "param_groups"}}."""
+    tensors, scalars = read_state(file)
+    if (scalars.get("format") != "bitflux-distill-state" or not isinstance(scalars.get("fingerprint"), str)
+            or type(scalars.get("step", 0)) is not int or not isinstance(scalars.get("param_groups", []), list)):
+        raise ArtifactError(f"{file}: not a distill checkpoint of this bitflux; delete it to start over")
+    model = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optimizer."):
+            param, _, key = k.removeprefix("optimizer.").rpartition(".")
+            state.setdefault(param, {})[key] = v
+    groups = [dict(g, betas=tuple(g["betas"])) if isinstance(g, dict) and "betas" in g else g  # JSON made the tuple a list
+              for g in scalars.get("param_groups", [])]
+    return scalars | {"file": file, "model": model, "optimizer": {"state": state, "param_groups": groups}}
+
+
+def check_fits(saved: dict, ste: dict[str, STELinear]) -> None:
+    """Refuse (one line naming the file) a checkpoint whose latent tensors are not those of the linears ``ste``."""
+    expected = {f"{name}.{k}": (tuple(v.shape), v.dtype) for name, m in ste.items()
+                for k, v in [*m.named_parameters(), *m.named_buffers()]}
+    found = {k: (tuple(v.shape), v.dtype) for k, v in saved["model"].items()}
+    if found != expected:
+        wrong = sorted(k for k in found.keys() | expected.keys() if found.get(k) != expected.get(k))
+        raise ArtifactError(f"{saved['file']}: its latent tensors do not fit this model ({len(wrong)} differ, first {wrong[0]}); "
+                            f"delete it to start over")
