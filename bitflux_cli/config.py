@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator
 
 from .errors import ConfigError
 
@@ -23,9 +23,9 @@ class ModelConfig(_Section):
 
 
 class PromptsConfig(_Section):
-    sets: list[str] = Field(default_factory=lambda: ["paper"])
-    limit: int | None = Field(default=None, ge=1)
-    seed: int = 0
+    sets: list[str] = Field(default_factory=lambda: ["paper"], min_length=1)
+    limit: StrictInt | None = Field(default=None, ge=1)
+    seed: StrictInt = 0
     data_dir: Path | None = None
 
 
@@ -82,12 +82,26 @@ class PackConfig(_Section):
 
 
 class GenerateConfig(_Section):
-    height: int = Field(default=1024, ge=16)
-    width: int = Field(default=1024, ge=16)
-    steps: int = Field(default=28, ge=1)
-    guidance: float = 3.5
-    seed: int = 0
-    max_sequence_length: int = Field(default=512, ge=1)
+    # Strict: YAML ``steps: true`` or ``guidance: yes`` is a mistake, not 1.
+    height: StrictInt = 1024  # a multiple of 16 in [16, MAX_SIDE]: the VAE's 8x and the 2x2 patches
+    width: StrictInt = 1024
+    steps: StrictInt = Field(default=28, ge=1)
+    guidance: StrictFloat = Field(default=3.5, allow_inf_nan=False)
+    seed: StrictInt = Field(default=0, ge=0, le=2**63 - 1)
+    max_sequence_length: StrictInt = Field(default=512, ge=1)
+
+    @field_validator("height", "width")
+    @classmethod
+    def _side(cls, v: int) -> int:
+        if 16 <= v <= MAX_SIDE and v % 16 == 0:
+            return v
+        near = min(max(v, 16), MAX_SIDE)
+        lo, hi = near // 16 * 16, -(-near // 16) * 16
+        nearest = " or ".join(str(n) for n in sorted({max(lo, 16), min(hi, MAX_SIDE)}))
+        raise ValueError(f"must be a multiple of 16 in [16, {MAX_SIDE}]; nearest valid: {nearest}")
+
+MAX_SIDE = 4096  # pixels: 256 x 256 latent tokens; well past what FLUX was trained for
+
 
 
 class BenchConfig(_Section):
@@ -143,13 +157,71 @@ def resolve_config_path(name: str) -> Path:
 
 
 def _describe(error: dict) -> str:
-    key = ".".join(str(p) for p in error["loc"])
+    key = _dotted(error["loc"])
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key"
-    return f"{key}: {error['msg'].lower()} (got {error.get('input')!r})"
+    msg = error["msg"].removeprefix("Value error, ")  # a validator's own message says what is wrong
+    return f"{key}: {msg[:1].lower() + msg[1:]} (got {_short(error.get('input'))})"
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping that gives one key twice (plain YAML keeps the last one silently)."""
+
+    def __init__(self, key: Any, line: int):
+        super().__init__(f"key {_short(key, 40)} appears twice in one mapping (line {line})")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys; keys brought in by a ``<<`` merge may still be overridden."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # unhashable: the base class says so
+                    continue
+                if duplicate:
+                    raise DuplicateKeyError(key, key_node.start_mark.line + 1)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _yaml(text: str) -> Any:
+    """``text`` read as YAML with safe types only and no duplicate keys."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _yaml_error(exc: Exception) -> str:
+    """One line for a YAML error: the problem and where, not the multi-line context dump."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        where = f" at line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}" if exc.problem_mark else ""
+        return _clip(f"{exc.problem}{where}", 160)
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    lines = str(exc).strip().splitlines()
+    return _clip(lines[0], 160) if lines else type(exc).__name__
 
 
 def _set_dotted(data: dict, key: str, value: Any) -> None:
+def _clip(text: str, limit: int = 80) -> str:
+    """``text`` on one line (control characters escaped: an error stays one line), cut to ``limit``."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    return _clip(repr(value), limit)
+
+
+def _dotted(loc: tuple) -> str:
+    return ".".join(p if isinstance(p, str) and p.isprintable() and p.strip() == p and p else _short(p, 40) for p in loc)
+
+
     *parents, leaf = key.split(".")
     for p in parents:
         data = data.setdefault(p, {})
@@ -166,11 +238,21 @@ def load_config(name: str | None = None, overrides: dict[str, Any] | None = None
     Raises ``ConfigError`` with one line naming the file (or the command line, for a value given
     there), the key and what was expected.
     """
+# What reading YAML may raise besides YAMLError: bad dates (2001-13-01) are ValueErrors, deep nesting
+# a RecursionError.
+_YAML_FAILURES = (yaml.YAMLError, ValueError, OverflowError, RecursionError)
+
+
     path = resolve_config_path(name or DEFAULT_CONFIG)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: not a readable YAML file ({str(exc).splitlines()[0]})") from None
+        data = _yaml(path.read_text(encoding="utf-8"))
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not a readable UTF-8 file ({_clip(str(exc), 120)})") from None
+    except _YAML_FAILURES as exc:
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_error(exc)})") from None
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
     given = (assignments or {}) | {key: value for key, value in (overrides or {}).items() if value is not None}
@@ -190,9 +272,11 @@ def parse_assignments(items: list[str] | None) -> dict[str, Any]:
     for item in items or ():
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. --set quantization.block_recon.steps=4000")
+            raise ConfigError(f"--set {_clip(item)}: expected KEY=VALUE, e.g. --set quantization.block_recon.steps=4000")
         try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {item}: the value is not YAML ({str(exc).splitlines()[0]})") from None
+            out[key.strip()] = _yaml(value)
+        except DuplicateKeyError as exc:
+            raise ConfigError(f"--set {_clip(item)}: {exc}") from None
+        except _YAML_FAILURES as exc:
+            raise ConfigError(f"--set {_clip(item)}: the value is not YAML ({_yaml_error(exc)})") from None
     return out

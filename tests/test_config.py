@@ -60,3 +60,77 @@ def test_bad_config_names_file_key_and_expectation(tmp_path, text, key, expected
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="no such config file.*bundled: flux-dev"):
         load_config("no-such-config.yaml")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("generate:\n  steps: true\n", r"generate.steps: input should be a valid integer \(got True\)"),
+    ("generate:\n  height: yes\n", "generate.height: input should be a valid integer"),
+    ("generate:\n  guidance: .nan\n", "generate.guidance: input should be a finite number"),
+    ("generate:\n  guidance: -.inf\n", "generate.guidance: input should be a finite number"),
+    ("generate:\n  guidance: true\n", "generate.guidance: input should be a valid number"),
+    ("generate:\n  height: 50\n", r"generate.height: must be a multiple of 16 in \[16, 4096\]; nearest valid: 48 or 64 \(got 50\)"),
+    ("generate:\n  width: 17\n", "nearest valid: 16 or 32"),
+    ("generate:\n  width: 8\n", "nearest valid: 16 "),
+    ("generate:\n  height: 100000\n", "nearest valid: 4096 "),
+    ("generate:\n  seed: -1\n", "generate.seed: input should be greater than or equal to 0"),
+    ("generate:\n  seed: 9223372036854775808\n", "generate.seed: input should be less than or equal to 9223372036854775807"),
+    ("calibration:\n  prompts:\n    sets: []\n", "calibration.prompts.sets"),
+    ("calibration:\n  prompts:\n    limit: true\n", "calibration.prompts.limit"),
+])
+def test_generate_values_are_checked_up_front(tmp_path, text, expected):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=expected) as exc:
+        load_config(str(path))
+    assert str(path) in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_valid_generate_edges_pass(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("generate:\n  height: 16\n  width: 4096\n  seed: 9223372036854775807\n  guidance: 0\n  steps: 1\n")
+    g = load_config(str(path)).generate
+    assert (g.height, g.width, g.seed, g.guidance, g.steps) == (16, 4096, 2**63 - 1, 0.0, 1)
+    assert isinstance(g.guidance, float)
+
+
+def test_generate_flags_are_checked_against_the_command_line():
+    for override, expected in [({"generate.guidance": float("nan")}, "command line: generate.guidance: input should be a finite number"),
+                               ({"generate.seed": 2**64}, "command line: generate.seed"),
+                               ({"generate.height": 40}, "command line: generate.height: .*nearest valid: 32 or 48")]:
+        with pytest.raises(ConfigError, match=expected):
+            load_config("tiny", override)
+    with pytest.raises(ConfigError, match="command line: generate.steps: input should be a valid integer"):
+        load_config("tiny", None, parse_assignments(["generate.steps=true"]))
+
+
+def test_duplicate_yaml_keys_are_refused_naming_key_file_and_line(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("generate:\n  steps: 4\n  seed: 1\n  steps: 8\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: key 'steps' appears twice in one mapping \(line 4\)") as exc:
+        load_config(str(path))
+    assert str(path) in str(exc.value)
+    path.write_text("generate:\n  steps: 4\ngenerate:\n  seed: 1\n")  # sections too
+    with pytest.raises(ConfigError, match="key 'generate' appears twice"):
+        load_config(str(path))
+    path.write_text("base: &b {steps: 3, seed: 2}\n")  # a merge key's values may be overridden
+    with pytest.raises(ConfigError, match="base: unknown key"):
+        load_config(str(path))
+    path.write_text("generate:\n  <<: {steps: 3, seed: 2}\n  steps: 5\n")
+    assert (load_config(str(path)).generate.steps, load_config(str(path)).generate.seed) == (5, 2)
+    with pytest.raises(ConfigError, match=r"--set generate=\{steps: 1, steps: 2\}: key 'steps' appears twice"):
+        parse_assignments(["generate={steps: 1, steps: 2}"])
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("a: 2001-13-01\n", r"not valid YAML \(month must be in 1..12\)"),
+    ("[" * 5000, "not valid YAML"),
+    ("x: !!python/object/apply:os.system ['true']\n", r"not valid YAML \(could not determine a constructor"),
+    ("generate:\n  steps: 3\n bad indent\n", "not valid YAML .* at line 3"),
+    ('generate:\n  "a\\nb": 1\n', r"generate.'a\\nb': unknown key"),
+])
+def test_unreadable_yaml_is_one_line(tmp_path, text, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=expected) as exc:
+        load_config(str(path))
+    assert "\n" not in str(exc.value)
