@@ -81,6 +81,9 @@ class PackConfig(_Section):
     codec: Literal["2bit", "base3"] = "2bit"
 
 
+MAX_SIDE = 4096  # pixels: 256 x 256 latent tokens; well past what FLUX was trained for
+
+
 class GenerateConfig(_Section):
     # Strict: YAML ``steps: true`` or ``guidance: yes`` is a mistake, not 1.
     height: StrictInt = 1024  # a multiple of 16 in [16, MAX_SIDE]: the VAE's 8x and the 2x2 patches
@@ -99,9 +102,6 @@ class GenerateConfig(_Section):
         lo, hi = near // 16 * 16, -(-near // 16) * 16
         nearest = " or ".join(str(n) for n in sorted({max(lo, 16), min(hi, MAX_SIDE)}))
         raise ValueError(f"must be a multiple of 16 in [16, {MAX_SIDE}]; nearest valid: {nearest}")
-
-MAX_SIDE = 4096  # pixels: 256 x 256 latent tokens; well past what FLUX was trained for
-
 
 
 class BenchConfig(_Section):
@@ -156,6 +156,20 @@ def resolve_config_path(name: str) -> Path:
     raise ConfigError(f"{name}: no such config file, and not a bundled config (bundled: {', '.join(bundled_configs())})")
 
 
+def _clip(text: str, limit: int = 80) -> str:
+    """``text`` on one line (control characters escaped: an error stays one line), cut to ``limit``."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    return _clip(repr(value), limit)
+
+
+def _dotted(loc: tuple) -> str:
+    return ".".join(p if isinstance(p, str) and p.isprintable() and p.strip() == p and p else _short(p, 40) for p in loc)
+
+
 def _describe(error: dict) -> str:
     key = _dotted(error["loc"])
     if error["type"] == "extra_forbidden":
@@ -208,26 +222,17 @@ def _yaml_error(exc: Exception) -> str:
 
 
 def _set_dotted(data: dict, key: str, value: Any) -> None:
-def _clip(text: str, limit: int = 80) -> str:
-    """``text`` on one line (control characters escaped: an error stays one line), cut to ``limit``."""
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    return _clip(repr(value), limit)
-
-
-def _dotted(loc: tuple) -> str:
-    return ".".join(p if isinstance(p, str) and p.isprintable() and p.strip() == p and p else _short(p, 40) for p in loc)
-
-
     *parents, leaf = key.split(".")
     for p in parents:
         data = data.setdefault(p, {})
         if not isinstance(data, dict):
             raise ConfigError(f"command line: {key}: {p} is a value, not a section")
     data[leaf] = value
+
+
+# What reading YAML may raise besides YAMLError: bad dates (2001-13-01) are ValueErrors, deep nesting
+# a RecursionError.
+_YAML_FAILURES = (yaml.YAMLError, ValueError, OverflowError, RecursionError)
 
 
 def load_config(name: str | None = None, overrides: dict[str, Any] | None = None,
@@ -238,11 +243,6 @@ def load_config(name: str | None = None, overrides: dict[str, Any] | None = None
     Raises ``ConfigError`` with one line naming the file (or the command line, for a value given
     there), the key and what was expected.
     """
-# What reading YAML may raise besides YAMLError: bad dates (2001-13-01) are ValueErrors, deep nesting
-# a RecursionError.
-_YAML_FAILURES = (yaml.YAMLError, ValueError, OverflowError, RecursionError)
-
-
     path = resolve_config_path(name or DEFAULT_CONFIG)
     try:
         data = _yaml(path.read_text(encoding="utf-8"))
