@@ -11,7 +11,10 @@ Known sets (``SETS``):
   GenEval category, each category's distinct captions cycled: 384 prompts, 91 distinct. Generated
   in code; never a held-out (evaluation) caption.
 
-Any other name that is the path of an existing text file is read as one prompt per line.
+Any other name that is the path of an existing text file is read as one prompt per line (UTF-8, a
+BOM allowed, any line ending). A name that is neither, a directory, a file that is not UTF-8 text or
+holds a NUL byte, and a selection with no prompt at all are refused with one line
+(``PromptSetError``, a usage error: exit 2).
 
 Files come from ``data_dir`` (laid out like ``shared/data``) when given; otherwise from the cache
 (``$BITFLUX_CACHE``, default ``~/.cache/bitflux/prompts``), downloaded once from the raw GitHub URL
@@ -33,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BitfluxError
+from .errors import BitfluxError, UsageError
 from .miniworld.world import balanced_prompts
 
 _PARTI = "https://raw.githubusercontent.com/google-research/parti/5a657978134374ce28973948331b319adef164bd/"
@@ -74,6 +77,10 @@ Loader = Callable[[Path | None], dict[str, list[str]]]
 
 class PromptDataError(BitfluxError):
     """A prompt file is missing, cannot be fetched, or does not match its pinned sha256."""
+
+
+class PromptSetError(UsageError, ValueError):
+    """A prompt set named wrongly: unknown, a directory, not UTF-8 text, or holding no prompts (exit 2)."""
 
 
 @dataclass
@@ -184,9 +191,30 @@ SETS: dict[str, Loader] = {
 }
 
 
-def _user_file(path: Path) -> dict[str, list[str]]:
-    # utf-8-sig: users' own files may start with a BOM.
-    return {str(path): path.read_text(encoding="utf-8-sig").splitlines()}
+def _user_file(name: str) -> dict[str, list[str]]:
+    """The lines of the user's prompt file ``name``; anything but a readable UTF-8 text file is refused."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        raise PromptSetError(f"prompt set {name!r} is a directory: give a text file with one prompt a line, or a known set ({', '.join(sorted(SETS))})")
+    if path.exists() and not path.is_file():  # a FIFO or a device (/dev/zero) would block or never end
+        raise PromptSetError(f"prompt set {name!r} is not a regular file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise PromptSetError(f"prompt file {name!r} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0  # users' own files may start with a BOM
+    try:
+        text = data[bom:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        at = bom + exc.start
+        raise PromptSetError(f"prompt file {name!r} is not UTF-8 text (byte 0x{data[at]:02x} at offset {at}): "
+                             f"save it as UTF-8, one prompt a line") from None
+    if "\0" in text:
+        raise PromptSetError(f"prompt file {name!r} holds a NUL byte (offset {data.index(0)}): a binary file, not prompts")
+    lines = text.splitlines()
+    if not any(line.strip() for line in lines):
+        raise PromptSetError(f"prompt file {name!r} holds no prompts ({len(lines)} empty lines)")
+    return {str(path): lines}
 
 
 def load_prompts(
@@ -201,11 +229,15 @@ def load_prompts(
     Each name is a key of ``SETS`` or the path of a text file with one prompt a line. Prompts are
     stripped; empty lines are skipped and counted. ``dedupe`` keeps the first occurrence of each
     prompt (off by default: the paper calibrates on all 7,232). ``limit`` keeps a random subset of
-    that size drawn with ``seed``, in the original order. Raises ``ValueError`` for an unknown set
-    name or a bad ``limit``, ``PromptDataError`` for a missing, unfetchable or altered file.
+    that size drawn with ``seed``, in the original order. Raises ``PromptSetError`` (a ``UsageError``
+    and a ``ValueError``) for an unknown set name, a user file that is not UTF-8 text with prompts,
+    a bad ``limit`` or no prompts at all; ``PromptDataError`` for a missing, unfetchable or altered
+    pinned file.
     """
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be a positive number of prompts, got {limit}")
+        raise PromptSetError(f"limit must be a positive number of prompts, got {limit}")
+    if not sets:
+        raise PromptSetError(f"no prompt sets given: name one of {sorted(SETS)}, or the path of a text file")
     per_set: dict[str, int] = {}
     per_file: dict[str, int] = {}
     prompts: list[str] = []
@@ -213,10 +245,11 @@ def load_prompts(
     for name in sets:
         if name in SETS:
             files = SETS[name](data_dir)
-        elif Path(name).expanduser().is_file():
-            files = _user_file(Path(name).expanduser())
+        elif Path(name).expanduser().exists():
+            files = _user_file(name)
         else:
-            raise ValueError(f"unknown prompt set {name!r}: known sets are {sorted(SETS)}, or give the path of a text file")
+            raise PromptSetError(f"unknown prompt set {name!r}, and no such file: known sets are {sorted(SETS)}, "
+                                 f"or give the path of a text file")
         for label, raw in files.items():
             kept = [p.strip() for p in raw if p.strip()]
             empty += len(raw) - len(kept)
@@ -224,6 +257,8 @@ def load_prompts(
             per_set[name] = per_set.get(name, 0) + len(kept)
             prompts.extend(kept)
     total, distinct = len(prompts), len(set(prompts))
+    if not total:
+        raise PromptSetError(f"prompt sets {sets} hold no prompts")
     if dedupe:
         prompts = list(dict.fromkeys(prompts))
     if limit is not None and limit < len(prompts):

@@ -1,4 +1,5 @@
-"""Prompt loader against the pinned copies in ../shared/data (copied into tmp_path, never the repo)."""
+"""Prompt loader against the pinned copies in ../shared/data (copied into tmp_path, never the repo; those
+tests skip without it), and user prompt files refused in one line when they hold no readable prompts."""
 
 import hashlib
 import shutil
@@ -7,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from bitflux_cli import prompts
-from bitflux_cli.prompts import PromptDataError, load_prompts
+from bitflux_cli.errors import UsageError
+from bitflux_cli.prompts import PromptDataError, PromptSetError, load_prompts
 
 DATA = (Path(__file__).parents[1] / "../shared/data").resolve()
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"prompt data not found at {DATA} (shared/data checkout)")
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"prompt data not found at {DATA}: needs the shared/data checkout beside the repo")
 
 
 @pytest.fixture(autouse=True)
@@ -31,6 +33,7 @@ def copy_data(dest: Path, rels) -> Path:
     return dest
 
 
+@needs_data
 def test_paper_counts():
     ps = load_prompts(["paper"], DATA)
     assert ps.counts["sets"] == {"paper": 7232}
@@ -45,6 +48,7 @@ def test_paper_counts():
     assert ps.prompts[1632:] == load_prompts(["t2i_compbench_train"], DATA).prompts
 
 
+@needs_data
 def test_dedupe_keeps_first_occurrence():
     full = load_prompts(["paper"], DATA).prompts
     ps = load_prompts(["paper"], DATA, dedupe=True)
@@ -54,6 +58,7 @@ def test_dedupe_keeps_first_occurrence():
     assert ps.prompts.index("three chairs") < 1632
 
 
+@needs_data
 def test_other_sets():
     assert len(load_prompts(["t2i_compbench_val"], DATA).prompts) == 2400
     geneval = load_prompts(["geneval"], DATA)
@@ -62,6 +67,7 @@ def test_other_sets():
     assert geneval.sha256 == prompts.FILES["geneval/generation_prompts.txt"][1]
 
 
+@needs_data
 def test_text_is_read_exactly():
     ps = load_prompts(["paper"], DATA).prompts
     giggle = [p for p in ps if p.startswith('"G I G G L E" painted in')]
@@ -71,7 +77,7 @@ def test_text_is_read_exactly():
 
 
 def test_unknown_set_lists_known_ones():
-    with pytest.raises(ValueError, match="known sets are .*parti.*t2i_compbench_train"):
+    with pytest.raises(PromptSetError, match="unknown prompt set 'partii', and no such file: known sets are .*parti.*t2i_compbench_train"):
         load_prompts(["partii"], DATA)
 
 
@@ -84,6 +90,7 @@ def test_user_file_set(tmp_path):
     assert load_prompts([str(path)], dedupe=True).prompts == ["a red cube", "a café"]
 
 
+@needs_data
 def test_tampered_file_is_refused(tmp_path):
     rel = "t2i_compbench/color_train.txt"
     copy_data(tmp_path, [rel])
@@ -99,6 +106,7 @@ def test_missing_file_in_data_dir(tmp_path):
         load_prompts(["parti"], tmp_path)
 
 
+@needs_data
 def test_seeded_subset():
     full = load_prompts(["paper"], DATA).prompts
     a = load_prompts(["paper"], DATA, limit=100, seed=3)
@@ -113,6 +121,7 @@ def test_seeded_subset():
         load_prompts(["paper"], DATA, limit=0)
 
 
+@needs_data
 def test_download_through_file_url(monkeypatch, tmp_path):
     monkeypatch.undo()  # the real urllib fetch, pointed at file:// copies
     cache = tmp_path / "cache"
@@ -131,6 +140,7 @@ def test_download_through_file_url(monkeypatch, tmp_path):
     assert load_prompts(["parti"]).prompts == ps.prompts
 
 
+@needs_data
 def test_downloaded_bytes_are_verified(monkeypatch, tmp_path):
     rel = "geneval/generation_prompts.txt"
     monkeypatch.setattr(prompts, "_fetch", lambda url: (DATA / rel).read_bytes() + b"extra\n")
@@ -160,3 +170,42 @@ def test_mini_set_is_balanced_training_captions():
     held_out = {s.caption for c in CATEGORIES if c != "single_object" for s in world_prompts(c, "test")}
     assert set(ps.prompts) == train and not set(ps.prompts) & held_out
     assert load_prompts(["mini"], limit=32, seed=1).prompts == load_prompts(["mini"], limit=32, seed=1).prompts
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"", r"holds no prompts \(0 empty lines\)"),
+    (b"\r\n  \n\t\n", r"holds no prompts \(3 empty lines\)"),
+    (b"\xef\xbb\xbf\n", "holds no prompts"),
+    (b"a red cube\n\xff\xfeblue", r"is not UTF-8 text \(byte 0xff at offset 11\): save it as UTF-8"),
+    ("a café".encode("latin-1"), r"is not UTF-8 text \(byte 0xe9 at offset 5\)"),
+    ("a red cube".encode("utf-16"), r"is not UTF-8 text \(byte 0xff at offset 0\)"),
+    (b"\xef\xbb\xbfa\x80", r"byte 0x80 at offset 4"),
+    (b"PK\x03\x04\x00\x00", r"holds a NUL byte \(offset 4\): a binary file"),
+])
+def test_unusable_user_file_is_one_line_usage_error(tmp_path, content, expected):
+    path = tmp_path / "mine.txt"
+    path.write_bytes(content)
+    with pytest.raises(PromptSetError, match=expected) as err:
+        load_prompts([str(path)])
+    assert isinstance(err.value, UsageError) and err.value.exit_code == 2
+    assert "\n" not in str(err.value) and repr(str(path)) in str(err.value)
+
+
+def test_missing_directory_and_device_are_refused(tmp_path):
+    with pytest.raises(PromptSetError, match="unknown prompt set .*absent.txt', and no such file"):
+        load_prompts([str(tmp_path / "absent.txt")])
+    with pytest.raises(PromptSetError, match="is a directory: give a text file"):
+        load_prompts([str(tmp_path)])
+    with pytest.raises(PromptSetError, match="is not a regular file"):
+        load_prompts(["/dev/zero"])  # would never end
+    with pytest.raises(PromptSetError, match="no prompt sets given"):
+        load_prompts([])
+    with pytest.raises(PromptSetError, match="limit must be a positive number"):
+        load_prompts(["mini"], limit=0)
+
+
+def test_crlf_bom_and_blank_lines_are_prompts_not_errors(tmp_path):
+    path = tmp_path / "mine.txt"
+    path.write_bytes("\ufeff\r\nun chat\r\n\r\n  ein Hund\t\r\n".encode("utf-8"))
+    ps = load_prompts([str(path)])
+    assert ps.prompts == ["un chat", "ein Hund"] and ps.counts["empty_lines"] == 2
