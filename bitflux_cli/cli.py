@@ -3,12 +3,14 @@
 import json
 import os
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
+from .artifacts import check_writable_dir, stage_lock
 from .config import load_config, parse_assignments
 from .console import console
 from .errors import BitfluxError
@@ -23,11 +25,23 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Set any conf
 ActivationsOpt = Annotated[Optional[str], typer.Option("--activations", help="none (W2A16) or int8 (W2A8, per-token dynamic); overrides quantization.activations.")]
 
 
-def _run(stage, config: str | None, overrides: dict, as_json: bool, *args, sets: list[str] | None = None) -> None:
-    """Load the config (``sets``: ``--set`` flags), run one stage, print its result; errors become one line and an exit code."""
+def _run(stage, config: str | None, overrides: dict, as_json: bool, *args, sets: list[str] | None = None,
+         writes: tuple[str, ...] = ()) -> None:
+    """Load the config (``sets``: ``--set`` flags), run one stage, print its result; errors become one line and an exit code.
+
+    ``writes``: the workdir stages the command may write. The workdir is checked first (a file, or
+    not writable: exit 2), then each of those stages is locked (``artifacts.stage_lock``) while the
+    stage runs, so a second run on them exits at once (1). Under torchrun rank 0 holds the locks.
+    """
     try:
         cfg = load_config(config, overrides, parse_assignments(sets))
-        result = stage(cfg, *args)
+        with ExitStack() as locks:
+            if writes:
+                check_writable_dir(cfg.workdir, "--workdir")
+            if os.environ.get("RANK", "0") == "0":
+                for name in writes:
+                    locks.enter_context(stage_lock(cfg.workdir, name))
+            result = stage(cfg, *args)
     except BitfluxError as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
@@ -61,7 +75,7 @@ def calibrate(config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: Jso
               limit: Annotated[Optional[int], typer.Option(help="Calibrate on a seeded subset of this many prompts.")] = None):
     """Run the FP model over the calibration prompts and record what the quantizer needs (resumable)."""
     from .calibrate import calibrate as stage
-    _run(stage, config, {"workdir": workdir, "calibration.prompts.limit": limit}, as_json, sets=sets)
+    _run(stage, config, {"workdir": workdir, "calibration.prompts.limit": limit}, as_json, sets=sets, writes=("calibrate",))
 
 
 @app.command()
@@ -69,7 +83,8 @@ def quantize(config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: Json
              method: Annotated[Optional[str], typer.Option(help="Quantization method; overrides quantization.method.")] = None,
              activations: ActivationsOpt = None):
     """Quantize the transformer's block linears to ternary codes and report fidelity vs FP."""
-    _run(_quantize, config, {"workdir": workdir, "quantization.method": method, "quantization.activations": activations}, as_json, sets=sets)
+    _run(_quantize, config, {"workdir": workdir, "quantization.method": method, "quantization.activations": activations}, as_json, sets=sets,
+         writes=("calibrate", "quantize"))  # quantize runs calibrate when calib/ is missing
 
 
 @app.command()
@@ -77,7 +92,7 @@ def pack(config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt 
          codec: Annotated[Optional[str], typer.Option(help="2bit (runtime layout) or base3 (1.6 bits a weight); overrides pack.codec.")] = None):
     """Pack the ternary codes into the 2-bit or base-3 format and report the storage ratio."""
     from .packing import pack as stage
-    _run(stage, config, {"workdir": workdir, "pack.codec": codec}, as_json, sets=sets)
+    _run(stage, config, {"workdir": workdir, "pack.codec": codec}, as_json, sets=sets, writes=("pack",))
 
 
 @app.command()
@@ -95,7 +110,7 @@ def generate(prompt: Annotated[str, typer.Argument(help="The text prompt.")],
     from .generate import generate as stage
     overrides = {"workdir": workdir, "generate.seed": seed, "generate.steps": steps, "generate.height": height,
                  "generate.width": width, "generate.guidance": guidance, "quantization.activations": activations}
-    _run(stage, config, overrides, as_json, prompt, out, full_precision, sets=sets)
+    _run(stage, config, overrides, as_json, prompt, out, full_precision, sets=sets, writes=("generate",))
 
 
 @app.command()
@@ -119,7 +134,7 @@ def evaluate(suite: Annotated[str, typer.Option(help="Benchmark suite: mini (the
     from .evaluate import evaluate as stage
     overrides = {"workdir": workdir, "eval.suite": suite, "eval.images_per_prompt": images, "eval.split": split,
                  "quantization.activations": activations}
-    _run(stage, config, overrides, as_json, full_precision, sets=sets)
+    _run(stage, config, overrides, as_json, full_precision, sets=sets, writes=("eval",))
 
 
 def _quantize(cfg) -> dict:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import bitflux_kernels
 
-from .artifacts import artifact_path, atomic_file
+from .artifacts import artifact_path, atomic_file, check_output_file
 from .config import Config
 from .loader import packed_transformer
 from .models import load_pipeline, resolve_device
@@ -21,6 +21,8 @@ def default_output(cfg: Config, prompt: str) -> Path:
 
 def generate(cfg: Config, prompt: str, out: Path | None = None, full_precision: bool = False) -> dict:
     """Draw ``prompt`` with the packed 1.58-bit transformer from the workdir (or the FP model)."""
+    out = Path(out) if out is not None else default_output(cfg, prompt)
+    check_output_file(out, "--out")  # before any model loads: a bad path must not cost the whole run
     device = resolve_device(cfg.model)
     if full_precision:
         pipe, backend = load_pipeline(cfg.model), "full-precision"
@@ -30,7 +32,6 @@ def generate(cfg: Config, prompt: str, out: Path | None = None, full_precision: 
     start = time.perf_counter()
     image = run_pipeline(pipe, [prompt], cfg.generate, cfg.generate.seed, output_type="pil")[0]
     seconds = time.perf_counter() - start
-    out = Path(out) if out is not None else default_output(cfg, prompt)
     with atomic_file(out) as tmp:
         image.save(tmp, format="PNG")
     return {"stage": "generate", "path": str(out), "prompt": prompt, "seed": cfg.generate.seed,

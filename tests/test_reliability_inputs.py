@@ -1,0 +1,98 @@
+"""Bad input is refused before any work, through the CLI: one line on stderr, exit 2, nothing written.
+
+A fresh workdir with the embedded model would be quantized and packed by ``generate`` before it
+draws, so an empty (or absent) workdir after a refused ``generate`` shows that no model was loaded.
+"""
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bitflux_cli.cli import app
+
+runner = CliRunner()
+
+
+def bitflux(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def refused(res, *expected: str, code: int = 2) -> str:
+    """The one-line error of ``res``, checked: exit ``code``, nothing on stdout, no traceback."""
+    err = res.stderr.strip()
+    assert res.exit_code == code, (res.exit_code, res.stderr, res.stdout)
+    assert res.stdout == "" and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for text in expected:
+        assert text in err, (text, err)
+    return err
+
+
+def written(workdir: Path) -> list[str]:
+    """What a run left in ``workdir`` besides stage locks."""
+    if not workdir.exists():
+        return []
+    return sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*") if not p.name.startswith(".lock-"))
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--guidance", "nan"], "command line: generate.guidance: input should be a finite number"),
+    (["--guidance", "inf"], "generate.guidance: input should be a finite number"),
+    (["--height", "50"], "generate.height: must be a multiple of 16 in [16, 4096]; nearest valid: 48 or 64"),
+    (["--width", "17"], "nearest valid: 16 or 32"),
+    (["--height", "100000", "--width", "100000"], "nearest valid: 4096"),
+    (["--seed", str(2**64)], "generate.seed: input should be less than or equal to 9223372036854775807"),
+    (["--seed", "-1"], "generate.seed: input should be greater than or equal to 0"),
+    (["--set", "generate.steps=true"], "generate.steps: input should be a valid integer"),
+    (["--steps", "0"], "generate.steps: input should be greater than or equal to 1"),
+])
+def test_generate_values(tmp_path, flags, expected):
+    refused(bitflux("generate", "a red circle", "--workdir", tmp_path / "wd", "--out", tmp_path / "x.png", *flags), expected)
+    assert written(tmp_path / "wd") == [] and not (tmp_path / "x.png").exists()
+
+
+def test_eval_guidance_and_duplicate_yaml_keys(tmp_path):
+    refused(bitflux("eval", "--workdir", tmp_path / "wd", "--set", "generate.guidance=.inf"), "generate.guidance")
+    config = tmp_path / "dup.yaml"
+    config.write_text("generate:\n  steps: 4\n  steps: 8\n")
+    refused(bitflux("eval", "-c", config, "--workdir", tmp_path / "wd"), str(config), "key 'steps' appears twice")
+    assert written(tmp_path / "wd") == []
+
+
+@pytest.mark.parametrize("out, expected", [
+    ("dir", "is a directory"),
+    ("file/x.png", "is a file, not a directory"),
+    ("/proc/bitflux-test/x.png", "cannot write in /proc"),  # not writable, even by root
+])
+def test_generate_out_is_checked_before_the_model_loads(tmp_path, out, expected):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("not a directory")
+    target = out if out.startswith("/") else tmp_path / out
+    refused(bitflux("generate", "a red circle", "--workdir", tmp_path / "wd", "--out", target, "--steps", 1), "--out", expected)
+    assert written(tmp_path / "wd") == []  # no quantize, no pack: nothing was loaded
+
+
+@pytest.mark.parametrize("command", [["calibrate"], ["quantize"], ["pack"], ["generate", "x"], ["eval"]])
+def test_workdir_that_is_a_file(tmp_path, command):
+    workdir = tmp_path / "wd"
+    workdir.write_text("a file")
+    refused(bitflux(*command, "--workdir", workdir), f"--workdir {workdir} is a file, not a directory")
+    assert workdir.read_text() == "a file"
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda d: d / "absent.txt", "no such file"),
+    (lambda d: d, "is a directory"),
+    (lambda d: d / "bin.txt", "is not UTF-8 text (byte 0x89 at offset 0)"),
+    (lambda d: d / "empty.txt", "holds no prompts"),
+    (lambda d: "partii", "unknown prompt set 'partii'"),
+])
+def test_bad_prompt_sets_are_usage_errors(tmp_path, make, expected):
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    (prompts / "bin.txt").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    (prompts / "empty.txt").write_text("\n  \n")
+    name = make(prompts)
+    res = bitflux("calibrate", "--workdir", tmp_path / "wd", "--set", f"calibration.prompts.sets=['{name}']")
+    refused(res, expected)
+    assert written(tmp_path / "wd") == []
