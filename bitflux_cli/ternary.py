@@ -44,6 +44,11 @@ class TernaryLinear(nn.Module):
 
     Holds only buffers: ``packed`` [N, Kp/4] uint8, ``scale`` [N] fp32 and ``bias`` [N] (or no bias).
     ``activations`` selects W2A16 ("none") or per-token int8 activations ("int8").
+
+    ``backend`` ("reference", "torch" or "triton", see ``bitflux_kernels.select_backend``) is
+    resolved when the layer is built on, moved to (``.to``, ``.cuda``, ``to_empty``) or loaded onto
+    a device, never in ``forward``: ``forward`` is one call of ``torch.ops.bitflux.w2a16``/``w2a8``,
+    so ``torch.compile(fullgraph=True)`` traces it. It may also be set by hand.
     """
 
     def __init__(self, in_features, out_features, bias=True, activations="none", device=None, dtype=None):
@@ -52,6 +57,19 @@ class TernaryLinear(nn.Module):
         self.register_buffer("packed", torch.empty(out_features, padded_k(in_features) // 4, dtype=torch.uint8, device=device))
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+        self.backend = None
+        self._resolve_backend()
+        # load_state_dict(assign=True) swaps the buffers without ``_apply``: resolve again afterwards
+        self.register_load_state_dict_post_hook(_resolve_after_load)
+
+    def _resolve_backend(self) -> None:
+        device = self.packed.device
+        self.backend = None if device.type == "meta" else bitflux_kernels.select_backend(device)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._resolve_backend()
+        return self
 
     @classmethod
     def from_codes(cls, codes, scale, bias=None, activations="none"):
@@ -65,10 +83,18 @@ class TernaryLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
-        return bitflux_kernels.ternary_linear(x, self.packed, self.scale, self.bias, self.in_features, self.activations)
+        if self.backend is None:
+            raise RuntimeError("TernaryLinear is on the meta device: load or move it to a device first")
+        op = torch.ops.bitflux.w2a8 if self.activations == "int8" else torch.ops.bitflux.w2a16
+        return op(x, self.packed, self.scale, self.bias, self.in_features, self.backend)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, activations={self.activations}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"activations={self.activations}, backend={self.backend}")
+
+
+def _resolve_after_load(module: TernaryLinear, incompatible_keys) -> None:
+    module._resolve_backend()
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -6,6 +6,7 @@ one [BLOCK_N, BLOCK_KQ] byte tile and gets four [BLOCK_N, BLOCK_KQ] weight slice
 the activation columns given by ``plane_k``.
 """
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -72,21 +73,33 @@ _GROUP = tl.constexpr(GROUP)
 _LANE = tl.constexpr(LANE)
 
 
-def launch(kernel, space: Space, grid: Callable[[dict], tuple], *args, **kwargs) -> None:
-    """Run ``kernel[grid(meta)](*args, **kwargs)``: autotuned on CUDA, ``space.interp`` when interpreting.
+def device_guard(t: torch.Tensor):
+    """``torch.cuda.device(t.device)`` for a CUDA tensor (Triton launches on the current device), else a no-op."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
-    Autotuning benchmarks candidates on the first call per key, so warm a shape up before CUDA
-    graph capture.
+
+def launch(kernel, space: Space, grid: Callable[[dict], tuple], *args, **kwargs) -> None:
+    """Run ``kernel[grid(meta)](*args, **kwargs)`` on the first argument's device.
+
+    Autotuned on CUDA, ``space.interp`` when interpreting. Autotuning benchmarks candidates on the
+    first call per key, so warm a shape up before CUDA graph capture.
     """
-    if interpreting():
-        kernel[grid(space.interp)](*args, **kwargs, **space.interp)
-        return
-    tuned = _TUNED.get(kernel)
-    if tuned is None:
-        tuned = triton.autotune(space.configs(), key=list(space.key),
-                                prune_configs_by={"early_config_prune": space.prune})(kernel)
-        _TUNED[kernel] = tuned
-    tuned[grid](*args, **kwargs)
+    with device_guard(args[0]):
+        if interpreting():
+            kernel[grid(space.interp)](*args, **kwargs, **space.interp)
+            return
+        tuned = _TUNED.get(kernel)
+        if tuned is None:
+            tuned = triton.autotune(space.configs(), key=list(space.key),
+                                    prune_configs_by={"early_config_prune": space.prune})(kernel)
+            _TUNED[kernel] = tuned
+        tuned[grid](*args, **kwargs)
+
+
+def launch_fixed(kernel, grid: tuple, meta: dict, *args, **kwargs) -> None:
+    """Run a kernel that has one config (bandwidth-bound elementwise work): no autotuning, capture-safe."""
+    with device_guard(args[0]):
+        kernel[grid](*args, **kwargs, **meta)
 
 
 def keep_fitting(configs, n: int, kq: int, m_cap: int):
@@ -121,25 +134,28 @@ def output_for(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias
     return out
 
 
-def gemm_space(act_arg: str, bkq_big: tuple, bkq_small: tuple) -> Space:
+def gemm_space(act_arg: str, big: tuple, small: tuple) -> Space:
     """Autotune space of a tensor-core GEMM kernel whose activation pointer argument is ``act_arg``.
 
-    Buckets of M >= 128 get BLOCK_M in {64, 128}, smaller ones {16, 32}; pipelined tiles must fit
-    the device's shared memory (activation bytes: BLOCK_M x 4 BLOCK_KQ, weight bytes: BLOCK_N x BLOCK_KQ).
+    ``big`` (buckets of M >= 128) and ``small`` (below) list (BLOCK_M, BLOCK_N, BLOCK_KQ, num_warps,
+    num_stages): a few hand-picked tiles each, no 128x256 tile with 4 warps (spills). The pruner
+    drops tiles over the device's shared memory, counting the pipelined operands (activations
+    BLOCK_M x 4 BLOCK_KQ, packed weights BLOCK_N x BLOCK_KQ per stage) plus the decoded weight
+    tile that sm90 stages through shared memory for wgmma (BLOCK_N x 4 BLOCK_KQ activation-sized).
     """
     def configs():
-        big = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_KQ": bkq, "GROUP_M": 8}, num_warps=w, num_stages=s)
-               for bm in (64, 128) for bn in (64, 128, 256) for bkq in bkq_big for w in (4, 8) for s in (3, 4)]
-        small = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_KQ": bkq, "GROUP_M": 8}, num_warps=4, num_stages=s)
-                 for bm in (16, 32) for bn in (32, 64, 128) for bkq in bkq_small for s in (3, 4, 5)]
-        return big + small
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_KQ": bkq, "GROUP_M": 8}, num_warps=w, num_stages=s)
+                for bm, bn, bkq, w, s in big + small]
 
     def prune(configs, named_args, **kwargs):
         bucket, n, kq, act = named_args["M_BUCKET"], named_args["N"], named_args["KQ"], named_args[act_arg]
         budget = torch.cuda.get_device_properties(act.device).shared_memory_per_block_optin
-        cands = [c for c in configs if (c.kwargs["BLOCK_M"] >= 64) == (bucket >= 128)
-                 and c.num_stages * c.kwargs["BLOCK_KQ"] * (c.kwargs["BLOCK_M"] * 4 * act.element_size()
-                                                            + c.kwargs["BLOCK_N"]) <= budget]
+
+        def smem(c):
+            bm, bn, bkq = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_KQ"]
+            return c.num_stages * bkq * (bm * 4 * act.element_size() + bn) + bn * 4 * bkq * act.element_size()
+
+        cands = [c for c in configs if (c.kwargs["BLOCK_M"] >= 64) == (bucket >= 128) and smem(c) <= budget]
         return keep_fitting(cands or configs, n, kq, max(16, bucket))
 
     return Space(configs, prune, key=("M_BUCKET", "N", "KQ"),

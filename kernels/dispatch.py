@@ -1,4 +1,10 @@
-"""The one dispatch point of the ternary linear: picks a backend per call."""
+"""Backend choice for the ternary linear, and the public dispatch function.
+
+A backend is chosen once per module (``TernaryLinear`` resolves it when built on, moved to or
+loaded onto a device) and passed to the ``torch.ops.bitflux`` ops as a plain string, so nothing
+here runs inside a ``torch.compile``d forward. ``ternary_linear`` (for callers without a module)
+chooses per call, which is fine in eager code but not compile-clean.
+"""
 
 import importlib.util
 import os
@@ -6,7 +12,7 @@ import warnings
 
 import torch
 
-from .reference import ternary_linear_reference, ternary_linear_torch
+from . import ops
 
 BACKENDS = ("reference", "torch", "triton")
 
@@ -27,12 +33,13 @@ def _triton_blocker(device: torch.device) -> str | None:
     return None
 
 
-def select_backend(device: torch.device) -> str:
+def select_backend(device: torch.device | str) -> str:
     """Backend for a tensor on ``device``: ``BITFLUX_BACKEND`` if set, else triton on CUDA, torch elsewhere.
 
     Forcing triton where it cannot run raises. Unforced, a CUDA device the kernels cannot serve
     (pre-Ampere, no triton) runs the torch path with a warning.
     """
+    device = torch.device(device)
     forced = os.environ.get("BITFLUX_BACKEND", "").strip().lower()
     if forced:
         if forced not in BACKENDS:
@@ -51,20 +58,14 @@ def select_backend(device: torch.device) -> str:
     return "triton"
 
 
-def ternary_linear(x, packed, scale, bias, in_features, activations="none"):
-    """``y = (x @ unpack(packed)^T) * scale + bias`` on the selected backend.
+def ternary_linear(x, packed, scale, bias, in_features, activations="none", backend=None):
+    """``y = (x @ unpack(packed)^T) * scale + bias`` through ``torch.ops.bitflux``.
 
     x: [..., K] float, packed: [N, Kp/4] uint8 (2-bit runtime layout), scale: [N] fp32,
     bias: [N] or None; activations: "none" (W2A16) or "int8" (W2A8). Output in x's dtype.
+    ``backend`` defaults to ``select_backend(x.device)``, evaluated on every call.
     """
     if activations not in ("none", "int8"):
         raise ValueError(f"activations must be 'none' or 'int8', got {activations!r}")
-    backend = select_backend(x.device)
-    if backend == "reference":
-        return ternary_linear_reference(x, packed, scale, bias, in_features, activations)
-    if backend == "triton":
-        from . import ops  # imported on first use: triton reads TRITON_INTERPRET when the kernels are defined
-
-        op = ops.w2a8 if activations == "int8" else ops.w2a16
-        return op(x, packed, scale.float(), bias, in_features)
-    return ternary_linear_torch(x, packed, scale, bias, in_features, activations)
+    op = ops.w2a8 if activations == "int8" else ops.w2a16
+    return op(x, packed, scale, bias, in_features, backend or select_backend(x.device))

@@ -16,9 +16,10 @@ GEMV_MAX_M = 4  # above this, the tensor-core GEMMs win (to be confirmed by benc
 
 
 def _configs():
+    """(BLOCK_M, BLOCK_N, BLOCK_KQ, num_warps, num_stages): a few tiles of <= 16k live products."""
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_KQ": bkq}, num_warps=w, num_stages=s)
-            for bm in (1, 2, 4) for bn in (16, 32, 64, 128) for bkq in (32, 64, 128)
-            for w in (2, 4, 8) for s in (2, 3)]
+            for bm, bn, bkq, w, s in ((1, 64, 128, 4, 3), (1, 128, 64, 4, 3), (2, 64, 64, 4, 3),
+                                      (4, 32, 64, 4, 3), (4, 64, 32, 4, 2), (2, 128, 32, 8, 2))]
 
 
 def _prune(configs, named_args, **kwargs):

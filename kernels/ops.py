@@ -1,44 +1,69 @@
-"""The Triton kernels as ``torch.library`` custom ops (``torch.ops.bitflux.*``).
+"""The ternary linear as ``torch.library`` custom ops: ``torch.ops.bitflux.w2a16`` / ``w2a8``.
 
-Registered with fake (meta) implementations, so ``torch.compile(fullgraph=True)`` traces through
-them without a graph break. Each op allocates its output (and, for W2A8, the int8 activations and
-their scales) with ``torch.empty`` only, which is safe under CUDA graph capture; autotuning is
-not: run every shape once before capturing.
+Both take the backend as a string argument ("reference", "torch" or "triton"), chosen outside
+the traced region (``TernaryLinear`` resolves it per module). Each backend runs on every device
+it supports: "torch" (decode by lookup + one matmul) and "reference" (float64) on CPU and CUDA,
+"triton" on CUDA or in Triton's CPU interpreter. The fake impls make ``torch.compile``
+(``fullgraph=True``, inductor) treat the ops as opaque calls without a graph break.
+
+The triton route picks a kernel by M = tokens: M <= ``GEMV_MAX_M`` the packed GEMV;
+M >= ``DECODE_MIN_M`` decode the weight into scratch, then cuBLAS (large_m.py); in between the
+decode-in-register tensor-core GEMMs. Kernel modules are imported on first use, because Triton
+decides between compiling and interpreting when a kernel is defined. Every buffer is made with
+``torch.empty`` inside the op (capture-safe); autotuning is not: run each shape once before a
+CUDA graph capture.
 """
 
 import torch
 
-from .gemv import GEMV_MAX_M, gemv
-from .w2a8 import w2a8 as _w2a8
-from .w2a16 import w2a16 as _w2a16
+from .reference import ternary_linear_reference, ternary_linear_torch
 
 
-def _run(gemm, x, packed, scale, bias, in_features, activations):
+def _triton(x, packed, scale, bias, in_features, activations):
+    from .gemv import GEMV_MAX_M, gemv
+    from .large_m import DECODE_MIN_M, w2a8_cublas, w2a16_cublas
+    from .w2a8 import w2a8 as w2a8_gemm
+    from .w2a16 import w2a16 as w2a16_gemm
+
     x2 = x.reshape(-1, in_features)  # [M, K]
-    y = x.new_empty(*x.shape[:-1], packed.shape[0])  # [..., N]
-    y2 = y.view(-1, packed.shape[0])  # [M, N]
-    if x2.shape[0] <= GEMV_MAX_M:
+    m, n = x2.shape[0], packed.shape[0]
+    y = x.new_empty(*x.shape[:-1], n)  # [..., N]
+    y2 = y.view(-1, n)  # [M, N]
+    scale = scale.float()
+    if m <= GEMV_MAX_M:
         gemv(x2, packed, scale, bias, in_features, out=y2, activations=activations)
+    elif m >= DECODE_MIN_M:
+        (w2a8_cublas if activations == "int8" else w2a16_cublas)(x2, packed, scale, bias, in_features, out=y2)
     else:
-        gemm(x2, packed, scale, bias, in_features, out=y2)
+        (w2a8_gemm if activations == "int8" else w2a16_gemm)(x2, packed, scale, bias, in_features, out=y2)
     return y
+
+
+def _run(x, packed, scale, bias, in_features, activations, backend):
+    if backend == "triton":
+        return _triton(x, packed, scale, bias, in_features, activations)
+    if backend == "torch":
+        return ternary_linear_torch(x, packed, scale, bias, in_features, activations)
+    if backend == "reference":
+        return ternary_linear_reference(x, packed, scale, bias, in_features, activations)
+    raise ValueError(f"unknown bitflux backend {backend!r} (reference, torch or triton)")
 
 
 @torch.library.custom_op("bitflux::w2a16", mutates_args=())
 def w2a16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-          in_features: int) -> torch.Tensor:
-    """W2A16 ternary linear: x [..., K] float, packed [N, Kp/4] uint8, scale [N] fp32 -> [..., N] in x's dtype."""
-    return _run(_w2a16, x, packed, scale, bias, in_features, "none")
+          in_features: int, backend: str = "triton") -> torch.Tensor:
+    """W2A16 ternary linear: x [..., K] float, packed [N, Kp/4] uint8, scale [N] -> [..., N] in x's dtype."""
+    return _run(x, packed, scale, bias, in_features, "none", backend)
 
 
 @torch.library.custom_op("bitflux::w2a8", mutates_args=())
 def w2a8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-         in_features: int) -> torch.Tensor:
+         in_features: int, backend: str = "triton") -> torch.Tensor:
     """W2A8 ternary linear (per-token int8 activations): same operands and result as ``w2a16``."""
-    return _run(_w2a8, x, packed, scale, bias, in_features, "int8")
+    return _run(x, packed, scale, bias, in_features, "int8", backend)
 
 
-def _fake(x, packed, scale, bias, in_features):
+def _fake(x, packed, scale, bias, in_features, backend="triton"):
     return x.new_empty(*x.shape[:-1], packed.shape[0])
 
 

@@ -34,22 +34,17 @@ def ternary_linear_reference(x, packed, scale, bias, in_features, activations="n
     return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
-_LUT = torch.tensor([-1.0, 0.0, 1.0, 0.0])
-
-
 def decode_2bit(packed: torch.Tensor, in_features: int, dtype: torch.dtype) -> torch.Tensor:
-    """Decode packed [N, Kp/4] uint8 to weights [N, K] in ``dtype`` by table lookup."""
+    """Decode packed [N, Kp/4] uint8 to weights [N, K] in ``dtype`` (shift and mask in uint8, then ``u - 1``)."""
     n, kq = packed.shape
-    lanes = kq // 32
-    g = packed.view(n, lanes, 1, 32).long()  # [N, groups, 1, 32]
-    shifts = torch.tensor([0, 2, 4, 6], device=packed.device).view(1, 1, PLANES, 1)
-    idx = (g >> shifts) & 3  # [N, groups, 4, 32]
-    lut = _LUT.to(device=packed.device, dtype=dtype)
-    return lut[idx].reshape(n, kq * PLANES)[:, :in_features]
+    g = packed.view(n, kq // 32, 1, 32)  # [N, groups, 1, 32]
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device).view(1, 1, PLANES, 1)
+    u = (g >> shifts) & 3  # [N, groups, 4, 32] uint8 in {0, 1, 2}
+    return u.reshape(n, kq * PLANES)[:, :in_features].to(dtype) - 1  # exact in every float dtype
 
 
 def ternary_linear_torch(x, packed, scale, bias, in_features, activations="none"):
-    """Vectorized torch path (CPU default): decode by lookup, one matmul, scale and bias."""
+    """Vectorized torch path (CPU default): decode, one matmul, scale and bias."""
     x2 = x.reshape(-1, in_features)  # [M, K]
     if activations == "int8":
         q, sx = quantize_activations_int8(x2)

@@ -13,7 +13,9 @@ from .common import (dot_dtype, gemm_space, launch, m_bucket, operand_ptrs, outp
                      store_scaled, tile_ids)
 
 
-SPACE = gemm_space("x_ptr", bkq_big=(32, 64), bkq_small=(32, 64, 128))
+SPACE = gemm_space("x_ptr",
+                   big=((128, 128, 32, 8, 3), (128, 128, 32, 8, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4)),
+                   small=((16, 64, 64, 4, 4), (32, 64, 64, 4, 4), (32, 128, 64, 4, 3), (16, 128, 64, 4, 3)))
 
 
 @triton.jit

@@ -12,7 +12,9 @@ from .act_quant import act_quant
 from .common import gemm_space, launch, m_bucket, operand_ptrs, output_for, plane_codes, plane_k, store_scaled, tile_ids
 
 
-SPACE = gemm_space("q_ptr", bkq_big=(32, 64, 128), bkq_small=(64, 128, 256))
+SPACE = gemm_space("q_ptr",
+                   big=((128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 3)),
+                   small=((16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (32, 128, 128, 4, 3), (16, 128, 128, 4, 3)))
 
 
 @triton.jit

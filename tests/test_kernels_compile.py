@@ -20,6 +20,8 @@ def _specs():
     import triton.language as tl
 
     from bitflux_kernels.act_quant import act_quant_kernel
+    from bitflux_kernels.decode import FLOAT_META, INT8_META, decode_float_kernel, decode_int8_kernel
+    from bitflux_kernels.large_m import EPILOGUE_META, int_epilogue_kernel
     from bitflux_kernels.gemv import gemv_kernel
     from bitflux_kernels.w2a8 import w2a8_kernel
     from bitflux_kernels.w2a16 import w2a16_kernel
@@ -43,6 +45,18 @@ def _specs():
     consts = {"ROWS": 4, "BLOCK_K": 1024}
     ptrs = {"x_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32"}
     yield act_quant_kernel, sig(act_quant_kernel, ptrs, consts), consts, {"num_warps": 4}
+    fixed = lambda meta: ({k: v for k, v in meta.items() if k != "num_warps"}, {"num_warps": meta["num_warps"]})  # noqa: E731
+    consts, options = fixed(INT8_META)
+    yield decode_int8_kernel, sig(decode_int8_kernel, {"w_ptr": "*u8", "out_ptr": "*i8"}, consts), consts, options
+    for dt in ("bf16", "fp16", "fp32"):
+        consts, options = fixed(FLOAT_META)
+        consts["HAS_SCALE"] = True
+        ptrs = {"w_ptr": "*u8", "scale_ptr": "*fp32", "out_ptr": f"*{dt}"}
+        yield decode_float_kernel, sig(decode_float_kernel, ptrs, consts), consts, options
+    consts, options = fixed(EPILOGUE_META)
+    consts["HAS_BIAS"] = True
+    ptrs = {"acc_ptr": "*i32", "sx_ptr": "*fp32", "scale_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
+    yield int_epilogue_kernel, sig(int_epilogue_kernel, ptrs, consts), consts, options
 
 
 def _compile_all(arch: int) -> None:

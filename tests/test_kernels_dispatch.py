@@ -1,4 +1,4 @@
-"""Backend selection, the torch.library custom ops, and agreement of all backends on a TernaryLinear."""
+"""Backend selection, the torch.library custom ops and their M routes, and agreement of all backends on a TernaryLinear."""
 
 import pytest
 import torch
@@ -35,29 +35,70 @@ def test_all_backends_agree_on_ternary_linear(monkeypatch, activations, m):
     ys = {}
     for backend in ("reference", "torch", "triton"):
         monkeypatch.setenv("BITFLUX_BACKEND", backend)
+        layer.to(DEVICE)  # the backend is resolved when the layer moves, not per call
+        assert layer.backend == backend
         ys[backend] = layer(x)
         assert ys[backend].shape == (2, m, 48) and ys[backend].dtype == torch.bfloat16
     assert rel_err(ys["triton"], ys["reference"]) < TOL[torch.bfloat16]
     assert rel_err(ys["torch"], ys["reference"]) < TOL[torch.bfloat16]
 
 
+def test_backend_is_resolved_on_build_move_and_load(monkeypatch):
+    monkeypatch.delenv("BITFLUX_BACKEND", raising=False)
+    shell = TernaryLinear(200, 48, device="meta")
+    assert shell.backend is None
+    with pytest.raises(RuntimeError, match="meta"):
+        shell(torch.empty(1, 200, device="meta"))
+    layer = TernaryLinear.from_codes(torch.zeros(48, 200, dtype=torch.int8), torch.ones(48), torch.zeros(48))
+    assert layer.backend == "torch"  # built on the CPU with BITFLUX_BACKEND unset
+    monkeypatch.setenv("BITFLUX_BACKEND", "reference")
+    assert layer.backend == "torch"  # not re-read per call
+    shell.load_state_dict(layer.state_dict(), assign=True)  # assign swaps buffers without _apply
+    assert shell.backend == "reference" and shell.packed.device.type == "cpu"
+    assert layer.to("cpu").backend == "reference" and "backend=reference" in repr(layer)
+
+
 @pytest.mark.parametrize("op", ["w2a16", "w2a8"])
-def test_custom_op_opcheck_and_fullgraph_compile(op):
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_custom_op_opcheck_and_fullgraph_compile(op, backend):
     from bitflux_kernels import ops  # noqa: F401  registers torch.ops.bitflux.*
 
     fn = getattr(torch.ops.bitflux, op)
     x, packed, scale, bias, _ = case(6, 40, 130, torch.float32)
-    torch.library.opcheck(fn, (x, packed, scale, bias, 130))
-    compiled = torch.compile(lambda x: fn(x, packed, scale, bias, 130) * 2, fullgraph=True, backend="aot_eager")
+    torch.library.opcheck(fn, (x, packed, scale, bias, 130, backend))
+    compiled = torch.compile(lambda x: fn(x, packed, scale, bias, 130, backend) * 2, fullgraph=True, backend="aot_eager")
     ref = ternary_linear_reference(x, packed, scale, bias, 130, "int8" if op == "w2a8" else "none") * 2
     assert rel_err(compiled(x), ref) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("activations", ["none", "int8"])
+def test_triton_op_routes_by_m(monkeypatch, activations):
+    """M <= GEMV_MAX_M: GEMV; M >= DECODE_MIN_M: decode + cuBLAS; between: the tensor-core GEMM. All match."""
+    from bitflux_kernels import gemv, large_m, ops, w2a8, w2a16
+
+    taken = []
+
+    def spy(mod, name, route):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, **kw: taken.append(route) or real(*a, **kw))
+
+    spy(gemv, "gemv", "gemv")
+    spy(large_m, "w2a8_cublas" if activations == "int8" else "w2a16_cublas", "cublas")
+    spy(w2a8, "w2a8", "gemm") if activations == "int8" else spy(w2a16, "w2a16", "gemm")
+    op = ops.w2a8 if activations == "int8" else ops.w2a16
+    for m, route in ((gemv.GEMV_MAX_M, "gemv"), (gemv.GEMV_MAX_M + 1, "gemm"), (large_m.DECODE_MIN_M, "cublas")):
+        x, packed, scale, bias, _ = case(m, 37, 97, torch.bfloat16)
+        y = op(x.view(1, m, 97), packed, scale, bias, 97, "triton")  # [batch, tokens, K]
+        assert taken[-1] == route and y.shape == (1, m, 37)
+        assert rel_err(y[0], ternary_linear_reference(x, packed, scale, bias, 97, activations)) < TOL[torch.bfloat16]
+
+
 @gpu
-def test_inductor_fullgraph_and_cuda_graph_capture():
+@pytest.mark.parametrize("m", [2, 64, 1024])  # GEMV, GEMM, decode + cuBLAS
+def test_inductor_fullgraph_and_cuda_graph_capture(m):
     from bitflux_kernels import ops
 
-    x, packed, scale, bias, _ = case(64, 256, 512, torch.bfloat16)
+    x, packed, scale, bias, _ = case(m, 256, 512, torch.bfloat16)
     ref = ternary_linear_reference(x, packed, scale, bias, 512)
     compiled = torch.compile(lambda x: ops.w2a16(x, packed, scale, bias, 512), fullgraph=True)
     assert rel_err(compiled(x), ref) < TOL[torch.bfloat16]
@@ -66,7 +107,9 @@ def test_inductor_fullgraph_and_cuda_graph_capture():
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             y = op(x, packed, scale, bias, 512)
+        x.mul_(-1)  # the replay must read the new x: the graph holds no stale scratch result
         graph.replay()
         torch.cuda.synchronize()
         mode = "int8" if op is ops.w2a8 else "none"
         assert rel_err(y, ternary_linear_reference(x, packed, scale, bias, 512, mode)) < TOL[torch.bfloat16]
+        x.mul_(-1)

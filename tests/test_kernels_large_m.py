@@ -1,0 +1,78 @@
+"""Large-M path: the decode kernel (exact against unpack_2bit) and decode + cuBLAS against the float64 reference."""
+
+import pytest
+import torch
+from test_kernels_common import DEVICE, SHAPES, TOL, case, rel_err
+
+from bitflux_kernels.layout import pack_2bit, padded_k, unpack_2bit
+from bitflux_kernels.reference import ternary_linear_reference
+
+
+def _codes(n, k, seed=0):
+    g = torch.Generator().manual_seed(seed * 1000 + n * 7 + k)
+    codes = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+    return codes, pack_2bit(codes).to(DEVICE), g
+
+
+@pytest.mark.parametrize("n,k", [(37, 97), (64, 200), (8, 128), (96, 480), (5, 1)])
+@pytest.mark.parametrize("extra_rows", [0, 3])
+def test_decode_int8_is_unpack_2bit_exactly(n, k, extra_rows):
+    from bitflux_kernels.decode import decode
+
+    codes, packed, _ = _codes(n, k)
+    out = decode(packed, torch.int8, rows=n + extra_rows).cpu()  # [rows, Kp]
+    assert out.shape == (n + extra_rows, padded_k(k))
+    assert torch.equal(out[:n, :k], unpack_2bit(packed.cpu(), k)) and torch.equal(out[:n, :k], codes)
+    assert not out[:, k:].any() and not out[n:].any()  # K padding and padded rows decode to 0
+
+
+@pytest.mark.parametrize("n,k", [(37, 97), (64, 200), (96, 480)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_decode_float_with_and_without_scale_is_exact(n, k, dtype):
+    from bitflux_kernels.decode import decode
+
+    codes, packed, g = _codes(n, k, seed=1)
+    # scales representable in dtype: code * scale is then exact, whatever rounding mode the cast uses
+    # (Triton's interpreter truncates fp32 -> bf16, compiled kernels round to nearest even)
+    scale = (torch.rand(n, generator=g) + 0.5).to(dtype).float()
+    plain = decode(packed, dtype).cpu()
+    scaled = decode(packed, dtype, scale=scale.to(DEVICE)).cpu()
+    assert plain.dtype == scaled.dtype == dtype
+    assert torch.equal(plain[:, :k], codes.to(dtype)) and not plain[:, k:].any()
+    assert torch.equal(scaled[:, :k], (codes.float() * scale[:, None]).to(dtype)) and not scaled[:, k:].any()
+
+
+def test_decode_rejects_what_it_cannot_read():
+    from bitflux_kernels.decode import decode
+
+    _, packed, _ = _codes(8, 200)
+    with pytest.raises(ValueError, match="rows >= N"):
+        decode(packed, torch.int8, rows=4)
+    with pytest.raises(ValueError, match="epilogue"):
+        decode(packed, torch.int8, scale=torch.ones(8, device=DEVICE))
+    with pytest.raises(ValueError, match="Kp/4"):
+        decode(packed[:, :40], torch.int8)
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activations", ["none", "int8"])
+def test_decode_then_cublas_matches_reference(n, k, dtype, activations):
+    from bitflux_kernels.large_m import w2a8_cublas, w2a16_cublas
+
+    x, packed, scale, bias, out = case(24, n, k, dtype)  # launchers take any M; the op sends M >= DECODE_MIN_M here
+    launcher = w2a8_cublas if activations == "int8" else w2a16_cublas
+    y = launcher(x, packed, scale, bias, k, out=out)
+    assert y is out and y.dtype == dtype
+    # W2A16 folds the scale into the decoded weight (one rounding of code * scale to x's dtype): within TOL
+    assert rel_err(y, ternary_linear_reference(x, packed, scale, bias, k, activations)) < TOL[dtype]
+
+
+def test_decode_then_cublas_no_bias_strided_x():
+    from bitflux_kernels.large_m import w2a8_cublas, w2a16_cublas
+
+    x, packed, scale, _, out = case(20, 37, 97, torch.float32, bias=False)
+    xs = torch.stack([x, x], dim=2).reshape(20, 2 * 97)[:, ::2]  # x again, with K stride 2
+    for launcher, mode in ((w2a16_cublas, "none"), (w2a8_cublas, "int8")):
+        out.fill_(float("nan"))
+        assert rel_err(launcher(xs, packed, scale, None, 97, out=out), ternary_linear_reference(x, packed, scale, None, 97, mode)) < 1e-6
