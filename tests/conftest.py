@@ -13,9 +13,13 @@ if not torch.cuda.is_available():
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    """``gpu``-marked tests (``pytest -m gpu``) run only on CUDA with compiled kernels."""
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+    elif os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        skip = pytest.mark.skip(reason="needs compiled kernels: unset TRITON_INTERPRET")
+    else:
         return
-    skip = pytest.mark.skip(reason="needs CUDA")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
