@@ -1,0 +1,138 @@
+"""Instructions per weight of the ternary kernels, from SASS compiled offline (no GPU needed).
+
+Each kernel is compiled with ``triton.compile`` for ``GPUTarget("cuda", arch, 32)`` (the third
+argument is the warp size), Triton's bundled ptxas builds the cubin and its bundled ``cuobjdump``
+lists the SASS. A kernel with a K loop is judged by its hottest loop (the backward branch whose
+body holds the most instructions, i.e. the K loop after unrolling); a loop-free kernel (decode)
+by its whole body. Thread-instructions per weight = SASS instructions x 32 x num_warps / weights
+one program handles per loop trip (or in total). An H100 issues about 31e12 thread-instructions/s
+(132 SMs x 4 schedulers x 32 lanes x 1.83 GHz); at 3.35 TB/s that allows about 2.3 per weight for
+a kernel that reads only the 2-bit weights, and about 20 (bf16 out) / 11 (int8 out) for a decode
+that writes 2 / 1 bytes a weight.
+
+    TRITON_INTERPRET=0 python benchmarks/kernel_instructions.py [--arch 80 90] [--json out.json]
+
+Prints a table and writes JSON (stdout with ``--json -``).
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "0"  # before triton defines the kernels
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bitflux_kernels.decode import FLOAT_META, INT8_META, decode_float_kernel, decode_int8_kernel  # noqa: E402
+from bitflux_kernels.gemv import gemv_kernel  # noqa: E402
+from bitflux_kernels.large_m import EPILOGUE_META, int_epilogue_kernel  # noqa: E402
+from bitflux_kernels.w2a8 import w2a8_kernel  # noqa: E402
+from bitflux_kernels.w2a16 import w2a16_kernel  # noqa: E402
+
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+# a SASS line: "        /*0130*/                   LDG.E.U8 R2, desc[UR4][R2.64] ;"
+SASS_LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);")
+
+
+def _sig(fn, ptrs, consts):
+    return {a: ptrs.get(a, "constexpr" if a in consts else "i32") for a in fn.arg_names}
+
+
+def specs():
+    """(name, kernel, signature, constexprs, options, weights per loop trip or per program, looped)."""
+    rows = []
+    tile = {"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}
+    c = {"HAS_BIAS": True, "DOT": tl.bfloat16, "PRECISION": "tf32", "BLOCK_KQ": 32, **tile}
+    p = {"x_ptr": "*bf16", "w_ptr": "*u8", "scale_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
+    rows.append(("w2a16 GEMM 128x128x(4x32), 8 warps", w2a16_kernel, _sig(w2a16_kernel, p, c), c,
+                 {"num_warps": 8, "num_stages": 3}, 128 * 32 * 4, True))
+    c = {"HAS_BIAS": True, "BLOCK_KQ": 64, **tile}
+    p = {"q_ptr": "*i8", "sx_ptr": "*fp32", "w_ptr": "*u8", "scale_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
+    rows.append(("w2a8 GEMM 128x128x(4x64), 8 warps", w2a8_kernel, _sig(w2a8_kernel, p, c), c,
+                 {"num_warps": 8, "num_stages": 3}, 128 * 64 * 4, True))
+    for xdt, has_sx, name in (("*bf16", False, "W2A16"), ("*i8", True, "W2A8")):
+        c = {"HAS_XSCALE": has_sx, "HAS_BIAS": True, "BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_KQ": 128}
+        p = {"x_ptr": xdt, "sx_ptr": "*fp32", "w_ptr": "*u8", "scale_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
+        rows.append((f"GEMV {name} M=1, 64x(4x128), 4 warps", gemv_kernel, _sig(gemv_kernel, p, c), c,
+                     {"num_warps": 4, "num_stages": 3}, 64 * 128 * 4, True))
+    c = {k: v for k, v in INT8_META.items() if k != "num_warps"}
+    rows.append(("decode -> int8 codes", decode_int8_kernel, _sig(decode_int8_kernel, {"w_ptr": "*u8", "out_ptr": "*i8"}, c),
+                 c, {"num_warps": INT8_META["num_warps"]}, c["BLOCK_N"] * c["BLOCK_W"] * 16, False))
+    c = {**{k: v for k, v in FLOAT_META.items() if k != "num_warps"}, "HAS_SCALE": True}
+    p = {"w_ptr": "*u8", "scale_ptr": "*fp32", "out_ptr": "*bf16"}
+    rows.append(("decode -> bf16 codes x scale", decode_float_kernel, _sig(decode_float_kernel, p, c), c,
+                 {"num_warps": FLOAT_META["num_warps"]}, c["BLOCK_N"] * c["BLOCK_KQ"] * 4, False))
+    c = {**{k: v for k, v in EPILOGUE_META.items() if k != "num_warps"}, "HAS_BIAS": True}
+    p = {"acc_ptr": "*i32", "sx_ptr": "*fp32", "scale_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
+    rows.append(("int32 epilogue (per output, not weight)", int_epilogue_kernel, _sig(int_epilogue_kernel, p, c), c,
+                 {"num_warps": EPILOGUE_META["num_warps"]}, c["BLOCK_M"] * c["BLOCK_N"], False))
+    return rows
+
+
+def sass(cubin: bytes) -> list[str]:
+    """SASS instructions (opcode and operands, in order) of a cubin, via Triton's bundled cuobjdump."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(CUOBJDUMP), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    return [(int(m.group(1), 16), m.group(2).strip()) for line in text.splitlines() if (m := SASS_LINE.match(line))]
+
+
+def hottest_loop(code: list) -> list[str]:
+    """Instructions of the largest [target, branch] region closed by a backward BRA."""
+    best = []
+    for i, (addr, ins) in enumerate(code):
+        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", ins)  # cuobjdump prints branch targets as `(0x...)
+        if target and int(target.group(1), 16) <= addr:
+            start = int(target.group(1), 16)
+            body = [x for a, x in code if start <= a <= addr]
+            best = max(best, body, key=len)
+    return best
+
+
+def measure(arch: int) -> list[dict]:
+    out = []
+    for name, fn, signature, consts, options, weights, looped in specs():
+        k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
+                           target=GPUTarget("cuda", arch, 32), options=options)
+        code = [(a, ins) for a, ins in sass(k.asm["cubin"]) if not ins.startswith("NOP")]
+        body = hottest_loop(code) if looped else [ins for _, ins in code]
+        ops = Counter(ins.split()[1 if ins.startswith("@") else 0].split(".")[0] for ins in body)  # "@P0 STG.E ..." -> STG
+        threads = 32 * options["num_warps"]
+        out.append({"kernel": name, "arch": f"sm{arch}", "num_warps": options["num_warps"], "region": "K loop" if looped else "whole kernel",
+                    "sass_instructions": len(body), "weights": weights,
+                    "thread_instructions_per_weight": round(len(body) * threads / weights, 3),
+                    "top_opcodes": dict(ops.most_common(8))})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    ap.add_argument("--json", help="write the rows here ('-' for stdout)")
+    args = ap.parse_args()
+    rows = [r for arch in args.arch for r in measure(arch)]
+    if args.json == "-":
+        json.dump(rows, sys.stdout, indent=1)
+        return
+    print(f"{'kernel':44} {'arch':5} {'region':12} {'SASS':>6} {'weights':>8} {'instr/weight':>12}  top opcodes")
+    for r in rows:
+        top = " ".join(f"{op}:{n}" for op, n in list(r["top_opcodes"].items())[:5])
+        print(f"{r['kernel']:44} {r['arch']:5} {r['region']:12} {r['sass_instructions']:6d} {r['weights']:8d} "
+              f"{r['thread_instructions_per_weight']:12.3f}  {top}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "triton": triton.__version__, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
