@@ -5,23 +5,23 @@ Specified in docs/FORMAT.md. Tensors, for every quantized linear ``<m>`` (full m
 every other transformer tensor under its state-dict name, in the model dtype. Metadata (strings):
 ``format``, ``format_version``, ``codec``, ``base_model``, ``revision``, ``stage``,
 ``tool_version``, ``activations``, ``quantized_modules`` (JSON {name: [N, K]}), ``config``
-(resolved config, JSON), ``inputs`` (JSON) and ``checksums`` (JSON {tensor: sha256}).
+(resolved config, JSON), ``inputs`` (JSON), ``architecture`` (the transformer's constructor
+arguments, JSON), ``source`` (the base model's hub id and revision or local path, and the sha256 of
+its transformer weight files, JSON) and ``checksums`` (JSON {tensor: sha256}). Written and read one
+tensor at a time (``tensorfile``): a FLUX.1-dev checkpoint is never whole in memory.
 """
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 import bitflux_kernels as bk
 from bitflux_kernels.layout import base3_bytes, padded_k
 
-from .artifacts import atomic_file
 from .errors import ArtifactError
+from .tensorfile import Spec, TensorFile, specs_of, tensor_sha256, write_tensorfile
 
 FORMAT = "bitflux.ternary"
 FORMAT_VERSION = 1
@@ -59,14 +59,128 @@ def _expected_shape(codec: str, n: int, k: int) -> tuple[int, ...]:
     return {"int8": (n, k), "2bit": (n, padded_k(k) // 4), "base3": (base3_bytes(n, k),)}[codec]
 
 
-def tensor_sha256(t: torch.Tensor) -> str:
-    """sha256 of a tensor's raw bytes."""
-    return hashlib.sha256(t.detach().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
+_CODES_DTYPE = {"int8": torch.int8, "2bit": torch.uint8, "base3": torch.uint8}
+_JSON_FIELDS = {"quantized_modules": dict, "config": dict, "inputs": dict, "checksums": dict, "architecture": dict,
+                "source": dict}
+
+
+def save_checkpoint(path: Path, ternary: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                    dense: dict[str, torch.Tensor], codec: str, meta: dict) -> int:
+    """Write a checkpoint whose tensors are in memory, atomically; returns its size in bytes.
+
+    ternary: {module: (codes [N, K] int8, scale [N])}; dense: every other tensor by name (biases of
+    quantized modules included); meta as for ``write_checkpoint``.
+    """
+    specs = specs_of(dense.items())
+    for m, (codes, scale) in ternary.items():
+        specs |= ternary_specs(m, codes.shape, codec, lambda c=codes: c, lambda s=scale: s)
+    return write_checkpoint(path, {m: list(c.shape) for m, (c, _) in ternary.items()}, specs, codec, meta)
+
+
+def ternary_specs(module: str, shape: tuple[int, int], codec: str, codes, scale) -> dict[str, Spec]:
+    """Specs of one quantized module's ``codes`` (made from int8 codes [N, K] by ``codes()``, encoded
+    with ``codec``) and ``scale`` [N] fp32 (``scale()``), for ``write_tensorfile``."""
+    n, k = shape
+    return {f"{module}.codes": (_CODES_DTYPE[codec], _expected_shape(codec, n, k), lambda: pack(codes().cpu(), codec)),
+            f"{module}.scale": (torch.float32, (n,), lambda: scale().detach().float().cpu())}
+
+
+def write_checkpoint(path: Path, modules: dict[str, list[int]], specs: dict[str, Spec], codec: str, meta: dict) -> int:
+    """Write a checkpoint from tensor specs made one at a time (``tensorfile``); returns its size.
+
+    meta: base_model, revision, stage, activations, config, inputs, and ``architecture`` (the
+    transformer's constructor arguments) and ``source`` (provenance of the base model), so the file
+    loads without the base model at hand.
+    """
+    header = {
+        "format": FORMAT, "format_version": str(FORMAT_VERSION), "codec": codec, "tool_version": TOOL_VERSION,
+        "base_model": str(meta["base_model"]), "revision": str(meta.get("revision") or ""),
+        "stage": meta["stage"], "activations": meta.get("activations", "none"),
+        "quantized_modules": json.dumps(modules, sort_keys=True),
+        **{k: json.dumps(meta.get(k, {}), sort_keys=True) for k in ("config", "inputs", "architecture", "source")},
+    }
+    return write_tensorfile(path, specs, header)
+
+
+def read_metadata(path: Path) -> dict:
+    """The checkpoint's metadata, checked for format, version, codec and field types; JSON fields decoded."""
+    return CheckpointFile(path).meta
+
+
+class CheckpointFile:
+    """A checkpoint opened for reading one tensor at a time: header and metadata validated up front,
+    each tensor checked against its sha256, dtype and shape (and codes and scales against the format)
+    when it is read."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.file = TensorFile(self.path)
+        raw = self.file.metadata
+        if raw.get("format") != FORMAT:
+            raise ArtifactError(f"{path}: not a bitflux checkpoint (format {raw.get('format')!r}, expected {FORMAT!r})")
+        if raw.get("format_version") != str(FORMAT_VERSION):
+            raise ArtifactError(f"{path}: format version {raw.get('format_version')!r} is not supported (this bitflux reads {FORMAT_VERSION})")
+        if raw.get("codec") not in CODECS:
+            raise ArtifactError(f"{path}: unknown codec {raw.get('codec')!r}")
+        meta = dict(raw)
+        for key, kind in _JSON_FIELDS.items():
+            try:
+                meta[key] = json.loads(raw.get(key, "{}"))
+            except json.JSONDecodeError as exc:
+                raise ArtifactError(f"{path}: damaged metadata field {key} ({exc})") from None
+            if not isinstance(meta[key], kind):
+                raise ArtifactError(f"{path}: metadata field {key} is a {type(meta[key]).__name__}, expected a JSON object")
+        self.meta, self.codec = meta, meta["codec"]
+        try:
+            self.modules = {m: (int(n), int(k)) for m, (n, k) in meta["quantized_modules"].items()}
+        except (TypeError, ValueError):
+            raise ArtifactError(f"{path}: metadata field quantized_modules is not {{module: [N, K]}}") from None
+        if not self.modules:
+            raise ArtifactError(f"{path}: no quantized modules")
+        sums = meta["checksums"]
+        if set(self.file.entries) != set(sums):
+            diff = sorted(set(self.file.entries) ^ set(sums))
+            raise ArtifactError(f"{path}: tensor list does not match its checksums ({len(diff)} differ, e.g. {diff[0]})")
+        for m, (n, k) in self.modules.items():
+            for suffix, dtype, shape in (("codes", _CODES_DTYPE[self.codec], _expected_shape(self.codec, n, k)),
+                                         ("scale", torch.float32, (n,))):
+                e = self.file.entries.get(f"{m}.{suffix}")
+                if e is None or e.shape != shape or e.dtype != dtype:
+                    raise ArtifactError(f"{path}: {m}.{suffix} is missing or is not {str(dtype).removeprefix('torch.')} "
+                                        f"{list(shape)}")
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.file.entries)
+
+    def read(self, name: str) -> torch.Tensor:
+        """Tensor ``name``, verified (a scale must be finite and positive; codes must be ternary)."""
+        t = self.file.read(name)
+        if tensor_sha256(t) != self.meta["checksums"][name]:
+            raise ArtifactError(f"{self.path}: checksum mismatch in tensor {name}: the file was edited or corrupted")
+        module, _, leaf = name.rpartition(".")
+        if module in self.modules and leaf == "scale" and not bool(torch.isfinite(t).all() and (t > 0).all()):
+            raise ArtifactError(f"{self.path}: {name} holds a NaN, infinite or non-positive scale")
+        if module in self.modules and leaf == "codes" and not _valid_codes(t, self.codec):
+            raise ArtifactError(f"{self.path}: {name} holds codes outside {{-1, 0, 1}}")
+        return t
+
+    def codes(self, module: str) -> torch.Tensor:
+        """Ternary codes [N, K] int8 of one quantized module."""
+        return unpack(self.read(f"{module}.codes"), self.modules[module], self.codec)
+
+
+def _valid_codes(t: torch.Tensor, codec: str) -> bool:
+    if codec == "int8":
+        return bool((t.abs() <= 1).all())
+    if codec == "2bit":  # four 2-bit fields a byte, each code + 1 in {0, 1, 2}: 3 is not a code
+        return not any(bool((((t >> s) & 3) == 3).any()) for s in (0, 2, 4, 6))
+    return True  # base3: every byte decodes to five trits in {0, 1, 2}
 
 
 @dataclass
 class Checkpoint:
-    """A validated checkpoint: its metadata (JSON fields decoded) and its tensors."""
+    """A validated checkpoint read whole: its metadata (JSON fields decoded) and its tensors."""
 
     meta: dict
     tensors: dict[str, torch.Tensor]
@@ -81,76 +195,7 @@ class Checkpoint:
         return unpack(self.tensors[f"{module}.codes"], (n, k), self.meta["codec"])
 
 
-def save_checkpoint(path: Path, ternary: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                    dense: dict[str, torch.Tensor], codec: str, meta: dict) -> int:
-    """Write a checkpoint atomically; returns its size in bytes.
-
-    ternary: {module: (codes [N, K] int8, scale [N])}; dense: every other tensor by name
-    (biases of quantized modules included); meta: base_model, revision, stage, activations,
-    config, inputs.
-    """
-    tensors = {name: t.detach().contiguous().cpu() for name, t in dense.items()}
-    shapes = {}
-    for m, (codes, scale) in ternary.items():
-        tensors[f"{m}.codes"] = pack(codes.cpu(), codec)
-        tensors[f"{m}.scale"] = scale.detach().float().contiguous().cpu()
-        shapes[m] = list(codes.shape)
-    header = {
-        "format": FORMAT, "format_version": str(FORMAT_VERSION), "codec": codec, "tool_version": TOOL_VERSION,
-        "base_model": str(meta["base_model"]), "revision": str(meta.get("revision") or ""),
-        "stage": meta["stage"], "activations": meta.get("activations", "none"),
-        "quantized_modules": json.dumps(shapes), "config": json.dumps(meta.get("config", {})),
-        "inputs": json.dumps(meta.get("inputs", {})),
-        "checksums": json.dumps({name: tensor_sha256(t) for name, t in sorted(tensors.items())}),
-    }
-    with atomic_file(path) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
-    return Path(path).stat().st_size
-
-
-def read_metadata(path: Path) -> dict:
-    """The checkpoint's metadata, checked for format, version and codec; JSON fields decoded."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-    except Exception as exc:
-        raise ArtifactError(f"{path}: not a readable bitflux checkpoint (truncated or not safetensors: {exc})") from None
-    if raw.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: not a bitflux checkpoint (format {raw.get('format')!r}, expected {FORMAT!r})")
-    if raw.get("format_version") != str(FORMAT_VERSION):
-        raise ArtifactError(f"{path}: format version {raw.get('format_version')!r} is not supported (this bitflux reads {FORMAT_VERSION})")
-    if raw.get("codec") not in CODECS:
-        raise ArtifactError(f"{path}: unknown codec {raw.get('codec')!r}")
-    try:
-        return {**raw, **{k: json.loads(raw[k]) for k in ("quantized_modules", "config", "inputs", "checksums")}}
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path}: damaged metadata ({exc})") from None
-
-
 def read_checkpoint(path: Path) -> Checkpoint:
-    """Load and validate a checkpoint: metadata, tensor set, checksums and shapes.
-
-    A truncated, edited or inconsistent file raises ``ArtifactError`` naming what is wrong.
-    """
-    meta = read_metadata(path)
-    sums = meta["checksums"]
-    with safe_open(str(path), framework="pt") as f:
-        names = set(f.keys())
-        if names != set(sums):
-            diff = sorted(names ^ set(sums))
-            raise ArtifactError(f"{path}: tensor list does not match its checksums ({len(diff)} differ, e.g. {diff[0]})")
-        tensors = {}
-        for name in sorted(names):
-            # own memory, not a view into the file: its alignment would follow the header's length,
-            # and CPU matmul kernels round differently at different alignments
-            t = f.get_tensor(name).clone()
-            if tensor_sha256(t) != sums[name]:
-                raise ArtifactError(f"{path}: checksum mismatch in tensor {name}: the file was edited or corrupted")
-            tensors[name] = t
-    ckpt = Checkpoint(meta, tensors)
-    for m, (n, k) in ckpt.modules.items():
-        for suffix, shape in (("codes", _expected_shape(meta["codec"], n, k)), ("scale", (n,))):
-            t = tensors.get(f"{m}.{suffix}")
-            if t is None or tuple(t.shape) != shape:
-                raise ArtifactError(f"{path}: {m}.{suffix} is missing or has the wrong shape (expected {list(shape)})")
-    return ckpt
+    """Load and validate a whole checkpoint (small models and tests; stages read ``CheckpointFile``)."""
+    f = CheckpointFile(path)
+    return Checkpoint(f.meta, {name: f.read(name) for name in f.names})
