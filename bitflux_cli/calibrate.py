@@ -34,19 +34,14 @@ from .artifacts import artifact_path, atomic_file, file_sha256
 from .config import Config
 from .console import info, progress
 from .distributed import init_distributed
-from .models import load_pipeline, model_id, resolve_device
+from .models import model_id
 from .prompts import load_prompts
-from .teacher import run_pipeline
+from .streaming import blocks as _blocks
+from .teacher import Embeds, encode, fp_pipeline, free_text_encoders, run_pipeline
 from .ternary import scoped_linears
 
 FORMAT = 1
 CALL_KEYS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
-
-
-def _blocks(transformer) -> list[tuple[str, torch.nn.Module]]:
-    """(name, block) of the double then the single blocks, in execution order."""
-    return ([(f"transformer_blocks.{i}", b) for i, b in enumerate(transformer.transformer_blocks)]
-            + [(f"single_transformer_blocks.{i}", b) for i, b in enumerate(transformer.single_transformer_blocks)])
 
 
 def fingerprint(cfg: Config, prompts_sha256: str) -> str:
@@ -139,7 +134,7 @@ class _Recorder:
             h.remove()
 
 
-def _run_shard(cfg: Config, pipe, names: list[str], prompts: list[str], first: int, advance) -> dict:
+def _run_shard(cfg: Config, pipe, names: list[str], prompts: Embeds, first: int, advance) -> dict:
     c = cfg.calibration
     gen = cfg.generate.model_copy(update={"steps": c.steps})
     image_tokens = (gen.height // pipe.vae_scale_factor // 2) * (gen.width // pipe.vae_scale_factor // 2)
@@ -158,6 +153,10 @@ def _run_shard(cfg: Config, pipe, names: list[str], prompts: list[str], first: i
 
 def _shard_path(path: Path, i: int) -> Path:
     return path / f"shard-{i:05d}.safetensors"
+
+
+def _embeds_path(path: Path, i: int) -> Path:  # a shard's text embeddings until the shard is done
+    return path / f".embeds-{i:05d}.safetensors"
 
 
 def _shard_done(file: Path, fp: str) -> bool:
@@ -209,15 +208,24 @@ def calibrate(cfg: Config) -> dict:
     where = "" if world == 1 else f" on rank {rank} of {world}"
     info(f"calibrating on {len(ps.prompts)} prompts in {n_shards} shards: {len(mine)} to compute{where}")
     if mine:
-        pipe = load_pipeline(cfg.model).to(resolve_device(cfg.model))
-        pipe.set_progress_bar_config(disable=True)
-        names = [n for n, _ in scoped_linears(pipe.transformer)]
-        with progress("calibrate", todo, "prompts") as advance:
+        with fp_pipeline(cfg) as (pipe, _):
+            pipe.set_progress_bar_config(disable=True)
+            # the text encoders run once over the prompts, their outputs wait on disk, and they are freed
             for i in mine:
-                first = i * c.shard_size
-                tensors = _run_shard(cfg, pipe, names, ps.prompts[first:first + c.shard_size], first, advance)
-                with atomic_file(_shard_path(path, i)) as tmp:
-                    save_file(tensors, str(tmp), metadata={"fingerprint": fp, "first": str(first)})
+                shard = ps.prompts[i * c.shard_size:(i + 1) * c.shard_size]
+                e = encode(pipe, shard, cfg.generate.max_sequence_length, c.batch)
+                with atomic_file(_embeds_path(path, i)) as tmp:
+                    save_file({"prompt_embeds": e.prompt_embeds, "pooled_prompt_embeds": e.pooled_prompt_embeds}, str(tmp))
+            free_text_encoders(pipe)
+            names = [n for n, _ in scoped_linears(pipe.transformer)]
+            with progress("calibrate", todo, "prompts") as advance:
+                for i in mine:
+                    first = i * c.shard_size
+                    embeds = Embeds(**load_file(str(_embeds_path(path, i))))
+                    tensors = _run_shard(cfg, pipe, names, embeds, first, advance)
+                    with atomic_file(_shard_path(path, i)) as tmp:
+                        save_file(tensors, str(tmp), metadata={"fingerprint": fp, "first": str(first)})
+                    _embeds_path(path, i).unlink()
     if world > 1:
         dist.barrier()
     files = [_shard_path(path, i) for i in range(n_shards)]

@@ -19,7 +19,12 @@ class ModelConfig(_Section):
     path: Path | None = None  # local diffusers directory; wins over the hub
     revision: str | None = None
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    device: str = "auto"  # "auto": cuda when present, else cpu
+    # "auto": cuda when present, else cpu; or one per pipeline component, e.g. {transformer: cuda:0, text_encoder_2: cpu}
+    device: str | dict[Literal["transformer", "text_encoder", "text_encoder_2", "vae"], str] = "auto"
+    # where the weights live while the pipeline runs: none (all on the device), model (one component
+    # on the device at a time), sequential (one block/submodule at a time; the FP transformer is
+    # streamed from its safetensors files)
+    offload: Literal["none", "model", "sequential"] = "none"
 
 
 class PromptsConfig(_Section):
@@ -72,6 +77,9 @@ class QuantizationConfig(_Section):
     method: Literal["absmean", "act-aware", "block-recon", "distill"] = "absmean"
     activations: Literal["none", "int8"] = "none"
     eval_prompts: int = Field(default=4, ge=1)  # prompts of the fidelity report
+    # host memory for the activations that walk the blocks with the student (block-recon's recorded
+    # calls); past it, block-recon uses the first calls that fit and says so
+    activation_budget_gb: float = Field(default=16.0, gt=0)
     act_aware: ActAwareConfig = Field(default_factory=ActAwareConfig)
     block_recon: BlockReconConfig = Field(default_factory=BlockReconConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)

@@ -3,11 +3,11 @@
 from .artifacts import artifact_path, atomic_file
 from .config import Config
 from .errors import UsageError
-from .loader import packed_transformer
+from .loader import pipeline_for
 from .miniworld.scorer import check, evaluate as score_images
 from .miniworld.sheet import contact_sheet
 from .miniworld.world import balanced_prompts
-from .models import EMBEDDED, load_pipeline, model_id, resolve_device
+from .models import EMBEDDED, model_id
 from .teacher import run_pipeline, to_uint8
 
 
@@ -18,20 +18,16 @@ def evaluate(cfg: Config, full_precision: bool = False) -> dict:
     """
     if cfg.model.source != EMBEDDED:
         raise UsageError(f"the mini suite scores the embedded mini model; {cfg.model.source} has no programmatic scorer")
-    device = resolve_device(cfg.model)
-    if full_precision:
-        pipe, label = load_pipeline(cfg.model), "full-precision"
-    else:
-        pipe, label = load_pipeline(cfg.model, packed_transformer(cfg, device)), "1.58-bit"
-    pipe = pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
+    label = "full-precision" if full_precision else "1.58-bit"
     specs = balanced_prompts(cfg.eval.split, cfg.eval.seed, cfg.eval.per_category)
     k, n = cfg.eval.images_per_prompt, len(specs)
     captions = [s.caption for s in specs] * k  # flat index j * n + i
     images = []
-    for start in range(0, len(captions), cfg.eval.batch):
-        chunk = captions[start:start + cfg.eval.batch]
-        images += list(run_pipeline(pipe, chunk, cfg.generate, cfg.eval.seed + start))  # [B] of [H, W, 3] in [0, 1]
+    with pipeline_for(cfg, full_precision) as (pipe, _):
+        pipe.set_progress_bar_config(disable=True)
+        for start in range(0, len(captions), cfg.eval.batch):
+            chunk = captions[start:start + cfg.eval.batch]
+            images += list(run_pipeline(pipe, chunk, cfg.generate, cfg.eval.seed + start))  # [B] of [H, W, 3] in [0, 1]
     images = [to_uint8(im) for im in images]
     per_prompt = [(spec, [images[j * n + i] for j in range(k)]) for i, spec in enumerate(specs)]
     summary = score_images(per_prompt)

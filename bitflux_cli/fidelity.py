@@ -5,7 +5,9 @@ import torch
 from rich.table import Table
 
 from .config import Config
-from .teacher import psnr, record_transformer_calls, run_pipeline
+from .models import resolve_device
+from .streaming import advance, blocks, head, prelude
+from .teacher import Embeds, psnr, record_transformer_calls, run_pipeline
 
 # Fixed prompts of the report, varied on purpose; held out from calibration sets.
 REPORT_PROMPTS = [
@@ -20,16 +22,13 @@ REPORT_PROMPTS = [
 ]
 
 
-# {block: [flattened output per call]} and the velocities; ``streams`` picks from a block's
-# (text, image) outputs: both, ``IMAGE`` or ``TEXT``
-IMAGE, TEXT = slice(-1, None), slice(0, 1)
+IMAGE, TEXT = slice(-1, None), slice(0, 1)  # a block's (text, image) outputs: the image or the text stream
 
 
 def _block_outputs(transformer, calls, streams: slice = slice(None)):
+    """{block: [flattened output per call]} and the velocities of a materialised transformer."""
     outs, handles = {}, []
-    blocks = [(f"transformer_blocks.{i}", b) for i, b in enumerate(transformer.transformer_blocks)]
-    blocks += [(f"single_transformer_blocks.{i}", b) for i, b in enumerate(transformer.single_transformer_blocks)]
-    for name, block in blocks:
+    for name, block in blocks(transformer):
         def hook(_m, _a, out, name=name):
             out = out if isinstance(out, tuple) else (out,)
             out = out[streams]
@@ -47,37 +46,63 @@ def _block_outputs(transformer, calls, streams: slice = slice(None)):
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
-def fidelity_report(cfg: Config, pipe, student: torch.nn.Module) -> dict:
-    """Errors of ``student`` against ``pipe.transformer`` (the FP teacher) on held-out prompts.
+class FidelityProbe:
+    """How far the 1.58-bit transformer is from FP, measured while quantize walks the blocks.
 
-    Per block and for the predicted velocity: mean relative L2 error over recorded denoising calls
-    of the teacher's own trajectories; for images: PSNR vs FP with the same seeds.
+    At the start the FP pipeline (its transformer streamed) draws the report prompts, which gives
+    the FP images and a few of its transformer calls. Two chains of those calls' activations then
+    walk the blocks on the host: the FP chain through each FP block, the quantized chain through its
+    ternary version; per block, the relative error of the quantized chain's output (text and image
+    streams of each call) against the FP chain's; at the end the velocity error. The images of the
+    quantized transformer are drawn last. Memory does not depend on the model's depth.
     """
-    prompts = REPORT_PROMPTS[: cfg.quantization.eval_prompts]
-    teacher = pipe.transformer
-    calls = record_transformer_calls(pipe, prompts, cfg.generate, seed=10_000, keep=4)
-    fp_blocks, fp_vel = _block_outputs(teacher, calls)
-    q_blocks, q_vel = _block_outputs(student, calls)
-    blocks = {name: float(np.mean([_rel(q, f) for q, f in zip(q_blocks[name], fp_blocks[name])])) for name in fp_blocks}
-    velocity = [_rel(q, f) for q, f in zip(q_vel, fp_vel)]
 
-    fp_images = run_pipeline(pipe, prompts, cfg.generate, seed=10_000)
-    pipe.transformer = student
-    try:
-        q_images = run_pipeline(pipe, prompts, cfg.generate, seed=10_000)
-    finally:
-        pipe.transformer = teacher
-    psnrs = [psnr(a, b) for a, b in zip(q_images, fp_images)]
-    return {
-        "prompts": len(prompts),
-        "velocity_rel_error": float(np.mean(velocity)),
-        "block_rel_error": blocks,
-        "image_psnr_db": float(np.mean(psnrs)),
-        "image_psnr_db_per_prompt": psnrs,
-    }
+    def __init__(self, cfg: Config, pipe, embeds: Embeds):
+        self.cfg, self.device = cfg, resolve_device(cfg.model)
+        self.calls, self.fp_images = record_transformer_calls(pipe, embeds, cfg.generate, seed=10_000, keep=4)
+        skeleton = pipe.transformer
+        parts = [prelude(skeleton, {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in kw.items()})
+                 for kw in self.calls]
+        self.batch = parts[0]["hidden_states"].shape[0]  # rows of one call (the prompts)
+        state = {k: torch.cat([p[k].cpu() for p in parts]) for k in ("hidden_states", "encoder_hidden_states", "temb")}
+        state["image_rotary_emb"] = tuple(r.cpu() for r in parts[0]["image_rotary_emb"])
+        self.fp, self.q, self.errors = state, dict(state), {}
+
+    def _per_call(self, a: dict, b: dict) -> list[float]:
+        out = []
+        for i in range(0, a["hidden_states"].shape[0], self.batch):
+            rows = slice(i, i + self.batch)
+            qa = torch.cat([a["encoder_hidden_states"][rows].flatten(), a["hidden_states"][rows].flatten()])
+            fb = torch.cat([b["encoder_hidden_states"][rows].flatten(), b["hidden_states"][rows].flatten()])
+            out.append(_rel(qa, fb))
+        return out
+
+    def fp_step(self, name: str, fp_block: torch.nn.Module) -> None:
+        """Push the FP chain through the FP block ``name``."""
+        self.fp = advance(fp_block, self.fp, self.batch, self.device)
+
+    def q_step(self, name: str, q_block: torch.nn.Module) -> None:
+        """Push the quantized chain through the ternary block ``name``; record its error against the FP chain."""
+        self.q = advance(q_block, self.q, self.batch, self.device)
+        self.errors[name] = float(np.mean(self._per_call(self.q, self.fp)))
+
+    def report(self, skeleton, pipe, quantized: torch.nn.Module, embeds: Embeds) -> dict:
+        """The report: per-block errors, velocity error, and image PSNR of ``quantized`` (drawn in ``pipe``)."""
+        velocity = []
+        for i in range(0, self.fp["hidden_states"].shape[0], self.batch):
+            rows = slice(i, i + self.batch)
+            temb = self.fp["temb"][rows].to(self.device)
+            v_fp = head(skeleton, self.fp["hidden_states"][rows].to(self.device), temb)
+            v_q = head(skeleton, self.q["hidden_states"][rows].to(self.device), temb)
+            velocity.append(_rel(v_q, v_fp))
+        pipe.transformer = quantized
+        q_images = run_pipeline(pipe, embeds, self.cfg.generate, seed=10_000)
+        psnrs = [psnr(a, b) for a, b in zip(q_images, self.fp_images)]
+        return {"prompts": len(embeds), "velocity_rel_error": float(np.mean(velocity)), "block_rel_error": self.errors,
+                "image_psnr_db": float(np.mean(psnrs)), "image_psnr_db_per_prompt": psnrs}
 
 
 def fidelity_table(report: dict) -> Table:

@@ -4,12 +4,10 @@ import re
 import time
 from pathlib import Path
 
-import bitflux_kernels
-
 from .artifacts import artifact_path, atomic_file, check_output_file
 from .config import Config
-from .loader import packed_transformer
-from .models import load_pipeline, resolve_device
+from .loader import pipeline_for
+from .models import resolve_device
 from .teacher import run_pipeline
 
 
@@ -24,17 +22,13 @@ def generate(cfg: Config, prompt: str, out: Path | None = None, full_precision: 
     out = Path(out) if out is not None else default_output(cfg, prompt)
     check_output_file(out, "--out")  # before any model loads: a bad path must not cost the whole run
     device = resolve_device(cfg.model)
-    if full_precision:
-        pipe, backend = load_pipeline(cfg.model), "full-precision"
-    else:
-        pipe, backend = load_pipeline(cfg.model, packed_transformer(cfg, device)), bitflux_kernels.select_backend(device)
-    pipe = pipe.to(device)
-    start = time.perf_counter()
-    image = run_pipeline(pipe, [prompt], cfg.generate, cfg.generate.seed, output_type="pil")[0]
-    seconds = time.perf_counter() - start
+    with pipeline_for(cfg, full_precision) as (pipe, backend):
+        start = time.perf_counter()
+        image = run_pipeline(pipe, [prompt], cfg.generate, cfg.generate.seed, output_type="pil")[0]
+        seconds = time.perf_counter() - start
     with atomic_file(out) as tmp:
         image.save(tmp, format="PNG")
     return {"stage": "generate", "path": str(out), "prompt": prompt, "seed": cfg.generate.seed,
             "seconds": seconds, "backend": backend, "activations": cfg.quantization.activations,
             "steps": cfg.generate.steps, "height": cfg.generate.height, "width": cfg.generate.width,
-            "guidance": cfg.generate.guidance, "device": str(device)}
+            "guidance": cfg.generate.guidance, "device": str(device), "offload": cfg.model.offload}

@@ -1,15 +1,18 @@
 """Loading a 1.58-bit transformer: built on the meta device, packed buffers assigned in place."""
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+import bitflux_kernels
+
 from .artifacts import artifact_path, require
-from .checkpoint import read_checkpoint, to_runtime_2bit
+from .checkpoint import CheckpointFile, to_runtime_2bit
 from .config import Config, ModelConfig
 from .console import info
 from .errors import ArtifactError
-from .models import EMBEDDED, build_meta_transformer
+from .models import EMBEDDED, build_meta_transformer, load_pipeline, place, resolve_device
 from .ternary import replace_with_ternary, scoped_linears
 
 
@@ -17,33 +20,42 @@ def load_quantized_transformer(path: Path, model: ModelConfig | None = None, act
                                device: torch.device | str = "cpu") -> torch.nn.Module:
     """Build the FLUX transformer from a bitflux checkpoint without materialising FP weights.
 
-    The architecture comes from ``model`` (default: the model config recorded in the file); it is
-    built on the meta device, its in-scope linears become ``TernaryLinear`` shells, and the stored
-    tensors are assigned (base-3 and int8 codecs are re-encoded to the 2-bit runtime layout).
-    ``activations`` overrides the recorded activation mode ("none" or "int8").
+    The architecture is the one recorded in the file (older files without it: ``model``, else the
+    model config recorded in the file), so the base model need not be present. It is built on the
+    meta device, its in-scope linears become ``TernaryLinear`` shells, and the stored tensors are
+    read one at a time onto ``device`` (base-3 and int8 codecs re-encoded to the 2-bit runtime
+    layout). ``activations`` overrides the recorded activation mode ("none" or "int8").
     """
-    ckpt = read_checkpoint(path)
-    model = model or Config.model_validate(ckpt.meta["config"]).model
-    transformer = build_meta_transformer(model)
+    ckpt = CheckpointFile(path)
+    arch = ckpt.meta["architecture"]
+    if not arch:
+        model = model or Config.model_validate(ckpt.meta["config"]).model
+    try:
+        transformer = build_meta_transformer(arch or model)
+    except (TypeError, ValueError) as exc:
+        raise ArtifactError(f"{path}: its recorded architecture does not build a FLUX transformer ({exc})") from None
     expected = {name: (m.out_features, m.in_features) for name, m in scoped_linears(transformer)}
     if expected != ckpt.modules:
         missing = sorted(set(expected) ^ set(ckpt.modules)) or [n for n in expected if expected[n] != ckpt.modules[n]]
-        raise ArtifactError(f"{path}: quantized layers do not match the {model.source} architecture (e.g. {missing[0]})")
+        raise ArtifactError(f"{path}: quantized layers do not match the recorded architecture (e.g. {missing[0]})")
     replace_with_ternary(transformer, list(expected), activations or ckpt.meta["activations"])
 
+    wanted = set(transformer.state_dict())
     state = {}
-    for name, t in ckpt.tensors.items():
+    for name in ckpt.names:
         module, _, leaf = name.rpartition(".")
-        if leaf == "codes":
+        if leaf == "codes" and module in ckpt.modules:
             n, k = ckpt.modules[module]
-            state[f"{module}.packed"] = to_runtime_2bit(t, ckpt.meta["codec"], n, k)
+            state[f"{module}.packed"] = to_runtime_2bit(ckpt.read(name), ckpt.codec, n, k).to(device)
+        elif name in wanted:
+            state[name] = ckpt.read(name).to(device)
         else:
-            state[name] = t
+            raise ArtifactError(f"{path}: tensor {name} is not part of the recorded architecture")
     try:
         transformer.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
-        raise ArtifactError(f"{path}: does not match the {model.source} transformer ({str(exc).splitlines()[0]})") from None
-    return transformer.to(device).eval()
+        raise ArtifactError(f"{path}: does not match the recorded transformer ({str(exc).splitlines()[0]})") from None
+    return transformer.eval()
 
 
 def packed_transformer(cfg: Config, device: torch.device | str = "cpu") -> torch.nn.Module:
@@ -62,3 +74,18 @@ def packed_transformer(cfg: Config, device: torch.device | str = "cpu") -> torch
             quantize(cfg)
         pack(cfg)
     return load_quantized_transformer(require(cfg.workdir, "pack"), cfg.model, cfg.quantization.activations, device)
+
+
+@contextmanager
+def pipeline_for(cfg: Config, full_precision: bool = False):
+    """(pipeline, backend label) placed as ``model.offload`` says: the FP pipeline (its transformer
+    read block by block, ``teacher.fp_pipeline``) or one with the workdir's packed 1.58-bit transformer."""
+    from .teacher import fp_pipeline
+
+    if full_precision:
+        with fp_pipeline(cfg) as (pipe, _):
+            yield pipe, "full-precision"
+        return
+    device = resolve_device(cfg.model)
+    transformer = packed_transformer(cfg, device if cfg.model.offload == "none" else "cpu")
+    yield place(load_pipeline(cfg.model, transformer), cfg.model), bitflux_kernels.select_backend(device)

@@ -1,54 +1,125 @@
-"""The quantize stage: full-precision transformer -> ternary codes and scales (codec int8)."""
+"""The quantize stage: the FP transformer, streamed one block at a time -> ternary codes and scales (codec int8).
 
-import copy
+For the block methods (absmean, act-aware, block-recon) only one FP block is ever materialised: it is
+read from the model's safetensors shards, quantized, measured by the fidelity probe, written to a
+part file, and dropped. The parts are then joined into ``ternary/transformer.safetensors`` one tensor
+at a time. ``distill`` trains the whole model at once, so it materialises the transformer first.
+"""
+
+import tempfile
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from .artifacts import artifact_path, file_sha256
 from .calibrate import load_calibration
-from .checkpoint import save_checkpoint
+from .checkpoint import ternary_specs, write_checkpoint
 from .config import Config
-from .console import info
+from .console import info, progress
 from .distributed import init_distributed
-from .fidelity import fidelity_report
-from .methods import METHODS, NEEDS_CALIBRATION
-from .models import build_meta_transformer, load_pipeline, model_id, resolve_device
-from .ternary import parameter_counts, quantize_transformer
+from .fidelity import REPORT_PROMPTS, FidelityProbe
+from .methods import BLOCK_METHODS, METHODS, NEEDS_CALIBRATION
+from .models import build_meta_transformer, provenance, resolve_device, transformer_config
+from .streaming import BLOCK_LISTS, block_names, load_block, materialise
+from .teacher import encode, fp_pipeline, free_text_encoders
+from .tensorfile import TensorFile
+from .ternary import TernaryLinear, _set_submodule, block_linears, parameter_counts
 
 
-def dense_state(transformer: torch.nn.Module, quantized: set[str]) -> dict[str, torch.Tensor]:
-    """Every tensor of the FP state dict except the weights that became ternary."""
-    return {k: v for k, v in transformer.state_dict().items()
-            if not (k.endswith(".weight") and k.removesuffix(".weight") in quantized)}
+def _to_ternary(block: torch.nn.Module, codes: dict, activations: str) -> torch.nn.Module:
+    """``block`` with its linears replaced in place by ``TernaryLinear``s of {linear: (codes, scale)}."""
+    for sub, lin in block_linears(block):
+        _set_submodule(block, sub, TernaryLinear.from_codes(*codes[sub], lin.bias, activations))
+    return block
+
+
+def _write_part(file: Path, name: str, block: torch.nn.Module, codes: dict) -> None:
+    """One block's codes, scales and remaining tensors (norms, biases), full names, in a part file."""
+    quantized = {f"{sub}.weight" for sub in codes}
+    tensors = {f"{name}.{k}": v for k, v in block.state_dict().items() if k not in quantized}
+    for sub, (c, s) in codes.items():
+        tensors |= {f"{name}.{sub}.codes": c.cpu().contiguous(), f"{name}.{sub}.scale": s.detach().float().cpu()}
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(file))
+
+
+def _join(path: Path, parts: list[Path], outside: dict[str, torch.Tensor], modules: dict, meta: dict) -> int:
+    """The ternary checkpoint from the part files and the tensors outside the blocks, one tensor at a time."""
+    specs = {k: (v.dtype, tuple(v.shape), lambda v=v: v) for k, v in outside.items()}
+    for part in map(TensorFile, parts):
+        for name, e in part.entries.items():
+            module, _, leaf = name.rpartition(".")
+            if module in modules and leaf == "codes":
+                specs |= ternary_specs(module, modules[module], "int8", lambda p=part, n=name: p.read(n),
+                                       lambda p=part, m=module: p.read(f"{m}.scale"))
+            elif not (module in modules and leaf == "scale"):
+                specs[name] = (e.dtype, e.shape, lambda p=part, n=name: p.read(n))
+    return write_checkpoint(path, {m: list(s) for m, s in modules.items()}, specs, "int8", meta)
 
 
 def quantize(cfg: Config) -> dict:
     """Quantize the config's transformer with ``quantization.method``; write ``ternary/`` and report.
 
-    Runs calibration first when the method needs it and the workdir has none. Under torchrun every
-    rank runs the method (distill shards its training over them); rank 0 alone writes and reports.
+    Inputs (model files, prompt files, calibration) are checked before any weight is read.
+    Calibration runs first when the method needs it and the workdir has none. Under torchrun every
+    rank runs distill (it shards its training); rank 0 alone writes and reports.
     """
     rank, world = init_distributed()
-    method = METHODS[cfg.quantization.method]
+    name = cfg.quantization.method
     counts = parameter_counts(build_meta_transformer(cfg.model))
-    pipe = load_pipeline(cfg.model).to(resolve_device(cfg.model))
-    teacher = pipe.transformer
-    info(f"quantizing {counts['quantized_modules']} linears of {model_id(cfg.model)} with {cfg.quantization.method}")
-    calib = load_calibration(cfg) if cfg.quantization.method in NEEDS_CALIBRATION else None
-    codes = method(cfg, pipe, calib)  # {module: (codes [N, K] int8, scale [N] fp32)}
-    if rank != 0:
-        return {"stage": "quantize", "method": cfg.quantization.method, "rank": rank, "world_size": world}
+    source = provenance(cfg.model)  # refuses a missing model before anything loads
+    calib = load_calibration(cfg) if name in NEEDS_CALIBRATION else None
+    if rank != 0 and name in BLOCK_METHODS:
+        return {"stage": "quantize", "method": name, "rank": rank, "world_size": world}
+    device = resolve_device(cfg.model)
+    info(f"quantizing {counts['quantized_modules']} linears of {source['base_model']} with {name}")
+    prompts = REPORT_PROMPTS[: cfg.quantization.eval_prompts]
+    with fp_pipeline(cfg, stream=True) as (pipe, weights):
+        pipe.set_progress_bar_config(disable=True)
+        embeds = encode(pipe, prompts, cfg.generate.max_sequence_length)
+        free_text_encoders(pipe)
+        probe = FidelityProbe(cfg, pipe, embeds) if rank == 0 else None
+    skeleton = pipe.transformer
+    if name in BLOCK_METHODS:
+        quantize_block = METHODS[name](cfg, skeleton, calib)
+    else:
+        materialise(skeleton, weights, device)
+        trained = METHODS[name](cfg, pipe, calib)
+        for lst in BLOCK_LISTS:
+            getattr(skeleton, lst).to("meta")
+        if rank != 0:
+            return {"stage": "quantize", "method": name, "rank": rank, "world_size": world}
+        quantize_block = lambda block_name, block: {sub: trained[f"{block_name}.{sub}"] for sub, _ in block_linears(block)}  # noqa: E731
 
     path = artifact_path(cfg.workdir, "quantize")
-    size = save_checkpoint(path, codes, dense_state(teacher, set(codes)), "int8", {
-        "base_model": model_id(cfg.model), "revision": cfg.model.revision, "stage": "quantize",
-        "activations": cfg.quantization.activations, "config": cfg.resolved(),
-        "inputs": {"method": cfg.quantization.method,
-                   "calibration_sha256": None if calib is None else file_sha256(calib.path / "manifest.json")},
-    })
-    student = copy.deepcopy(teacher)
-    quantize_transformer(student, codes, cfg.quantization.activations)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    modules, parts = {}, []
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".parts-") as tmp:
+        names = block_names(skeleton)
+        with progress("quantize", len(names), "blocks") as block_done:
+            for block_name in names:
+                block = load_block(skeleton, weights, block_name, device)
+                codes = quantize_block(block_name, block)
+                probe.fp_step(block_name, block)
+                parts.append(Path(tmp) / f"{len(parts):03d}.safetensors")
+                _write_part(parts[-1], block_name, block, codes)
+                probe.q_step(block_name, _to_ternary(block, codes, cfg.quantization.activations))
+                modules |= {f"{block_name}.{sub}": tuple(c.shape) for sub, (c, _) in codes.items()}
+                del block, codes
+                block_done()
+        inside = tuple(f"{lst}." for lst in BLOCK_LISTS)
+        outside = {k: v for k, v in skeleton.state_dict().items() if not k.startswith(inside)}
+        size = _join(path, parts, outside, modules, {
+            "base_model": source["base_model"], "revision": source["revision"], "stage": "quantize",
+            "activations": cfg.quantization.activations, "config": cfg.resolved(),
+            "architecture": transformer_config(cfg.model), "source": source,
+            "inputs": {"method": name,
+                       "calibration_sha256": None if calib is None else file_sha256(calib.path / "manifest.json")},
+        })
+    from .loader import load_quantized_transformer
+
     info("measuring fidelity against the full-precision teacher")
-    report = fidelity_report(cfg, pipe, student)
-    return {"stage": "quantize", "path": str(path), "bytes": size, "method": cfg.quantization.method,
+    quantized = load_quantized_transformer(path, device=device)
+    report = probe.report(skeleton, pipe, quantized, embeds)
+    return {"stage": "quantize", "path": str(path), "bytes": size, "method": name,
             "activations": cfg.quantization.activations, **counts, "fidelity": report}

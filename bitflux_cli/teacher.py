@@ -1,9 +1,70 @@
 """The full-precision pipeline as teacher: recorded transformer calls, velocity error, image PSNR."""
 
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-from .config import GenerateConfig
+from .config import Config, GenerateConfig
+from .models import fp_skeleton, load_pipeline, place, resolve_device
+from .streaming import materialise, streamed
+
+
+@dataclass
+class Embeds:
+    """Text embeddings of prompts, computed once so the text encoders can be freed: [B, T, D] and [B, P]."""
+
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def __getitem__(self, idx) -> "Embeds":
+        return Embeds(self.prompt_embeds[idx], self.pooled_prompt_embeds[idx])
+
+
+@torch.no_grad()
+def encode(pipe, prompts: list[str], max_sequence_length: int, batch: int = 8) -> Embeds:
+    """The prompts through both text encoders (on their devices), kept on the host."""
+    parts = []
+    for i in range(0, len(prompts), batch):
+        device = pipe.text_encoder_2.device
+        embeds, pooled, _ = pipe.encode_prompt(prompts[i:i + batch], prompts[i:i + batch], device=device,
+                                               max_sequence_length=max_sequence_length)
+        parts.append((embeds.cpu(), pooled.cpu()))
+    return Embeds(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+
+
+def free_text_encoders(pipe) -> None:
+    """Drop the text encoders (T5-XXL is 9.5 GB in bf16): the pipeline then runs on ``Embeds`` only."""
+    pipe.text_encoder = pipe.text_encoder_2 = None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@contextmanager
+def fp_pipeline(cfg: Config, stream: bool = False):
+    """(pipeline, ``Weights``): the full-precision pipeline, its transformer read from the safetensors
+    files block by block.
+
+    ``model.offload``: ``sequential`` (or ``stream``), the blocks are streamed from the files at every
+    call (one resident at a time); ``model``, the transformer is read into host memory and diffusers' model
+    offload moves whole components to the device; ``none``, every block is read onto the device.
+    """
+    device = resolve_device(cfg.model)
+    transformer, weights = fp_skeleton(cfg.model, "cpu" if cfg.model.offload == "model" else device)
+    if stream or cfg.model.offload == "sequential":
+        pipe = load_pipeline(cfg.model, transformer)
+        for name, component in pipe.components.items():
+            if isinstance(component, torch.nn.Module) and name != "transformer":
+                component.to(resolve_device(cfg.model, name))
+        with streamed(transformer, weights, device):
+            yield pipe, weights
+        return
+    materialise(transformer, weights, "cpu" if cfg.model.offload == "model" else device)
+    yield place(load_pipeline(cfg.model, transformer), cfg.model), weights
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -11,29 +72,34 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
 
 
-def run_pipeline(pipe, prompts: list[str], gen: GenerateConfig, seed: int, output_type: str = "np", **kwargs):
-    """Run the pipeline on ``prompts`` with one seeded generator per prompt (same seed, same image)."""
-    device = pipe._execution_device
+def run_pipeline(pipe, prompts: list[str] | Embeds, gen: GenerateConfig, seed: int, output_type: str = "np", **kwargs):
+    """Run the pipeline on ``prompts`` (or their ``Embeds``) with one seeded generator per prompt (same seed, same image)."""
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]
+    if isinstance(prompts, Embeds):
+        device = pipe.transformer.x_embedder.weight.device
+        kwargs |= {"prompt_embeds": prompts.prompt_embeds.to(device), "pooled_prompt_embeds": prompts.pooled_prompt_embeds.to(device)}
+        prompts = None
     return pipe(prompts, height=gen.height, width=gen.width, num_inference_steps=gen.steps,
                 guidance_scale=gen.guidance, generator=generators, output_type=output_type,
                 max_sequence_length=gen.max_sequence_length, **kwargs).images
 
 
-def record_transformer_calls(pipe, prompts: list[str], gen: GenerateConfig, seed: int, keep: int) -> list[dict]:
-    """The keyword arguments of ``keep`` evenly spaced transformer calls of a real denoising run."""
+def record_transformer_calls(pipe, prompts: list[str] | Embeds, gen: GenerateConfig, seed: int,
+                             keep: int) -> tuple[list[dict], np.ndarray]:
+    """The keyword arguments (on the host) of ``keep`` evenly spaced transformer calls of a real
+    denoising run, and the run's images [B, H, W, 3] in [0, 1]."""
     calls = []
 
     def hook(_module, _args, kwargs):
-        calls.append({k: v.detach().clone() if torch.is_tensor(v) else v for k, v in kwargs.items()})
+        calls.append({k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in kwargs.items()})
 
     handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        run_pipeline(pipe, prompts, gen, seed, output_type="latent")
+        images = run_pipeline(pipe, prompts, gen, seed)
     finally:
         handle.remove()
     idx = np.linspace(0, len(calls) - 1, num=min(keep, len(calls))).round().astype(int)
-    return [calls[i] for i in sorted(set(idx.tolist()))]
+    return [calls[i] for i in sorted(set(idx.tolist()))], images
 
 
 @torch.no_grad()

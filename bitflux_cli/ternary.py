@@ -27,6 +27,11 @@ def scoped_linears(model: nn.Module, scope: Callable[[str, nn.Module], bool] = i
             yield name, module
 
 
+def block_linears(block: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """(name inside the block, module) of every linear of one transformer block: all are in scope."""
+    return list(scoped_linears(block, lambda _n, m: isinstance(m, nn.Linear)))
+
+
 def ternarize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """BitNet b1.58 absmean, one scale per output channel.
 

@@ -22,7 +22,7 @@ from bitflux_cli.checkpoint import read_checkpoint
 from bitflux_cli.config import load_config
 from bitflux_cli.errors import ArtifactError, UsageError
 from bitflux_cli.fidelity import REPORT_PROMPTS
-from bitflux_cli.methods import METHODS
+from bitflux_cli.methods import METHODS, run_method
 from bitflux_cli.methods.ste import read_saved, write_saved
 from bitflux_cli.models import load_pipeline
 from bitflux_cli.teacher import record_transformer_calls, velocity_errors
@@ -96,7 +96,7 @@ def setup(tmp_path_factory):
     pipe = load_pipeline(cfg.model)
     pipe.set_progress_bar_config(disable=True)
     s = {"tmp": tmp, "calib": tmp / "source/calib", "pipe": pipe,
-         "held_out": record_transformer_calls(pipe, REPORT_PROMPTS[:2], cfg.generate, seed=10_000, keep=4)}
+         "held_out": record_transformer_calls(pipe, REPORT_PROMPTS[:2], cfg.generate, seed=10_000, keep=4)[0]}
     s["single2"] = distill(tiny(tmp, "single2", s["calib"], **FULL | {"steps": 2}), pipe)
     s["single4"] = distill(tiny(tmp, "single4", s["calib"], **FULL), pipe)
     yield s
@@ -187,7 +187,8 @@ def test_init_block_recon_starts_from_its_result(setup, mode):
     name = mode.get("mode", "full")
     config = tiny(setup["tmp"], f"init-{name}", setup["calib"], **mode, init="block-recon", weight_lr=0, scale_lr=1e-12)
     cfg = load_config(str(config))
-    recon = METHODS["block-recon"](cfg, setup["pipe"], load_calibration(cfg))
+    recon = run_method(cfg.model_copy(update={"quantization": cfg.quantization.model_copy(update={"method": "block-recon"})}),
+                       setup["pipe"], load_calibration(cfg))
     absmean = distill(tiny(setup["tmp"], f"absmean-{name}", setup["calib"], **mode, weight_lr=0, scale_lr=1e-12),
                       setup["pipe"])
     started = distill(config, setup["pipe"])

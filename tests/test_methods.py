@@ -9,7 +9,7 @@ import torch
 from bitflux_cli.calibrate import load_calibration, teacher_kwargs
 from bitflux_cli.config import load_config
 from bitflux_cli.fidelity import IMAGE, REPORT_PROMPTS, TEXT, _block_outputs
-from bitflux_cli.methods import METHODS
+from bitflux_cli.methods import METHODS, run_method
 from bitflux_cli.methods.act_aware import weighted_error
 from bitflux_cli.models import load_pipeline
 from bitflux_cli.teacher import record_transformer_calls, velocity_errors
@@ -34,10 +34,14 @@ def setup(tmp_path_factory):
     pipe = load_pipeline(cfg.model)
     pipe.set_progress_bar_config(disable=True)
     calib = load_calibration(cfg)
-    held_out = record_transformer_calls(pipe, REPORT_PROMPTS[:2], cfg.generate, seed=10_000, keep=4)
-    codes = {m: METHODS[m](cfg, pipe, calib) for m in METHODS}
+    held_out, _ = record_transformer_calls(pipe, REPORT_PROMPTS[:2], cfg.generate, seed=10_000, keep=4)
+    codes = {m: run(cfg, pipe, calib, m) for m in METHODS}
     yield {"cfg": cfg, "pipe": pipe, "calib": calib, "codes": codes, "held_out": held_out}
     torch.set_num_threads(n)
+
+
+def run(cfg, pipe, calib, method):
+    return run_method(cfg.model_copy(update={"quantization": cfg.quantization.model_copy(update={"method": method})}), pipe, calib)
 
 
 def student(pipe, codes):
@@ -89,9 +93,9 @@ def context_error(pipe, codes, calls) -> float:
 
 def test_block_recon_context_weight_lowers_the_text_stream_error(setup, tmp_path):
     cfg = tiny(tmp_path, **{"quantization.block_recon.context_weight": 1.0})
-    with_context = METHODS["block-recon"](cfg, setup["pipe"], setup["calib"])
+    with_context = run(cfg, setup["pipe"], setup["calib"], "block-recon")
     image_only = tiny(tmp_path, **{"quantization.block_recon.context_weight": 0.0})
-    without = METHODS["block-recon"](image_only, setup["pipe"], setup["calib"])
+    without = run(image_only, setup["pipe"], setup["calib"], "block-recon")
     err = [context_error(setup["pipe"], codes, setup["held_out"]) for codes in (with_context, without)]
     assert err[0] < 0.9 * err[1], err
 
@@ -110,9 +114,9 @@ def test_distill_resumes_from_its_checkpoint(setup, tmp_path):
     pipe, calib = setup["pipe"], setup["calib"]
     short = tiny(tmp_path, **{"quantization.distill.steps": 4, "quantization.distill.save_every": 2})
     METHODS["distill"](short, pipe, calib)
-    assert (tmp_path / "distill/state.pt").is_file()
+    assert (tmp_path / "distill/state.safetensors").is_file()
     resumed = METHODS["distill"](tiny(tmp_path, **{"quantization.distill.steps": 8}), pipe, calib)
-    (tmp_path / "distill/state.pt").unlink()
+    (tmp_path / "distill/state.safetensors").unlink()
     straight = METHODS["distill"](tiny(tmp_path, **{"quantization.distill.steps": 8}), pipe, calib)
     for name in straight:
         assert torch.equal(resumed[name][0], straight[name][0]) and torch.equal(resumed[name][1], straight[name][1])

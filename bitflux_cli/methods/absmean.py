@@ -1,9 +1,9 @@
 """BitNet b1.58 absmean: no calibration."""
 
 from ..config import Config
-from ..ternary import scoped_linears, ternarize
+from ..ternary import block_linears, ternarize
 
 
-def absmean(cfg: Config, pipe, calib=None) -> dict:
-    """Absmean per output channel of every in-scope linear; needs no calibration."""
-    return {name: ternarize(lin.weight) for name, lin in scoped_linears(pipe.transformer)}
+def absmean(cfg: Config, transformer=None, calib=None):
+    """Absmean per output channel of every linear of a block; needs no calibration."""
+    return lambda _name, block: {sub: ternarize(lin.weight) for sub, lin in block_linears(block)}

@@ -11,7 +11,7 @@ never worse than absmean under this error.
 import torch
 
 from ..config import Config
-from ..ternary import scoped_linears
+from ..ternary import block_linears
 
 
 def threshold_codes(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -49,10 +49,12 @@ def alphas(cfg: Config) -> list[float]:
     return [0.5] + torch.linspace(0, a.max_alpha, a.thresholds).tolist()
 
 
-def act_aware(cfg: Config, pipe, calib) -> dict:
-    """Threshold and scale per output channel from the calibration's input second moments."""
-    out = {}
-    for name, lin in scoped_linears(pipe.transformer):
-        t, s = search(lin.weight, calib.second_moment(name), alphas(cfg))
-        out[name] = (threshold_codes(lin.weight.detach().float(), t).to(torch.int8), s)
-    return out
+def act_aware(cfg: Config, transformer, calib):
+    """Threshold and scale per output channel of a block's linears, from the calibration's input second moments."""
+    def quantize_block(name: str, block) -> dict:
+        out = {}
+        for sub, lin in block_linears(block):
+            t, s = search(lin.weight, calib.second_moment(f"{name}.{sub}"), alphas(cfg))
+            out[sub] = (threshold_codes(lin.weight.detach().float(), t).to(torch.int8), s)
+        return out
+    return quantize_block

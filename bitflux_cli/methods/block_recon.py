@@ -2,12 +2,12 @@
 
 Blocks run in execution order (double, then single). The inputs of block i are those of the
 already-quantized student (blocks 0..i-1 ternary), computed from the teacher calls recorded by
-calibration, so each block also corrects the error that reaches it; the targets are the FP
+calibration (the quantized chain, not the FP one), so each block also corrects the error that reaches it; the targets are the FP
 block's image-stream outputs that calibration recorded at a subsample of image tokens and
 (``block_recon.context_weight``) its text-stream output on the same student inputs. Each linear
 starts from act-aware codes and scales; Adam then trains the scales (log space) and, through the
-straight-through estimator, the latent weights. Only one block, its optimizer state, its targets
-and the student activations of the recorded calls are held besides the FP model.
+straight-through estimator, the latent weights. Only one FP block (streamed), its trained copy and
+optimizer state, its targets and the student activations of the recorded calls are held.
 """
 
 import copy
@@ -16,97 +16,84 @@ from typing import Any
 
 import torch
 
-from ..calibrate import Calibration, _blocks, teacher_kwargs
+from ..calibrate import Calibration, teacher_kwargs
 from ..config import Config
-from ..console import progress
-from ..ternary import scoped_linears
+from ..console import info, progress
+from ..streaming import advance, block_names, blocks, prelude, run_block
+from ..ternary import block_linears
 from .act_aware import alphas, search
 from .ste import STELinear, attach_ste, optimizer
-
-
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
-def block_inputs(transformer, records: dict[str, torch.Tensor], batch: int) -> dict:
-    """The first block's inputs for every recorded call: hidden [C, L, D], context [C, T, D], temb [C, E], rope."""
-    parts: dict[str, list[torch.Tensor]] = {"hidden_states": [], "encoder_hidden_states": [], "temb": []}
-    rope = None
-
-    def hook(_m, _args, kwargs):
-        nonlocal rope
-        for k in parts:
-            parts[k].append(kwargs[k])
-        rope = kwargs["image_rotary_emb"]
-        raise _Stop
-
-    handle = transformer.transformer_blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for idx in torch.arange(len(records["calls.step"])).split(batch):
-            try:
-                transformer(**teacher_kwargs(records, idx, transformer.device))
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return {k: torch.cat(v) for k, v in parts.items()} | {"image_rotary_emb": rope}
 
 
 def _gather(hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # [B, L, D], [B, tokens] -> [B, tokens, D]
     return torch.gather(hidden, 1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
-def _run(block, state: dict, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(context, hidden) outputs of ``block`` for the calls ``idx``."""
-    return block(hidden_states=state["hidden_states"][idx], encoder_hidden_states=state["encoder_hidden_states"][idx],
-                 temb=state["temb"][idx], image_rotary_emb=state["image_rotary_emb"])
+class BlockRecon:
+    """The block-recon method over a walk of the blocks: called with each FP block in execution
+    order, it trains that block's ternary copy and returns {linear: ``keep(STELinear)``}.
 
+    It holds the student's activations of the recorded calls on the host, in the model dtype (the
+    inputs of the next block): as many calls as ``quantization.activation_budget_gb`` allows.
+    """
 
-def block_recon(cfg: Config, pipe, calib: Calibration) -> dict:
-    """Act-aware start, then per-block Adam on scales and latent weights to match the FP block outputs."""
-    return reconstruct(cfg, pipe, calib, STELinear.export)
+    def __init__(self, cfg: Config, transformer, calib: Calibration, keep: Callable[[STELinear], Any] = STELinear.export):
+        self.cfg, self.calib, self.keep = cfg, calib, keep
+        rc = cfg.quantization.block_recon
+        records = calib.records(lambda k: k.startswith("calls.") and k != "calls.velocity")
+        n = len(records["calls.step"])
+        seq = records["calls.hidden_states"].shape[1] + records["calls.encoder_hidden_states"].shape[1]
+        per_call = seq * transformer.x_embedder.out_features * records["calls.hidden_states"].element_size()
+        self.calls = min(n, max(1, int(cfg.quantization.activation_budget_gb * 1e9 // per_call)))
+        if self.calls < n:
+            info(f"block-recon: {self.calls} of the {n} recorded calls fit in quantization.activation_budget_gb "
+                 f"({cfg.quantization.activation_budget_gb} GB at {per_call / 1e6:.0f} MB a call)")
+        self.device = transformer.x_embedder.weight.device
+        parts = [prelude(transformer, teacher_kwargs(records, idx, self.device))
+                 for idx in torch.arange(self.calls).split(rc.batch)]
+        self.state = {k: torch.cat([p[k].cpu() for p in parts]) for k in ("hidden_states", "encoder_hidden_states", "temb")}
+        self.state["image_rotary_emb"] = tuple(r.cpu() for r in parts[0]["image_rotary_emb"])
+        self.token_idx = records["calls.token_idx"][:self.calls].to(self.device)  # [C, tokens]
+        self.last = block_names(transformer)[-1]
+        self.gen = torch.Generator().manual_seed(rc.seed)
 
-
-def reconstruct(cfg: Config, pipe, calib: Calibration, keep: Callable[[STELinear], Any]) -> dict[str, Any]:
-    """{full module name: ``keep(m)``} for the trained ``STELinear`` m of every in-scope linear, kept
-    as each block finishes (codes and scales for block-recon; latent state where distill starts from it)."""
-    rc = cfg.quantization.block_recon
-    records = calib.records(lambda k: k.startswith("calls.") and k != "calls.velocity")
-    state = block_inputs(pipe.transformer, records, rc.batch)
-    n = len(records["calls.step"])
-    device = pipe.transformer.device
-    token_idx = records["calls.token_idx"].to(device)  # [C, tokens]
-    blocks = _blocks(pipe.transformer)
-    gen = torch.Generator().manual_seed(rc.seed)
-    out = {}
-    with progress("block-recon", len(blocks) * rc.steps, "steps") as advance:
-        for name, fp_block in blocks:
-            block = copy.deepcopy(fp_block)
-            init = {sub: search(lin.weight, calib.second_moment(f"{name}.{sub}"), alphas(cfg))
-                    for sub, lin in scoped_linears(block, lambda _n, m: isinstance(m, torch.nn.Linear))}
-            ste = attach_ste(block, init, rc.weight_lr > 0)
-            opt = optimizer(ste, rc.weight_lr, rc.scale_lr)
-            key = f"blocks.{name}"
-            target = calib.records(lambda k: k == key)[key].to(device).float()  # [C, tokens, D]
-            norm = target.square().mean()
-            context_weight = rc.context_weight if name != blocks[-1][0] else 0.0  # the last text output is unused
+    def __call__(self, name: str, fp_block: torch.nn.Module) -> dict[str, Any]:
+        rc, device, n = self.cfg.quantization.block_recon, self.device, self.calls
+        block = copy.deepcopy(fp_block)  # one block: the student's, with STE linears
+        init = {sub: search(lin.weight, self.calib.second_moment(f"{name}.{sub}"), alphas(self.cfg))
+                for sub, lin in block_linears(block)}
+        ste = attach_ste(block, init, rc.weight_lr > 0)
+        opt = optimizer(ste, rc.weight_lr, rc.scale_lr)
+        key = f"blocks.{name}"
+        target = self.calib.records(lambda k: k == key)[key][:n].to(device).float()  # [C, tokens, D]
+        norm = target.square().mean()
+        context_weight = rc.context_weight if name != self.last else 0.0  # the last text output is unused
+        with progress(f"block-recon {name}", rc.steps, "steps") as step_done:
             for _ in range(rc.steps):
-                idx = torch.randint(n, (min(rc.batch, n),), generator=gen)
-                context, hidden = _run(block, state, idx)  # [B, T, D], [B, L, D]
-                pred = _gather(hidden, token_idx[idx]).float()
+                idx = torch.randint(n, (min(rc.batch, n),), generator=self.gen)
+                context, hidden = run_block(block, self.state, idx, device)  # [B, T, D], [B, L, D]
+                pred = _gather(hidden, self.token_idx[idx]).float()
                 loss = (pred - target[idx]).square().mean() / norm
                 if context_weight:
                     with torch.no_grad():
-                        fp_context = _run(fp_block, state, idx)[0].float()
+                        fp_context = run_block(fp_block, self.state, idx, device)[0].float()
                     loss = loss + context_weight * (context.float() - fp_context).square().mean() / fp_context.square().mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                advance()
-            out |= {f"{name}.{sub}": keep(m) for sub, m in ste.items()}
-            with torch.no_grad():
-                outs = [_run(block, state, idx) for idx in torch.arange(n).split(rc.batch)]
-            state["encoder_hidden_states"] = torch.cat([o[0] for o in outs])
-            state["hidden_states"] = torch.cat([o[1] for o in outs])
-    return out
+                step_done()
+        out = {sub: self.keep(m) for sub, m in ste.items()}
+        self.state = advance(block, self.state, rc.batch, device)
+        return out
+
+
+def block_recon(cfg: Config, transformer, calib: Calibration) -> BlockRecon:
+    """Act-aware start, then per-block Adam on scales and latent weights to match the FP block outputs."""
+    return BlockRecon(cfg, transformer, calib)
+
+
+def reconstruct(cfg: Config, pipe, calib: Calibration, keep: Callable[[STELinear], Any]) -> dict[str, Any]:
+    """{full module name: ``keep(m)``} for the trained ``STELinear`` m of every in-scope linear of the
+    materialised ``pipe.transformer`` (where distill starts from block-recon's latent state)."""
+    run = BlockRecon(cfg, pipe.transformer, calib, keep)
+    return {f"{name}.{sub}": v for name, block in blocks(pipe.transformer) for sub, v in run(name, block).items()}

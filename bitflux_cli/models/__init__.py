@@ -2,14 +2,21 @@
 
 from .source import (
     EMBEDDED,
+    architecture,
     build_meta_transformer,
+    fp_skeleton,
     load_fp_transformer,
     load_pipeline,
+    model_dir,
     model_id,
+    place,
+    provenance,
     resolve_device,
     torch_dtype,
     transformer_config,
+    transformer_weights,
 )
 
-__all__ = ["EMBEDDED", "build_meta_transformer", "load_fp_transformer", "load_pipeline", "model_id",
-           "resolve_device", "torch_dtype", "transformer_config"]
+__all__ = ["EMBEDDED", "architecture", "build_meta_transformer", "fp_skeleton", "load_fp_transformer", "load_pipeline",
+           "model_dir", "model_id", "place", "provenance", "resolve_device", "torch_dtype", "transformer_config",
+           "transformer_weights"]
