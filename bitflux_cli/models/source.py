@@ -41,12 +41,13 @@ def resolve_device(cfg: ModelConfig, component: str = "transformer") -> torch.de
 def place(pipe: FluxPipeline, cfg: ModelConfig) -> FluxPipeline:
     """Put the pipeline where ``model.offload`` says: ``none``, each component on its ``model.device``;
     ``model``, diffusers' model CPU offload (one whole component on the device at a time);
-    ``sequential``, diffusers' sequential CPU offload (one submodule at a time)."""
+    ``sequential``, diffusers' group offload by blocks (one transformer or encoder block on the
+    device at a time, the rest in host memory)."""
     device = resolve_device(cfg)
     if cfg.offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif cfg.offload == "sequential":
-        pipe.enable_sequential_cpu_offload(device=device)
+        pipe.enable_group_offload(onload_device=device, offload_type="block_level", num_blocks_per_group=1)
     else:
         for name, component in pipe.components.items():
             if isinstance(component, torch.nn.Module):
