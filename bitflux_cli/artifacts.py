@@ -3,7 +3,6 @@
 import fcntl
 import glob
 import hashlib
-import json
 import os
 import shutil
 import socket
@@ -13,11 +12,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
-
-from .errors import ArtifactError, BusyError, MissingArtifactError, UsageError
+from .errors import BusyError, MissingArtifactError, UsageError
 
 # stage -> (artifact path inside the workdir, command that makes it)
 LAYOUT = {
@@ -193,43 +188,3 @@ def stage_lock(workdir: Path, stage: str):
         yield path
     finally:
         os.close(fd)  # releases the lock
-
-
-def _tensor_sha256(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
-
-
-def write_state(path: Path, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
-    """Write resume state without pickle, atomically: ``tensors`` in a safetensors file, ``scalars``
-    (JSON-able: step, fingerprint, settings) as JSON in its header, with each tensor's sha256."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    meta = {"bitflux.state": json.dumps(scalars, sort_keys=True),
-            "bitflux.sha256": json.dumps({k: _tensor_sha256(v) for k, v in tensors.items()}, sort_keys=True)}
-    with atomic_file(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-
-
-def _damaged(path: Path, why: str) -> ArtifactError:
-    return ArtifactError(f"{path}: {why}; delete it to start over")
-
-
-def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, scalars) of a ``write_state`` file; anything else, or a tensor whose bytes do not match
-    its recorded sha256, is refused with one line naming the file (``ArtifactError``)."""
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, SafetensorError) as exc:
-        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise _damaged(path, f"not a readable safetensors state file ({cause})") from None
-    try:
-        scalars, sums = json.loads(meta["bitflux.state"]), json.loads(meta["bitflux.sha256"])
-    except (KeyError, ValueError):
-        raise _damaged(path, "no bitflux state in its header") from None
-    if not isinstance(scalars, dict) or not isinstance(sums, dict) or sums.keys() != tensors.keys():
-        raise _damaged(path, "its header does not list the tensors it holds")
-    for name, t in tensors.items():
-        if _tensor_sha256(t) != sums[name]:
-            raise _damaged(path, f"tensor {name} does not match its recorded sha256")
-    return tensors, scalars

@@ -141,3 +141,36 @@ def write_tensorfile(path: Path, specs: dict[str, Spec], metadata: dict[str, str
 def specs_of(tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, Spec]:
     """Specs for tensors already in memory."""
     return {name: (t.dtype, tuple(t.shape), lambda t=t: t) for name, t in tensors}
+
+
+STATE = "bitflux.state"  # metadata key of write_state's scalars (JSON)
+
+
+def write_state(path: Path, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
+    """Resume state without pickle, atomically: ``tensors`` and, in the header, ``scalars`` (JSON:
+    step, fingerprint, settings) and each tensor's sha256."""
+    write_tensorfile(path, specs_of(tensors.items()), {STATE: json.dumps(scalars, sort_keys=True)})
+
+
+def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, scalars) of a ``write_state`` file; anything else, or a tensor whose bytes do not
+    match its recorded sha256, is refused with one line naming the file (``ArtifactError``)."""
+    def damaged(why: str) -> ArtifactError:
+        return ArtifactError(f"{path}: {why}; delete it to start over")
+
+    try:
+        f = TensorFile(path)
+    except ArtifactError as exc:
+        raise damaged(f"not a readable safetensors state file ({str(exc).removeprefix(f'{path}: ')})") from None
+    try:
+        scalars, sums = json.loads(f.metadata[STATE]), json.loads(f.metadata[CHECKSUMS])
+    except (KeyError, ValueError):
+        raise damaged("no bitflux state in its header") from None
+    if not isinstance(scalars, dict) or not isinstance(sums, dict) or sums.keys() != f.entries.keys():
+        raise damaged("its header does not list the tensors it holds")
+    tensors = {}
+    for name in f.entries:
+        tensors[name] = f.read(name)
+        if tensor_sha256(tensors[name]) != sums[name]:
+            raise damaged(f"tensor {name} does not match its recorded sha256")
+    return tensors, scalars

@@ -26,7 +26,7 @@ written by rank 0 in one atomic rename, with no pickle: the tensors are the full
 weights, scales and thresholds (``model.<parameter>``) and the full Adam state keyed by parameter
 name (``optimizer.<parameter>.<exp_avg|exp_avg_sq|step>``, from
 ``torch.distributed.checkpoint.state_dict``); the header holds the scalars as JSON (fingerprint,
-step, position, Adam's param groups) and each tensor's sha256 (``artifacts.write_state``). The file
+step, position, Adam's param groups) and each tensor's sha256 (``tensorfile.write_state``). The file
 is the same at any world size, so a run resumes at another. A rerun with the same calibration,
 settings and bitflux version resumes (``steps`` or ``rounds`` may be raised to train on; a
 checkpoint past the end is not used); a state of another run is not used, and a damaged one, or one

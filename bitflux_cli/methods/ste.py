@@ -7,8 +7,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
-from ..artifacts import read_state, write_state
 from ..errors import ArtifactError
+from ..tensorfile import read_state, write_state
 from ..ternary import _set_submodule
 from .act_aware import threshold_codes
 
