@@ -158,6 +158,7 @@ def _bench(cfg, random_weights: bool, kernels: bool, plot: Path | None) -> dict:
 
 def main() -> None:
     """Console-script entry point."""
-    from .console import quiet_libraries
+    from .console import fix_mmap_threshold, quiet_libraries
     quiet_libraries()
+    fix_mmap_threshold()
     app()

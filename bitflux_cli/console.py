@@ -3,6 +3,7 @@
 stdout is kept for the ``--json`` object, so nothing here ever writes to it.
 """
 
+import ctypes
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -43,3 +44,20 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def fix_mmap_threshold(size: int = 1 << 20) -> None:
+    """Serve every allocation of ``size`` bytes or more from its own mapping (glibc only).
+
+    glibc raises its mmap threshold to the size of each mapped chunk it frees (up to 32 MB); after
+    the first streamed block is dropped, the next blocks' 19-38 MB tensors come from the heap, which
+    fragments, and peak memory grew with the number of blocks walked (calibrate on a full-width
+    stand-in: 1.62 GB at 3 blocks, 1.67 GB at 6; with the threshold fixed, 1.31 and 1.32 GB).
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, size)
+    except (OSError, AttributeError):
+        pass  # not glibc

@@ -27,8 +27,6 @@ from .errors import ArtifactError
 from .tensorfile import TensorFile
 
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
-
-
 class Weights:
     """Tensors of a transformer checkpoint by name, over a single file or an index of shards."""
 
