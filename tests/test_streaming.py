@@ -89,3 +89,18 @@ def test_walking_the_blocks_by_hand_is_the_forward(tiny):
             state["encoder_hidden_states"], state["hidden_states"] = block(**state)
         velocity = head(skeleton, state["hidden_states"], state["temb"])
         assert torch.allclose(velocity, whole(**_kwargs(1))[0], rtol=1e-5, atol=1e-6)
+
+
+def test_quantize_checks_its_prompt_files_before_reading_any_weight(tmp_path, monkeypatch):
+    from bitflux_cli.errors import UsageError
+    from bitflux_cli.quantize import quantize
+    from bitflux_cli.streaming import Weights
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a weight was read before the inputs were checked")
+
+    monkeypatch.setattr(Weights, "read", refuse)
+    cfg = load_config("tiny", {"workdir": str(tmp_path / "wd"), "quantization.method": "act-aware",
+                               "calibration.prompts.sets": [str(tmp_path / "missing.txt")]})
+    with pytest.raises(UsageError, match="missing.txt"):
+        quantize(cfg)

@@ -2,7 +2,9 @@
 
 Blocks run in execution order (double, then single). The inputs of block i are those of the
 already-quantized student (blocks 0..i-1 ternary), computed from the teacher calls recorded by
-calibration (the quantized chain, not the FP one), so each block also corrects the error that reaches it; the targets are the FP
+calibration (``block_recon.inputs: quantized``, the default), so each block also corrects the error
+that reaches it; ``inputs: fp`` takes the FP chain's activations instead (each block then learns
+only its own error); the targets are the FP
 block's image-stream outputs that calibration recorded at a subsample of image tokens and
 (``block_recon.context_weight``) its text-stream output on the same student inputs. Each linear
 starts from act-aware codes and scales; Adam then trains the scales (log space) and, through the
@@ -83,7 +85,7 @@ class BlockRecon:
                 opt.step()
                 step_done()
         out = {sub: self.keep(m) for sub, m in ste.items()}
-        self.state = advance(block, self.state, rc.batch, device)
+        self.state = advance(block if rc.inputs == "quantized" else fp_block, self.state, rc.batch, device)
         return out
 
 
