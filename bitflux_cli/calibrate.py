@@ -12,14 +12,19 @@ At the drawn steps it records:
   ``calibration.tokens`` drawn image tokens (``blocks.<block>`` [C, tokens, D], at
   ``calls.token_idx``).
 
-Shards (``shard-00000.safetensors``, ``shard_size`` prompts each) are written atomically and
-skipped on a rerun when their fingerprint matches, so a killed run resumes. Under ``torchrun``
-(``WORLD_SIZE`` > 1) shard i goes to rank i % world_size and rank 0 merges after a barrier.
-``stats.safetensors`` holds the merged statistics, ``manifest.json`` the rest.
+Shards (``shard-00000.safetensors``, ``shard_size`` prompts each) are written atomically, with the
+fingerprint of what they depend on and each tensor's sha256 in their header (``tensorfile``), and
+kept on a rerun when both still hold, so a killed run resumes; a damaged shard, or one of another
+calibration, is recomputed. Under ``torchrun`` (``WORLD_SIZE`` > 1) shard i goes to rank
+i % world_size and rank 0 merges after a barrier. ``stats.safetensors`` holds the merged
+statistics, ``manifest.json`` (written last) the rest and the sha256 of every shard and of the
+statistics. ``load_calibration`` checks the files against it (``verify``) before anything is used.
 """
 
 import hashlib
 import json
+import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,20 +32,24 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .artifacts import artifact_path, atomic_file, file_sha256
 from .config import Config
 from .console import info, progress
 from .distributed import init_distributed
+from .errors import ArtifactError, BitfluxError, UsageError
 from .models import model_id
 from .prompts import load_prompts
 from .streaming import blocks as _blocks
 from .teacher import Embeds, encode, fp_pipeline, free_text_encoders, run_pipeline
+from .tensorfile import specs_of, write_tensorfile
 from .ternary import scoped_linears
+from .verify import VerifiedFile, check_sha256, read_json, remake_hint
 
-FORMAT = 1
+FORMAT = 2  # 2: shards and statistics carry a sha256 per tensor, the manifest one per file
+REMAKE = "bitflux calibrate"
+MANIFEST, STATS = "manifest.json", "stats.safetensors"
 CALL_KEYS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
 
 
@@ -159,35 +168,63 @@ def _embeds_path(path: Path, i: int) -> Path:  # a shard's text embeddings until
     return path / f".embeds-{i:05d}.safetensors"
 
 
-def _shard_done(file: Path, fp: str) -> bool:
-    if not file.is_file():
-        return False
+def _listed(path: Path, fp: str) -> dict[str, str]:
+    """{file: sha256} from the manifest in ``path`` when it is readable and of fingerprint ``fp``, else {}."""
     try:
-        with safe_open(str(file), framework="pt") as f:
-            return (f.metadata() or {}).get("fingerprint") == fp
-    except Exception:  # a foreign or damaged file: recompute it
-        return False
+        m = read_json(path / MANIFEST, REMAKE)
+    except BitfluxError:  # missing or damaged: the shards' own checksums decide
+        return {}
+    entries = m.get("shards") if m.get("fingerprint") == fp else None
+    return {e["file"]: e["sha256"] for e in entries if isinstance(e, dict) and isinstance(e.get("file"), str)
+            and isinstance(e.get("sha256"), str)} if isinstance(entries, list) else {}
+
+
+def _shard_state(file: Path, fp: str, listed: dict[str, str]) -> str:
+    """"done" when a finished shard can be kept: fingerprint ``fp``, every tensor matching its sha256,
+    and the file matching what a manifest of ``fp`` recorded for it; else "missing", "foreign" or "damaged"."""
+    if not file.is_file():
+        return "missing"
+    try:
+        f = VerifiedFile(file, REMAKE)
+        if f.metadata.get("fingerprint") != fp:
+            return "foreign"
+        f.read_all()
+        if file.name in listed and file_sha256(file) != listed[file.name]:
+            return "damaged"
+    except ArtifactError:
+        return "damaged"
+    return "done"
 
 
 def merge_stats(files: list[Path]) -> dict[str, torch.Tensor]:
     """Sum ``sq_sum`` and ``rows`` and take the max of ``absmax`` over shards, in the given order."""
     merged: dict[str, torch.Tensor] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for k in f.keys():
-                if not k.startswith("stats."):
-                    continue
-                v = f.get_tensor(k)
-                if k not in merged:
-                    merged[k] = v
-                else:
-                    merged[k] = torch.maximum(merged[k], v) if k.endswith(".absmax") else merged[k] + v
+        f = VerifiedFile(file, REMAKE)
+        for k in f.names:
+            if not k.startswith("stats."):
+                continue
+            v = f.read(k)
+            if k not in merged:
+                merged[k] = v
+            else:
+                merged[k] = torch.maximum(merged[k], v) if k.endswith(".absmax") else merged[k] + v
     return merged
 
 
 def _num_calls(file: Path) -> int:
-    with safe_open(str(file), framework="pt") as f:
-        return f.get_slice("calls.step").get_shape()[0] if "calls.step" in f.keys() else 0
+    entries = VerifiedFile(file, REMAKE).file.entries
+    return entries["calls.step"].shape[0] if "calls.step" in entries else 0
+
+
+def _self_sha256(manifest: dict) -> str:
+    """sha256 of the manifest's content but its own ``sha256``: an edit anywhere in it shows."""
+    rest = {k: v for k, v in manifest.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _entry(file: Path) -> dict:
+    return {"file": file.name, "sha256": file_sha256(file), "bytes": file.stat().st_size}
 
 
 def calibrate(cfg: Config) -> dict:
@@ -203,7 +240,13 @@ def calibrate(cfg: Config) -> dict:
     path.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(cfg, ps.sha256)
     n_shards = -(-len(ps.prompts) // c.shard_size)
-    mine = [i for i in range(n_shards) if i % world == rank and not _shard_done(_shard_path(path, i), fp)]
+    listed = _listed(path, fp)
+    states = {i: _shard_state(_shard_path(path, i), fp, listed) for i in range(n_shards) if i % world == rank}
+    mine = [i for i, state in states.items() if state != "done"]
+    bad = [f"{_shard_path(path, i).name} ({'of another calibration' if s == 'foreign' else s})"
+           for i, s in states.items() if s in ("foreign", "damaged")]
+    if bad:
+        info(f"recomputing {len(bad)} shards: {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}")
     todo = sum(len(ps.prompts[i * c.shard_size:(i + 1) * c.shard_size]) for i in mine)
     where = "" if world == 1 else f" on rank {rank} of {world}"
     info(f"calibrating on {len(ps.prompts)} prompts in {n_shards} shards: {len(mine)} to compute{where}")
@@ -223,20 +266,22 @@ def calibrate(cfg: Config) -> dict:
                     first = i * c.shard_size
                     embeds = Embeds(**load_file(str(_embeds_path(path, i))))
                     tensors = _run_shard(cfg, pipe, names, embeds, first, advance)
-                    with atomic_file(_shard_path(path, i)) as tmp:
-                        save_file(tensors, str(tmp), metadata={"fingerprint": fp, "first": str(first)})
+                    write_tensorfile(_shard_path(path, i), specs_of(tensors.items()), {"fingerprint": fp, "first": str(first)})
                     _embeds_path(path, i).unlink()
     if world > 1:
         dist.barrier()
     files = [_shard_path(path, i) for i in range(n_shards)]
     if rank == 0:
-        with atomic_file(path / "stats.safetensors") as tmp:
-            save_file(merge_stats(files), str(tmp), metadata={"fingerprint": fp})
+        write_tensorfile(path / STATS, specs_of(merge_stats(files).items()), {"fingerprint": fp})
         manifest = {"stage": "calibrate", "format": FORMAT, "fingerprint": fp, "model": model_id(cfg.model),
                     "config": cfg.resolved(), "prompts_sha256": ps.sha256, "counts": ps.counts,
-                    "shards": [{"file": f.name, "sha256": file_sha256(f)} for f in files]}
-        with atomic_file(path / "manifest.json") as tmp:
-            tmp.write_text(json.dumps(manifest, indent=1))
+                    "shards": [_entry(f) for f in files], "stats": _entry(path / STATS)}
+        manifest["sha256"] = _self_sha256(manifest)
+        with atomic_file(path / MANIFEST) as tmp:  # last: a manifest means every file it lists is whole
+            with open(tmp, "w") as f:
+                f.write(json.dumps(manifest, indent=1))
+                f.flush()
+                os.fsync(f.fileno())
     if world > 1:
         dist.barrier()
     calls = sum(_num_calls(f) for f in files)
@@ -246,28 +291,44 @@ def calibrate(cfg: Config) -> dict:
 
 @dataclass
 class Calibration:
-    """The calibrate stage's artifact: merged linear statistics and the shards with the teacher's calls."""
+    """The calibrate stage's artifact, verified: merged linear statistics and the shards with the
+    teacher's calls. ``fingerprint`` is the one every file was checked to carry."""
 
     path: Path
     stats: dict[str, torch.Tensor]
     shards: list[Path]
+    fingerprint: str = ""
 
     def second_moment(self, name: str) -> torch.Tensor:
         """E[x_k^2] of the inputs of linear ``name``: [K] fp32."""
-        return (self.stats[f"stats.{name}.sq_sum"] / self.stats[f"stats.{name}.rows"].double()).float()
+        try:
+            sq, rows = self.stats[f"stats.{name}.sq_sum"], self.stats[f"stats.{name}.rows"]
+        except KeyError:
+            raise ArtifactError(f"{self.path / STATS} holds no statistics for {name}: {remake_hint(REMAKE)}") from None
+        d = (sq / rows.double()).float()
+        if sq.dim() != 1 or rows.numel() != 1 or int(rows) <= 0 or not bool(torch.isfinite(d).all() and (d >= 0).all()):
+            raise ArtifactError(f"{self.path / STATS}: the statistics of {name} are not finite non-negative sums "
+                                f"over a positive count: {remake_hint(REMAKE)}")
+        return d
 
     def records(self, select: Callable[[str], bool] = lambda key: True) -> dict[str, torch.Tensor]:
         """The recorded calls (``calls.*``, ``ids.*``) and block outputs (``blocks.*``) whose key
-        ``select`` accepts, concatenated over all shards; only those are read from disk."""
+        ``select`` accepts, concatenated over all shards; only those are read from disk, each checked
+        against its sha256 (and each shard against the fingerprint) as it is read."""
         parts: dict[str, list[torch.Tensor]] = {}
         for file in self.shards:
-            with safe_open(str(file), framework="pt") as f:
-                for k in f.keys():
-                    if not k.startswith("stats.") and (k.startswith("ids.") or k == "calls.step" or select(k)):
-                        parts.setdefault(k, []).append(f.get_tensor(k))
+            f = VerifiedFile(file, REMAKE)
+            if self.fingerprint and f.metadata.get("fingerprint") != self.fingerprint:
+                raise ArtifactError(_foreign(file))
+            for k in f.names:
+                if not k.startswith("stats.") and (k.startswith("ids.") or k == "calls.step" or select(k)):
+                    parts.setdefault(k, []).append(f.read(k))
         if "calls.step" not in parts:
-            raise ValueError(f"{self.path} holds no teacher calls: lower calibration.record_every")
-        return {k: v[0] if k.startswith("ids.") else torch.cat(v) for k, v in parts.items()}
+            raise UsageError(f"{self.path} holds no teacher calls: lower calibration.record_every")
+        try:
+            return {k: v[0] if k.startswith("ids.") else torch.cat(v) for k, v in parts.items()}
+        except RuntimeError:  # shards of one fingerprint agree; these do not
+            raise ArtifactError(f"{self.path}: its shards' records do not fit together: {remake_hint(REMAKE)}") from None
 
 
 def teacher_kwargs(records: dict[str, torch.Tensor], idx: torch.Tensor, device: torch.device) -> dict:
@@ -277,14 +338,48 @@ def teacher_kwargs(records: dict[str, torch.Tensor], idx: torch.Tensor, device: 
     return {k: v.to(device) for k, v in kw.items()} | {"return_dict": False}
 
 
+def _foreign(file: Path) -> str:
+    return (f"{file} was made for another calibration (another config, model, prompt set or bitflux version): "
+            f"{remake_hint(REMAKE)}")
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _verified(path: Path, fp: str, n_shards: int) -> Calibration:
+    """The calibration in ``path``, every file it lists checked against ``manifest.json``: present, made
+    for fingerprint ``fp`` (a shard of another calibration is refused by it) and of the recorded sha256."""
+    manifest = path / MANIFEST
+    m = read_json(manifest, REMAKE)
+    if m.get("sha256") != _self_sha256(m):
+        raise ArtifactError(f"{manifest}: damaged or edited (its content does not match its own sha256): {remake_hint(REMAKE)}")
+    names = [_shard_path(path, i).name for i in range(n_shards)]
+    try:
+        files = [*m["shards"], m["stats"]]
+        ok = ([e["file"] for e in files] == [*names, STATS] and m["fingerprint"] == fp and m["format"] == FORMAT
+              and all(isinstance(e["sha256"], str) and _SHA256.fullmatch(e["sha256"]) for e in files))
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise ArtifactError(f"{manifest}: it does not list this calibration's {n_shards} shards and statistics "
+                            f"with their sha256: {remake_hint(REMAKE)}")
+    for e in files:
+        file = path / e["file"]
+        if VerifiedFile(file, REMAKE).metadata.get("fingerprint") != fp:
+            raise ArtifactError(_foreign(file))
+        check_sha256(file, e["sha256"], manifest, REMAKE)
+    return Calibration(path, VerifiedFile(path / STATS, REMAKE).read_all(), [path / n for n in names], fp)
+
+
 def load_calibration(cfg: Config) -> Calibration:
-    """The workdir's calibration for this config, running (or resuming) ``calibrate`` when it is missing or stale."""
+    """The workdir's calibration for this config, verified against its manifest; ``calibrate`` runs (or
+    resumes) first when there is none or it was made for another config. A damaged or replaced file is
+    refused in one line naming it and ``bitflux calibrate``, which remakes it."""
     c = cfg.calibration
     path = artifact_path(cfg.workdir, "calibrate")
     ps = load_prompts(c.prompts.sets, c.prompts.data_dir, c.prompts.limit, c.prompts.seed)
-    manifest = path / "manifest.json"
-    if not manifest.is_file() or json.loads(manifest.read_text())["fingerprint"] != fingerprint(cfg, ps.sha256):
+    fp = fingerprint(cfg, ps.sha256)
+    if not (path / MANIFEST).is_file() or read_json(path / MANIFEST, REMAKE).get("fingerprint") != fp:
         info("no calibration for this config in the workdir: running calibrate first")
         calibrate(cfg)
-    shards = [path / s["file"] for s in json.loads(manifest.read_text())["shards"]]
-    return Calibration(path, load_file(str(path / "stats.safetensors")), shards)
+    return _verified(path, fp, -(-len(ps.prompts) // c.shard_size))
