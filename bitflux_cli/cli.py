@@ -137,6 +137,17 @@ def evaluate(suite: Annotated[str, typer.Option(help="Benchmark suite: mini (the
     _run(stage, config, overrides, as_json, full_precision, sets=sets, writes=("eval",))
 
 
+@app.command()
+def export(out: Annotated[Path, typer.Argument(help="File (gguf, bfl) or directory (diffusers) to write.")],
+           fmt: Annotated[str, typer.Option("--format", "-f", help="gguf (ternary as ggml TQ2_0/TQ1_0, stable-diffusion.cpp / ComfyUI-GGUF), bfl (one safetensors file in the original BFL naming: ComfyUI, stable-diffusion.cpp, diffusers from_single_file) or diffusers (a transformer directory with config.json and a model card, loaded by bitflux_cli.integrations.diffusers.from_pretrained).")],
+           codec: Annotated[Optional[str], typer.Option(help="gguf only: tq2_0 (2.06 bits a weight, default) or tq1_0 (1.69).")] = None,
+           ternary: Annotated[bool, typer.Option("--ternary", help="bfl only: keep ternary codes and scales instead of dequantized bf16 weights.")] = False,
+           config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt = False, sets: SetOpt = None):
+    """Export the workdir's packed 1.58-bit transformer for other tools (GGUF, BFL single file, diffusers directory)."""
+    from .export import export as stage
+    _run(stage, config, {"workdir": workdir}, as_json, fmt, out, codec, ternary, sets=sets)
+
+
 def _quantize(cfg) -> dict:
     from .fidelity import fidelity_table
     from .quantize import quantize

@@ -1,0 +1,107 @@
+"""Export the workdir's packed 1.58-bit transformer for other tools: one module per format.
+
+- ``gguf``: GGUF with the ternary tensors as ggml TQ2_0 / TQ1_0 (stable-diffusion.cpp, ComfyUI-GGUF);
+- ``bfl``: one safetensors file in the original BFL key naming (ComfyUI, stable-diffusion.cpp,
+  diffusers' ``from_single_file``), dequantized bf16 or ternary-coded;
+- ``diffusers``: a transformer directory (config.json, the bitflux checkpoint, a model card) that
+  ``bitflux_cli.integrations.diffusers.from_pretrained`` loads.
+
+Every format reads the checkpoint one tensor at a time (``CheckpointFile``) and records where it
+came from (``provenance``): base model, its revision and weight hashes, method, codec, the packed
+file's sha256.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..artifacts import check_output_file, check_writable_dir, file_sha256, require
+from ..checkpoint import TOOL_VERSION, CheckpointFile
+from ..config import Config
+from ..errors import UsageError
+from .keys import Entry, swap_halves
+
+FORMATS = ("gguf", "bfl", "diffusers")
+GGUF_CODECS = ("tq2_0", "tq1_0")
+
+
+def method_of(meta: dict) -> str:
+    """The quantization method recorded in a checkpoint's metadata."""
+    return meta["inputs"].get("method") or meta["config"].get("quantization", {}).get("method", "unknown")
+
+
+def provenance(ckpt: CheckpointFile, fmt: str) -> dict[str, str]:
+    """String metadata for an exported file: the packed checkpoint's provenance fields and what was exported."""
+    meta = ckpt.meta
+    return {"bitflux.export": fmt, "tool_version": TOOL_VERSION, "base_model": meta["base_model"],
+            "revision": meta["revision"], "method": method_of(meta), "codec": meta["codec"],
+            "activations": meta["activations"],
+            "source": json.dumps(meta["source"], sort_keys=True),
+            "architecture": json.dumps(meta["architecture"], sort_keys=True),
+            "config": json.dumps(meta["config"], sort_keys=True),
+            "inputs": json.dumps({"packed": {"path": str(ckpt.path.resolve()), "sha256": file_sha256(ckpt.path)},
+                                  **meta["inputs"]}, sort_keys=True)}
+
+
+def dequantized(ckpt: CheckpointFile, module: str, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The weight [N, K] of a quantized module in ``dtype``: codes x per-row scale.
+
+    A code is -1, 0 or 1, so ``code * dtype(scale)`` is exactly ``dtype(code * scale)``: the product
+    is formed in ``dtype`` directly, without an fp32 copy of the weight.
+    """
+    scale = ckpt.read(f"{module}.scale")  # [N] fp32
+    return ckpt.codes(module).to(dtype) * scale.to(dtype)[:, None]
+
+
+def bfl_tensor(ckpt: CheckpointFile, entry: Entry, dtype: torch.dtype | None = torch.bfloat16) -> torch.Tensor:
+    """One tensor of the BFL checkpoint: its diffusers parts (quantized weights dequantized) stacked
+    on dim 0, halves swapped where the table says; floats cast to ``dtype`` (None: as stored)."""
+    parts = []
+    for name in entry.parts:
+        module, _, leaf = name.rpartition(".")
+        t = dequantized(ckpt, module, dtype or torch.bfloat16) if leaf == "weight" and module in ckpt.modules \
+            else ckpt.read(name)
+        parts.append(t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+    t = torch.cat(parts, dim=0)
+    return swap_halves(t) if entry.swap else t
+
+
+def packed_checkpoint(cfg: Config) -> CheckpointFile:
+    """The workdir's packed checkpoint, validated (a missing one names ``bitflux pack``)."""
+    return CheckpointFile(require(cfg.workdir, "pack"))
+
+
+def export(cfg: Config, fmt: str, out: Path, codec: str | None = None, ternary: bool = False) -> dict:
+    """Write the workdir's packed transformer to ``out`` in ``fmt``; returns what was written."""
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if fmt != "gguf" and codec is not None:
+        raise UsageError("--codec applies to --format gguf only (tq2_0 or tq1_0)")
+    if fmt != "bfl" and ternary:
+        raise UsageError("--ternary applies to --format bfl only")
+    if fmt == "diffusers":
+        if Path(out).exists() and not Path(out).is_dir():
+            raise UsageError(f"OUT {out} is a file: --format diffusers writes a directory")
+        check_writable_dir(Path(out).parent, f"OUT {out}: the directory")
+    else:
+        check_output_file(out, "OUT")  # before reading a 3 GB checkpoint
+    ckpt = packed_checkpoint(cfg)
+    if fmt == "gguf":
+        try:
+            from .gguf import write_gguf
+        except ModuleNotFoundError as exc:
+            if exc.name != "gguf":
+                raise
+            raise UsageError("--format gguf needs the gguf package: pip install 'bitflux[export]' (or gguf)") from None
+
+        result = write_gguf(ckpt, Path(out), codec or "tq2_0")
+    elif fmt == "bfl":
+        from .bfl import write_bfl
+
+        result = write_bfl(ckpt, Path(out), ternary)
+    else:
+        from .diffusers import write_diffusers_dir
+
+        result = write_diffusers_dir(ckpt, Path(out))
+    return {"stage": "export", "format": fmt, "path": str(out), "source": str(ckpt.path), **result}
