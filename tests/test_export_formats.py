@@ -15,7 +15,7 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from bitflux_cli.artifacts import artifact_path
-from bitflux_cli.checkpoint import CheckpointFile, save_checkpoint
+from bitflux_cli.checkpoint import CheckpointFile, save_checkpoint, unpack
 from bitflux_cli.cli import app
 from bitflux_cli.config import load_config
 from bitflux_cli.errors import UsageError
@@ -67,6 +67,29 @@ def expected_state(ckpt: CheckpointFile, scale_dtype=torch.float16) -> dict[str,
         elif not (module in ckpt.modules and leaf == "scale"):
             out[name] = ckpt.read(name).float()
     return out
+
+
+TABLE_FULL = {e.bfl: e for e in bfl_table(FULL)}
+
+
+def expected_rows(ckpt: CheckpointFile, entry, step: int) -> torch.Tensor:
+    """Rows 0, step, 2 step, .. of one BFL tensor, fp32, from the checkpoint: codes x fp16(scale), or as stored."""
+    if entry.swap:
+        a, b = ckpt.read(entry.parts[0]).float().chunk(2)
+        return torch.cat([b, a])[::step]
+    out, offset = [], 0
+    for name in entry.parts:
+        module, _, leaf = name.rpartition(".")
+        quantized = leaf == "weight" and module in ckpt.modules
+        n = ckpt.modules[module][0] if quantized else ckpt.file.entries[name].shape[0]
+        rows = torch.arange(-offset % step, n, step)
+        if quantized:
+            codes = unpack(ckpt.read(f"{module}.codes")[rows], (len(rows), ckpt.modules[module][1]), ckpt.codec)
+            out.append(codes.float() * ckpt.read(f"{module}.scale")[rows].half().float()[:, None])
+        else:
+            out.append(ckpt.read(name)[rows].float())
+        offset += n
+    return torch.cat(out)
 
 
 def read_gguf(path) -> tuple[gguf.GGUFReader, dict[str, torch.Tensor]]:
@@ -191,18 +214,25 @@ def test_bfl_ternary_is_a_valid_checkpoint_with_bfl_names_that_safetensors_reads
         assert f.metadata()["base_model"] == "test:random-flux" and f.metadata()["method"] == "absmean"
 
 
-def test_full_width_gguf_is_what_diffusers_converts_to_the_packed_model(full, tmp_path):
+def test_full_width_gguf_holds_every_tensor_as_codes_times_fp16_scale(full, tmp_path):
     cfg, wd = full
     res = CliRunner().invoke(app, ["export", "--workdir", str(wd), "--format", "gguf", "--codec", "tq2_0",
                                    str(tmp_path / "f.gguf"), "--json"])
     assert res.exit_code == 0, res.stderr
     assert json.loads(res.stdout)["ternary_tensors"] == 13
-    reader, tensors = read_gguf(tmp_path / "f.gguf")
-    got = convert_flux_transformer_checkpoint_to_diffusers(tensors)  # diffusers' converter, not our table
-    want = expected_state(CheckpointFile(artifact_path(wd, "pack")))
-    assert got.keys() == want.keys()
-    for name in want:
-        assert torch.equal(got[name], want[name]), name
+    ckpt = CheckpointFile(artifact_path(wd, "pack"))
+    reader = gguf.GGUFReader(tmp_path / "f.gguf")
+    # names and shapes: diffusers' own converter turns the file's tensors into the packed model's
+    shapes = {t.name: torch.empty(tuple(int(v) for v in reversed(t.shape.tolist())), device="meta") for t in reader.tensors}
+    converted = convert_flux_transformer_checkpoint_to_diffusers(shapes)
+    want = {n: (ckpt.modules[n.rpartition(".")[0]] if n.rpartition(".")[0] in ckpt.modules and n.endswith(".weight")
+                else ckpt.file.entries[n].shape) for n in build_meta_transformer(FULL).state_dict()}
+    assert {n: tuple(t.shape) for n, t in converted.items()} == {n: tuple(s) for n, s in want.items()}
+    # values: every 61st row of every tensor, dequantized by gguf, against the checkpoint's
+    for t in reader.tensors:
+        got = torch.from_numpy(np.array(gguf.quants.dequantize(np.asarray(t.data)[::61], t.tensor_type)))
+        want = expected_rows(ckpt, TABLE_FULL[t.name], 61)
+        assert torch.equal(got.reshape(want.shape), want), t.name
 
 
 def test_full_width_bfl_file_loads_with_from_single_file_and_matches_the_packed_model(full, tmp_path):
@@ -218,11 +248,16 @@ def test_full_width_bfl_file_loads_with_from_single_file_and_matches_the_packed_
     build_meta_transformer(FULL).save_config(tmp_path / "config")
     model = FluxTransformer2DModel.from_single_file(str(out), config=str(tmp_path / "config"), torch_dtype=torch.bfloat16)
     ckpt = CheckpointFile(artifact_path(wd, "pack"))
-    want = expected_state(ckpt, torch.bfloat16)
     sd = model.state_dict()
-    assert sd.keys() == want.keys()
-    for name in want:  # codes x bf16(scale) is exactly bf16(codes x scale)
-        assert torch.equal(sd[name], want[name].bfloat16()), name
+    assert sd.keys() == set(build_meta_transformer(FULL).state_dict())
+    for name, t in sd.items():  # every 61st row: codes x bf16(scale), exactly bf16(codes x scale)
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight" and module in ckpt.modules:
+            rows = torch.arange(0, t.shape[0], 61)
+            codes = unpack(ckpt.read(f"{module}.codes")[rows], (len(rows), t.shape[1]), ckpt.codec)
+            assert torch.equal(t[rows], codes.bfloat16() * ckpt.read(f"{module}.scale")[rows].bfloat16()[:, None]), name
+        else:
+            assert torch.equal(t, ckpt.read(name)), name
 
     packed = load_quantized_transformer(artifact_path(wd, "pack")).float()
     model = model.float()

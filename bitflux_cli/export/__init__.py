@@ -63,7 +63,7 @@ def bfl_tensor(ckpt: CheckpointFile, entry: Entry, dtype: torch.dtype | None = t
         t = dequantized(ckpt, module, dtype or torch.bfloat16) if leaf == "weight" and module in ckpt.modules \
             else ckpt.read(name)
         parts.append(t.to(dtype) if dtype is not None and t.is_floating_point() else t)
-    t = torch.cat(parts, dim=0)
+    t = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
     return swap_halves(t) if entry.swap else t
 
 
