@@ -19,7 +19,7 @@ from bitflux_cli.checkpoint import CheckpointFile, save_checkpoint, unpack
 from bitflux_cli.cli import app
 from bitflux_cli.config import load_config
 from bitflux_cli.errors import UsageError
-from bitflux_cli.export import export
+from bitflux_cli.export import export, tensor_bytes
 from bitflux_cli.export.gguf import tq1_0_blocks
 from bitflux_cli.export.keys import bfl_table, to_diffusers
 from bitflux_cli.loader import load_quantized_transformer
@@ -271,3 +271,21 @@ def test_full_width_bfl_file_loads_with_from_single_file_and_matches_the_packed_
     assert torch.isfinite(a).all() and a.std() > 0
     rel = ((a - b).norm() / a.norm()).item()
     assert rel < 1e-2, rel  # bf16 rounding of each row's scale, nothing else
+
+
+def test_tensor_bytes_predicts_the_exported_sizes(narrow, tmp_path):
+    cfg, wd = narrow
+    planned = tensor_bytes(NARROW)
+
+    def safetensors_data(path):
+        with open(path, "rb") as f:
+            return path.stat().st_size - 8 - int.from_bytes(f.read(8), "little")
+
+    assert safetensors_data(artifact_path(wd, "pack")) == planned["packed_2bit"]
+    export(cfg, "bfl", tmp_path / "b.safetensors")
+    assert safetensors_data(tmp_path / "b.safetensors") == planned["bf16"]
+    for codec in ("tq2_0", "tq1_0"):
+        export(cfg, "gguf", tmp_path / f"{codec}.gguf", codec)
+        reader = gguf.GGUFReader(tmp_path / f"{codec}.gguf")
+        data = sum(int(t.n_bytes) for t in reader.tensors)
+        assert data == planned[f"gguf_{codec}"], codec

@@ -105,3 +105,31 @@ def export(cfg: Config, fmt: str, out: Path, codec: str | None = None, ternary: 
 
         result = write_diffusers_dir(ckpt, Path(out))
     return {"stage": "export", "format": fmt, "path": str(out), "source": str(ckpt.path), **result}
+
+
+def tensor_bytes(arch: dict, dtype_bytes: int = 2) -> dict[str, int]:
+    """Bytes of the tensor data of each export of a transformer with constructor args ``arch``
+    (headers not counted), from shapes alone: works on the meta device, e.g. for FLUX.1-dev.
+
+    ``dtype_bytes``: the model dtype's size (2 for bf16). Keys: ``bf16`` (the FP transformer, and the
+    BFL single file), ``packed_2bit`` / ``packed_base3`` (the bitflux checkpoint, the diffusers
+    directory and ``bfl --ternary``), ``gguf_tq2_0`` / ``gguf_tq1_0`` (1-D tensors as F32).
+    """
+    from bitflux_kernels.layout import base3_bytes, padded_k
+
+    from ..models import build_meta_transformer
+    from ..ternary import scoped_linears
+
+    model = build_meta_transformer(arch)
+    weights = {f"{n}.weight": tuple(m.weight.shape) for n, m in scoped_linears(model)}
+    dense = {n: p.numel() for n, p in model.state_dict().items() if n not in weights}
+    one_d = sum(p.numel() for n, p in model.state_dict().items() if p.dim() == 1)
+    rows = sum(n for n, _ in weights.values())
+    total = sum(p.numel() for p in model.state_dict().values())
+    out = {"bf16": total * dtype_bytes}
+    out["packed_2bit"] = sum(n * padded_k(k) // 4 for n, k in weights.values()) + 4 * rows + sum(dense.values()) * dtype_bytes
+    out["packed_base3"] = sum(base3_bytes(n, k) for n, k in weights.values()) + 4 * rows + sum(dense.values()) * dtype_bytes
+    for codec, block in (("tq2_0", 66), ("tq1_0", 54)):
+        out[f"gguf_{codec}"] = sum(n * k // 256 * block for n, k in weights.values()) + one_d * 4 \
+            + (sum(dense.values()) - one_d) * dtype_bytes
+    return out
