@@ -273,8 +273,11 @@ def calibrate(cfg: Config) -> dict:
     files = [_shard_path(path, i) for i in range(n_shards)]
     if rank == 0:
         write_tensorfile(path / STATS, specs_of(merge_stats(files).items()), {"fingerprint": fp})
+        # only the sections calibration depends on: the same calibration gives the same manifest (and
+        # quantize, which records its sha256, the same checkpoint) whichever command ran it, in any workdir
+        config = {k: v for k, v in cfg.resolved().items() if k in ("model", "calibration", "generate")}
         manifest = {"stage": "calibrate", "format": FORMAT, "fingerprint": fp, "model": model_id(cfg.model),
-                    "config": cfg.resolved(), "prompts_sha256": ps.sha256, "counts": ps.counts,
+                    "config": config, "prompts_sha256": ps.sha256, "counts": ps.counts,
                     "shards": [_entry(f) for f in files], "stats": _entry(path / STATS)}
         manifest["sha256"] = _self_sha256(manifest)
         with atomic_file(path / MANIFEST) as tmp:  # last: a manifest means every file it lists is whole
@@ -379,7 +382,9 @@ def load_calibration(cfg: Config) -> Calibration:
     path = artifact_path(cfg.workdir, "calibrate")
     ps = load_prompts(c.prompts.sets, c.prompts.data_dir, c.prompts.limit, c.prompts.seed)
     fp = fingerprint(cfg, ps.sha256)
-    if not (path / MANIFEST).is_file() or read_json(path / MANIFEST, REMAKE).get("fingerprint") != fp:
+    m = read_json(path / MANIFEST, REMAKE) if (path / MANIFEST).is_file() else None
+    # another config's or an earlier format's manifest is remade; a damaged one is refused by _verified
+    if m is None or m.get("format") != FORMAT or (m.get("sha256") == _self_sha256(m) and m.get("fingerprint") != fp):
         info("no calibration for this config in the workdir: running calibrate first")
         calibrate(cfg)
     return _verified(path, fp, -(-len(ps.prompts) // c.shard_size))
