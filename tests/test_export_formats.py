@@ -15,7 +15,7 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from bitflux_cli.artifacts import artifact_path
-from bitflux_cli.checkpoint import CheckpointFile, save_checkpoint, unpack
+from bitflux_cli.checkpoint import CheckpointFile, save_checkpoint, unpack, write_checkpoint
 from bitflux_cli.cli import app
 from bitflux_cli.config import load_config
 from bitflux_cli.errors import UsageError
@@ -31,27 +31,32 @@ FULL = dict(KNOWN_ARCHITECTURES["black-forest-labs/FLUX.1-dev"], num_layers=1, n
 NARROW = dict(FULL, num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32)
 
 
-def make_packed(workdir, arch, codec="2bit", seed=0):
-    """A packed checkpoint in ``workdir`` as ``bitflux pack`` lays it out: random ternary codes,
-    positive scales and bf16 tensors (numpy's generator: fast enough at 480 M weights)."""
+def make_packed(workdir, arch, seed=0):
+    """A packed (2-bit) checkpoint in ``workdir`` as ``bitflux pack`` lays it out: random ternary codes
+    (random bytes whose 2-bit field 3 becomes 1: fast at 480 M weights), positive scales, bf16 tensors."""
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     model = build_meta_transformer(arch)
     scoped = {n for n, m in model.named_modules() if in_scope(n, m)}
-    ternary, dense = {}, {}
+    specs, modules = {}, {}
     for name, t in model.state_dict().items():
         module, _, leaf = name.rpartition(".")
         shape = tuple(t.shape)
         if module in scoped and leaf == "weight":
-            codes = torch.from_numpy(rng.integers(-1, 2, size=shape, dtype=np.int8))
-            ternary[module] = (codes, (0.5 + torch.rand(shape[0], generator=gen)) * shape[1] ** -0.5)
-        elif len(shape) == 1:
-            dense[name] = (1 + 0.1 * torch.randn(shape, generator=gen) if "norm" in name else
-                           0.02 * torch.randn(shape, generator=gen)).bfloat16()
+            n, k = modules[module] = shape  # every K here is a multiple of 128: no padding
+            b = rng.integers(0, 256, size=(n, k // 4), dtype=np.uint8)
+            packed = torch.from_numpy(b ^ ((b & (b >> 1) & 0x55) << 1))  # fields 0b11 -> 0b01 (code 0)
+            scale = (0.5 + torch.rand(n, generator=gen)) * k ** -0.5
+            specs |= {f"{module}.codes": (torch.uint8, (n, k // 4), lambda p=packed: p),
+                      f"{module}.scale": (torch.float32, (n,), lambda s=scale: s)}
+            continue
+        if len(shape) == 1:
+            t = 1 + 0.1 * torch.randn(shape, generator=gen) if "norm" in name else 0.02 * torch.randn(shape, generator=gen)
         else:
-            dense[name] = (torch.randn(shape, generator=gen) * shape[-1] ** -0.5).bfloat16()
+            t = torch.randn(shape, generator=gen) * shape[-1] ** -0.5
+        specs[name] = (torch.bfloat16, shape, lambda t=t.bfloat16(): t)
     cfg = load_config("flux-dev", {"workdir": str(workdir)})
     source = {"base_model": "test:random-flux", "revision": "r0", "weights_sha256": {"w.safetensors": "ab" * 32}}
-    save_checkpoint(artifact_path(workdir, "pack"), ternary, dense, codec, {
+    write_checkpoint(artifact_path(workdir, "pack"), modules, specs, "2bit", {
         "base_model": "test:random-flux", "revision": "r0", "stage": "pack", "config": cfg.resolved(),
         "architecture": arch, "source": source, "inputs": {"method": "absmean"}})
     return cfg
@@ -259,18 +264,18 @@ def test_full_width_bfl_file_loads_with_from_single_file_and_matches_the_packed_
         else:
             assert torch.equal(t, ckpt.read(name)), name
 
-    packed = load_quantized_transformer(artifact_path(wd, "pack")).float()
-    model = model.float()
+    packed = load_quantized_transformer(artifact_path(wd, "pack"))  # bf16, as FLUX runs
     gen = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 16, 64, generator=gen), encoder_hidden_states=torch.randn(1, 8, 4096, generator=gen),
-                  pooled_projections=torch.randn(1, 768, generator=gen), timestep=torch.tensor([0.7]),
+    inputs = dict(hidden_states=torch.randn(1, 16, 64, generator=gen).bfloat16(),
+                  encoder_hidden_states=torch.randn(1, 8, 4096, generator=gen).bfloat16(),
+                  pooled_projections=torch.randn(1, 768, generator=gen).bfloat16(), timestep=torch.tensor([0.7]),
                   img_ids=torch.stack([torch.zeros(16), torch.arange(16.) // 4, torch.arange(16.) % 4], -1),
                   txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]), return_dict=False)
     with torch.no_grad():
         a, b = packed(**inputs)[0], model(**inputs)[0]
     assert torch.isfinite(a).all() and a.std() > 0
-    rel = ((a - b).norm() / a.norm()).item()
-    assert rel < 1e-2, rel  # bf16 rounding of each row's scale, nothing else
+    rel = ((a.float() - b.float()).norm() / a.float().norm()).item()
+    assert rel < 3e-2, rel  # bf16 rounding (each row's scale, the activations); a wrong key is O(1)
 
 
 def test_tensor_bytes_predicts_the_exported_sizes(narrow, tmp_path):
