@@ -66,7 +66,7 @@ CHAIN = {
 CONSUMER = {"calibrate": ["quantize", "--method", "act-aware"], "quantize": ["pack"], "pack": None}
 # kill points per command: (kind, pattern or fraction, n): the n-th matching event
 EVENTS = {  # sizes of the tiny model's files: shard 306 kB, stats 160 kB, ternary 3.0 MB, packed 1.4 MB
-    "calibrate": [("create", "calib/.embeds-00001.safetensors*", 1), ("modify", "calib/.shard-00000.safetensors.*.tmp", 1),
+    "calibrate": [("moved", "calib/.embeds-00001.safetensors", 1), ("modify", "calib/.shard-00000.safetensors.*.tmp", 1),
                   ("moved", "calib/shard-00000.safetensors", 1), ("size", "calib/.shard-00001.safetensors.*.tmp", 100_000),
                   ("size", "calib/.stats.safetensors.*.tmp", 50_000), ("create", "calib/.manifest.json.*.tmp", 1)],
     "quantize": [("moved", "ternary/.parts-*/000.safetensors", 1), ("moved", "ternary/.parts-*/004.safetensors", 1),
@@ -360,12 +360,14 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="JSON file to write")
     parser.add_argument("--quick", action="store_true", help="three kill points (the suite's), no consumer runs")
     parser.add_argument("--work", type=Path, help="scratch directory (default: a temp dir, removed)")
+    parser.add_argument("--only", help="run only the kill points whose command or trigger contains this text")
     a = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bitflux-reliability-", dir=a.work))
     try:
         start = time.monotonic()
         states, seconds = reference(work, "pack absmean" if a.quick else list(CHAIN)[-1])
         points = quick_points() if a.quick else all_points(seconds)
+        points = [(n, t) for n, t in points if not a.only or a.only in n or a.only in str(t)]
         rows = []
         for i, (name, trigger) in enumerate(points):
             rows.append(trial(work, states, name, trigger, consume=not a.quick))

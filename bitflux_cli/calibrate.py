@@ -243,6 +243,8 @@ def calibrate(cfg: Config) -> dict:
     listed = _listed(path, fp)
     states = {i: _shard_state(_shard_path(path, i), fp, listed) for i in range(n_shards) if i % world == rank}
     mine = [i for i, state in states.items() if state != "done"]
+    for i in set(states) - set(mine):  # a kill between a shard's rename and its embeds' removal left them
+        _embeds_path(path, i).unlink(missing_ok=True)
     bad = [f"{_shard_path(path, i).name} ({'of another calibration' if s == 'foreign' else s})"
            for i, s in states.items() if s in ("foreign", "damaged")]
     if bad:

@@ -215,3 +215,10 @@ def test_cli_refuses_in_one_line(made, workdir):
     assert res.exit_code == 1 and res.stdout == "" and len(err.splitlines()) == 1 and "Traceback" not in err, res.stderr
     assert f"{workdir}/calib/shard-00000.safetensors does not match" in err and REMAKE in err
     assert not (workdir / "ternary/transformer.safetensors").exists()
+
+
+def test_embeds_left_by_a_kill_after_a_shard_was_renamed_are_removed(made, workdir):
+    # killed between shard-00000's rename and the removal of its text embeddings: the rerun keeps the shard
+    (workdir / "calib/.embeds-00000.safetensors").write_bytes(b"left by a kill")
+    assert calibrate(config(workdir))["computed_shards"] == 0
+    assert sorted(p.name for p in (workdir / "calib").iterdir()) == sorted(FILES)
