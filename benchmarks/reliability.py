@@ -335,9 +335,9 @@ def quick_points() -> list[tuple[str, Trigger]]:
 
 def all_points(seconds: dict[str, float]) -> list[tuple[str, Trigger]]:
     points = []
-    for name in CHAIN:
-        if name in ("pack block-recon", "pack distill"):  # references for the consumer check; pack is killed twice already
-            continue
+    order = ["calibrate", "quantize absmean", "pack absmean", "quantize act-aware", "pack act-aware", "quantize distill",
+             "quantize block-recon"]  # pack block-recon and pack distill are references for the consumer check only
+    for name in order:
         key = "distill" if name.endswith("distill") else CHAIN[name][0]
         events = EVENTS[key] + (EVENTS["quantize"] if key == "distill" else [])
         points += [(name, Trigger(kind, pattern, n)) for kind, pattern, n in events]
@@ -353,6 +353,21 @@ def table(rows: list[dict]) -> str:
         lines.append(f"{r['command']:22} {r['trigger'][:58]:58} {str(r['reached']):7} {len(r['partial_artifacts']):<7} "
                      f"{consumer:9} {rerun:9} {'yes' if r['ok'] else 'NO'}")
     return "\n".join(lines)
+
+
+def write_results(out: Path, rows: list[dict], planned: int, seconds: dict[str, float], elapsed: float) -> dict:
+    summary = {"kill_points": len(rows), "planned": planned, "reached": sum(1 for r in rows if r["reached"]),
+               "partial_artifacts": sum(len(r["partial_artifacts"]) for r in rows),
+               "consumer_runs": sum(1 for r in rows if "consumer" in r),
+               "consumer_refused": sum(1 for r in rows if r.get("consumer", {}).get("outcome") == "refused"),
+               "consumer_accepted_bad": sum(1 for r in rows if not r.get("consumer", {}).get("ok", True)),
+               "rerun_not_identical": sum(1 for r in rows if r["rerun_returncode"] or r["rerun_differs"]),
+               "stale_temps_after_rerun": sorted({d for r in rows for d in r["rerun_differs"] if is_temp(d)}),
+               "reference_seconds": {k: round(v, 1) for k, v in seconds.items()}, "seconds": round(elapsed, 1)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "settings": SETTINGS, "summary": summary,
+                               "trials": rows}, indent=1) + "\n")
+    return summary
 
 
 def main() -> None:
@@ -372,20 +387,9 @@ def main() -> None:
         for i, (name, trigger) in enumerate(points):
             rows.append(trial(work, states, name, trigger, consume=not a.quick))
             print(f"[{i + 1}/{len(points)}] {table(rows[-1:]).splitlines()[1]}", file=sys.stderr, flush=True)
-        reached = [r for r in rows if r["reached"]]
-        summary = {"kill_points": len(rows), "reached": len(reached),
-                   "partial_artifacts": sum(len(r["partial_artifacts"]) for r in rows),
-                   "consumer_accepted_bad": sum(1 for r in rows if not r.get("consumer", {}).get("ok", True)),
-                   "consumer_runs": sum(1 for r in rows if "consumer" in r),
-                   "rerun_not_identical": sum(1 for r in rows if r["rerun_returncode"] or r["rerun_differs"]),
-                   "stale_temps_after_rerun": sorted({d for r in rows for d in r["rerun_differs"] if is_temp(d)}),
-                   "reference_seconds": {k: round(v, 1) for k, v in seconds.items()},
-                   "seconds": round(time.monotonic() - start, 1)}
+            write_results(a.out, rows, len(points), seconds, time.monotonic() - start)  # a partial run still says what it saw
         print(table(rows))
-        print(json.dumps(summary, indent=1))
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "settings": SETTINGS,
-                                     "summary": summary, "trials": rows}, indent=1) + "\n")
+        print(json.dumps(write_results(a.out, rows, len(points), seconds, time.monotonic() - start), indent=1))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
