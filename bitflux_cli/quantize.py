@@ -19,6 +19,7 @@ from .config import Config
 from .console import info, progress
 from .distributed import init_distributed
 from .fidelity import REPORT_PROMPTS, FidelityProbe
+from .loader import load_quantized_transformer
 from .methods import BLOCK_METHODS, METHODS, NEEDS_CALIBRATION
 from .models import build_meta_transformer, provenance, resolve_device, transformer_config
 from .streaming import BLOCK_LISTS, block_names, load_block, materialise
@@ -89,7 +90,9 @@ def quantize(cfg: Config) -> dict:
             getattr(skeleton, lst).to("meta")
         if rank != 0:
             return {"stage": "quantize", "method": name, "rank": rank, "world_size": world}
-        quantize_block = lambda block_name, block: {sub: trained[f"{block_name}.{sub}"] for sub, _ in block_linears(block)}  # noqa: E731
+
+        def quantize_block(block_name: str, block) -> dict:  # the trained codes, looked up
+            return {sub: trained[f"{block_name}.{sub}"] for sub, _ in block_linears(block)}
 
     path = artifact_path(cfg.workdir, "quantize")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,8 +119,6 @@ def quantize(cfg: Config) -> dict:
             "inputs": {"method": name,
                        "calibration_sha256": None if calib is None else file_sha256(calib.path / "manifest.json")},
         })
-    from .loader import load_quantized_transformer
-
     info("measuring fidelity against the full-precision teacher")
     quantized = load_quantized_transformer(path, device=device)
     report = probe.report(skeleton, pipe, quantized, embeds)
