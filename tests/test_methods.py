@@ -120,3 +120,17 @@ def test_distill_resumes_from_its_checkpoint(setup, tmp_path):
     straight = METHODS["distill"](tiny(tmp_path, **{"quantization.distill.steps": 8}), pipe, calib)
     for name in straight:
         assert torch.equal(resumed[name][0], straight[name][0]) and torch.equal(resumed[name][1], straight[name][1])
+
+
+def test_block_recon_keeps_its_activations_within_the_budget(setup):
+    from bitflux_cli.methods.block_recon import BlockRecon
+
+    records = setup["calib"].records(lambda k: k == "calls.hidden_states")
+    n, per_call = len(records["calls.step"]), None
+    full = BlockRecon(setup["cfg"], setup["pipe"].transformer, setup["calib"])
+    per_call = sum(full.state[k][0].numel() * full.state[k].element_size() for k in ("hidden_states", "encoder_hidden_states"))
+    assert full.calls == n
+    budget = 3.5 * per_call / 1e9  # room for three calls
+    cfg = setup["cfg"].model_copy(update={"quantization": setup["cfg"].quantization.model_copy(update={"activation_budget_gb": budget})})
+    capped = BlockRecon(cfg, setup["pipe"].transformer, setup["calib"])
+    assert capped.calls == 3 and capped.state["hidden_states"].shape[0] == 3

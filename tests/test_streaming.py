@@ -104,3 +104,13 @@ def test_quantize_checks_its_prompt_files_before_reading_any_weight(tmp_path, mo
                                "calibration.prompts.sets": [str(tmp_path / "missing.txt")]})
     with pytest.raises(UsageError, match="missing.txt"):
         quantize(cfg)
+
+
+def test_a_device_per_component():
+    from bitflux_cli.models import resolve_device
+
+    cfg = load_config("tiny", {"model.device": {"transformer": "cpu", "text_encoder_2": "meta"}}).model
+    assert resolve_device(cfg).type == "cpu" and resolve_device(cfg, "text_encoder_2").type == "meta"
+    assert resolve_device(cfg, "vae").type == "cpu"  # unnamed components follow the transformer
+    with pytest.raises(Exception, match="model.device"):
+        load_config("tiny", {"model.device": {"unet": "cpu"}})
