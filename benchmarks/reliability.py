@@ -245,9 +245,29 @@ def temps(workdir: Path) -> dict[str, int]:
     return {rel: (Path(workdir) / rel).stat().st_size for rel in snapshot(workdir) if is_temp(rel)}
 
 
-def partial_artifacts(state: dict[str, str], before: dict[str, str], after: dict[str, str]) -> list[str]:
-    """Files under a final name that are neither the reference before nor after the command."""
-    return [rel for rel, sha in state.items() if not is_temp(rel) and sha not in (before.get(rel), after.get(rel))]
+RESUME_STATES = ("distill/state.safetensors",)  # rewritten as training goes: an earlier step's file is whole, not partial
+
+
+def whole_tensorfile(path: Path) -> bool:
+    """Whether ``path`` is a complete tensorfile: its header parses and every tensor's bytes match the
+    sha256 its metadata records (``checksums``), in plain Python."""
+    try:
+        raw = Path(path).read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + n])
+        sums = json.loads(header.pop("__metadata__")["checksums"])
+        return sums.keys() == header.keys() and all(
+            hashlib.sha256(raw[8 + n + e["data_offsets"][0]:8 + n + e["data_offsets"][1]]).hexdigest() == sums[k]
+            and 8 + n + e["data_offsets"][1] <= len(raw) for k, e in header.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def partial_artifacts(state: dict[str, str], before: dict[str, str], after: dict[str, str], workdir: Path | None = None) -> list[str]:
+    """Files under a final name that are neither the reference before nor after the command (a resume
+    state of an intermediate step counts when it is a whole, verified file)."""
+    return [rel for rel, sha in state.items() if not is_temp(rel) and sha not in (before.get(rel), after.get(rel))
+            and not (rel in RESUME_STATES and workdir is not None and whole_tensorfile(workdir / rel))]
 
 
 def differences(state: dict[str, str], after: dict[str, str]) -> list[str]:
@@ -292,7 +312,7 @@ def trial(work: Path, states: dict[str, Path], name: str, trigger: Trigger, cons
     row = {"command": name, "trigger": killed.trigger, "reached": killed.reached, "killed_at_s": round(killed.at, 2),
            "returncode": killed.returncode, "temps_at_kill": killed.leftovers}
     state = snapshot(workdir)
-    row["partial_artifacts"] = partial_artifacts(state, before, after)
+    row["partial_artifacts"] = partial_artifacts(state, before, after, workdir)
     consumer = CONSUMER[stage] if consume else None
     if consumer:  # in the workdir (artifacts record its path), which is then put back as the kill left it
         saved = work / "killed"
