@@ -6,6 +6,7 @@ part file, and dropped. The parts are then joined into ``ternary/transformer.saf
 at a time. ``distill`` trains the whole model at once, so it materialises the transformer first.
 """
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -96,6 +97,8 @@ def quantize(cfg: Config) -> dict:
 
     path = artifact_path(cfg.workdir, "quantize")
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(".parts-*"):  # left by a killed run (the stage lock keeps out a live one)
+        shutil.rmtree(stale, ignore_errors=True)
     modules, parts = {}, []
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".parts-") as tmp:
         names = block_names(skeleton)

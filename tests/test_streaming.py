@@ -114,3 +114,16 @@ def test_a_device_per_component():
     assert resolve_device(cfg, "vae").type == "cpu"  # unnamed components follow the transformer
     with pytest.raises(Exception, match="model.device"):
         load_config("tiny", {"model.device": {"unet": "cpu"}})
+
+
+def test_quantize_removes_the_parts_a_killed_run_left(tmp_path):
+    from bitflux_cli.quantize import quantize
+
+    stale = tmp_path / "wd/ternary/.parts-killed"
+    stale.mkdir(parents=True)
+    (stale / "000.safetensors").write_bytes(b"half")
+    cfg = load_config("tiny", {"workdir": str(tmp_path / "wd"), "quantization.method": "absmean",
+                               "quantization.eval_prompts": 1, "generate.steps": 2})
+    quantize(cfg)
+    assert not stale.exists() and (tmp_path / "wd/ternary/transformer.safetensors").is_file()
+    assert not list((tmp_path / "wd/ternary").glob(".parts-*"))
