@@ -172,7 +172,7 @@ class CheckpointFile:
 
 def _valid_codes(t: torch.Tensor, codec: str) -> bool:
     if codec == "int8":
-        return bool((t.abs() <= 1).all())
+        return bool(((t >= -1) & (t <= 1)).all())  # not abs(): abs(-128) is -128 in int8
     if codec == "2bit":  # four 2-bit fields a byte, each code + 1 in {0, 1, 2}: 3 is not a code
         return not any(bool((((t >> s) & 3) == 3).any()) for s in (0, 2, 4, 6))
     return True  # base3: every byte decodes to five trits in {0, 1, 2}

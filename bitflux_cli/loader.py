@@ -16,18 +16,9 @@ from .models import EMBEDDED, build_meta_transformer, load_pipeline, place, reso
 from .ternary import replace_with_ternary, scoped_linears
 
 
-def load_quantized_transformer(path: Path, model: ModelConfig | None = None, activations: str | None = None,
-                               device: torch.device | str = "cpu") -> torch.nn.Module:
-    """Build the FLUX transformer from a bitflux checkpoint without materialising FP weights.
-
-    The architecture is the one recorded in the file (older files without it: ``model``, else the
-    model config recorded in the file), so the base model need not be present. It is built on the
-    meta device, its in-scope linears become ``TernaryLinear`` shells, and the stored tensors are
-    read one at a time onto ``device`` (base-3 and int8 codecs re-encoded to the 2-bit runtime
-    layout). ``activations`` overrides the recorded activation mode ("none" or "int8").
-    """
-    ckpt = CheckpointFile(path)
-    arch = ckpt.meta["architecture"]
+def _shells(ckpt: CheckpointFile, model: ModelConfig | None, activations: str | None) -> torch.nn.Module:
+    """The recorded architecture on the meta device, its quantized linears as ``TernaryLinear`` shells."""
+    path, arch = ckpt.path, ckpt.meta["architecture"]
     if not arch:
         model = model or Config.model_validate(ckpt.meta["config"]).model
     try:
@@ -39,6 +30,33 @@ def load_quantized_transformer(path: Path, model: ModelConfig | None = None, act
         missing = sorted(set(expected) ^ set(ckpt.modules)) or [n for n in expected if expected[n] != ckpt.modules[n]]
         raise ArtifactError(f"{path}: quantized layers do not match the recorded architecture (e.g. {missing[0]})")
     replace_with_ternary(transformer, list(expected), activations or ckpt.meta["activations"])
+    return transformer
+
+
+def check_dense_tensors(ckpt: CheckpointFile) -> None:
+    """Refuse a checkpoint whose tensors besides codes and scales are not those of its recorded
+    architecture (a tensor missing, added or of another shape), naming the first that differs."""
+    transformer = _shells(ckpt, None, None)
+    shapes = {k: tuple(v.shape) for k, v in transformer.state_dict().items() if not k.endswith((".packed", ".scale"))}
+    stored = {k: e.shape for k, e in ckpt.file.entries.items() if not k.endswith((".codes", ".scale"))}
+    wrong = sorted(set(shapes) ^ set(stored)) or sorted(k for k in shapes if shapes[k] != stored[k])
+    if wrong:
+        raise ArtifactError(f"{ckpt.path}: tensor {wrong[0]} does not fit the recorded architecture "
+                            f"(missing, unexpected or of another shape)")
+
+
+def load_quantized_transformer(path: Path, model: ModelConfig | None = None, activations: str | None = None,
+                               device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Build the FLUX transformer from a bitflux checkpoint without materialising FP weights.
+
+    The architecture is the one recorded in the file (older files without it: ``model``, else the
+    model config recorded in the file), so the base model need not be present. It is built on the
+    meta device, its in-scope linears become ``TernaryLinear`` shells, and the stored tensors are
+    read one at a time onto ``device`` (base-3 and int8 codecs re-encoded to the 2-bit runtime
+    layout). ``activations`` overrides the recorded activation mode ("none" or "int8").
+    """
+    ckpt = CheckpointFile(path)
+    transformer = _shells(ckpt, model, activations)
 
     wanted = set(transformer.state_dict())
     state = {}

@@ -3,6 +3,7 @@
 from .artifacts import artifact_path, file_sha256, require
 from .checkpoint import CheckpointFile, ternary_specs, write_checkpoint
 from .config import Config
+from .loader import check_dense_tensors
 from .models import build_meta_transformer
 
 
@@ -10,6 +11,7 @@ def pack(cfg: Config) -> dict:
     """Re-encode the quantize stage's checkpoint with ``pack.codec``; report bytes vs bf16."""
     src = require(cfg.workdir, "quantize")
     ckpt = CheckpointFile(src)
+    check_dense_tensors(ckpt)
     specs = {}
     for m, shape in ckpt.modules.items():
         specs |= ternary_specs(m, shape, cfg.pack.codec, lambda m=m: ckpt.codes(m), lambda m=m: ckpt.read(f"{m}.scale"))
