@@ -149,6 +149,11 @@ class CheckpointFile:
                     raise ArtifactError(f"{path}: {m}.{suffix} is missing or is not {str(dtype).removeprefix('torch.')} "
                                         f"{list(shape)}")
 
+        owned = {f"{m}.{leaf}" for m in self.modules for leaf in ("codes", "scale")}
+        for name, e in self.file.entries.items():
+            if name not in owned and not e.dtype.is_floating_point:  # every other transformer tensor is a float
+                raise ArtifactError(f"{path}: tensor {name} is {str(e.dtype).removeprefix('torch.')}, expected a float dtype")
+
     @property
     def names(self) -> list[str]:
         return sorted(self.file.entries)

@@ -19,9 +19,18 @@ import torch
 from .reference import ternary_linear_reference, ternary_linear_torch
 
 
+def route(m: int) -> str:
+    """The kernel that serves ``m`` rows: "gemv" (M <= GEMV_MAX_M), "cublas" (decode + cuBLAS,
+    M >= DECODE_MIN_M) or "gemm" (the decode-in-register tensor-core GEMM)."""
+    from .gemv import GEMV_MAX_M
+    from .large_m import DECODE_MIN_M
+
+    return "gemv" if m <= GEMV_MAX_M else "cublas" if m >= DECODE_MIN_M else "gemm"
+
+
 def _triton(x, packed, scale, bias, in_features, activations):
-    from .gemv import GEMV_MAX_M, gemv
-    from .large_m import DECODE_MIN_M, w2a8_cublas, w2a16_cublas
+    from .gemv import gemv
+    from .large_m import w2a8_cublas, w2a16_cublas
     from .w2a8 import w2a8 as w2a8_gemm
     from .w2a16 import w2a16 as w2a16_gemm
 
@@ -30,9 +39,10 @@ def _triton(x, packed, scale, bias, in_features, activations):
     y = x.new_empty(*x.shape[:-1], n)  # [..., N]
     y2 = y.view(-1, n)  # [M, N]
     scale = scale.float()
-    if m <= GEMV_MAX_M:
+    kernel = route(m)
+    if kernel == "gemv":
         gemv(x2, packed, scale, bias, in_features, out=y2, activations=activations)
-    elif m >= DECODE_MIN_M:
+    elif kernel == "cublas":
         (w2a8_cublas if activations == "int8" else w2a16_cublas)(x2, packed, scale, bias, in_features, out=y2)
     else:
         (w2a8_gemm if activations == "int8" else w2a16_gemm)(x2, packed, scale, bias, in_features, out=y2)

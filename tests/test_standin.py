@@ -98,4 +98,4 @@ def test_generate_from_the_packed_full_width_model(chain, standin, tmp_path):
 def test_bench_reports_the_standin_architecture(chain, standin):
     wd, *_ = chain
     report = bitflux(standin, wd, "bench", "--gpu", "a10")
-    assert report["model"] == str(standin.resolve()) and report["storage"]["codecs"]["2bit"]["ratio"] > 7
+    assert report["model"] == str(standin.resolve()) and report["storage"]["codecs"]["2bit"]["ratio"] > 3  # 7.7 at 57 blocks; two blocks carry the embedders alone
