@@ -1,6 +1,8 @@
 """Ternary weights: the absmean quantizer, the packed ``TernaryLinear`` and the quantization scope."""
 
+import importlib.util
 import re
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -107,8 +109,23 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def enable_lora() -> None:
+    """Let peft/diffusers LoRAs wrap ``TernaryLinear`` (``integrations.lora``) when peft is installed;
+    run by the two builders below, so every ternary transformer takes ``pipe.load_lora_weights``."""
+    if importlib.util.find_spec("peft") is None:
+        return
+    try:
+        from .integrations import lora
+
+        lora.enable()
+    except Exception as exc:  # noqa: BLE001 - a peft or diffusers we cannot adapt must not stop the model loading
+        warnings.warn(f"bitflux: LoRA on ternary layers is unavailable ({type(exc).__name__}: {exc})", RuntimeWarning,
+                      stacklevel=2)
+
+
 def replace_with_ternary(model: nn.Module, names: list[str], activations: str = "none") -> None:
     """Swap the named linears for empty ``TernaryLinear`` shells on the same device (meta works)."""
+    enable_lora()
     for name in names:
         lin = model.get_submodule(name)
         shell = TernaryLinear(lin.in_features, lin.out_features, lin.bias is not None, activations,
@@ -123,6 +140,7 @@ def quantize_transformer(model: nn.Module, codes: dict[str, tuple[torch.Tensor, 
     ``codes`` maps full module names to (codes, scale) from any method; by default each layer is
     ternarized with absmean. Returns the (codes, scale) used per module.
     """
+    enable_lora()
     used = {}
     for name, lin in list(scoped_linears(model)):
         c, s = codes[name] if codes is not None else ternarize(lin.weight)
