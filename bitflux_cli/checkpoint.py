@@ -7,7 +7,8 @@ every other transformer tensor under its state-dict name, in the model dtype. Me
 ``tool_version``, ``activations``, ``quantized_modules`` (JSON {name: [N, K]}), ``config``
 (resolved config, JSON), ``inputs`` (JSON), ``architecture`` (the transformer's constructor
 arguments, JSON), ``source`` (the base model's hub id and revision or local path, and the sha256 of
-its transformer weight files, JSON) and ``checksums`` (JSON {tensor: sha256}). Written and read one
+its transformer weight files, JSON), ``checksums`` (JSON {tensor: sha256}) and, in packed files whose
+ternary checkpoint had one, ``fidelity`` (quantize's fidelity report, JSON). Written and read one
 tensor at a time (``tensorfile``): a FLUX.1-dev checkpoint is never whole in memory.
 """
 
@@ -61,7 +62,7 @@ def _expected_shape(codec: str, n: int, k: int) -> tuple[int, ...]:
 
 _CODES_DTYPE = {"int8": torch.int8, "2bit": torch.uint8, "base3": torch.uint8}
 _JSON_FIELDS = {"quantized_modules": dict, "config": dict, "inputs": dict, "checksums": dict, "architecture": dict,
-                "source": dict}
+                "source": dict, "fidelity": dict}
 
 
 def save_checkpoint(path: Path, ternary: dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -90,7 +91,7 @@ def write_checkpoint(path: Path, modules: dict[str, list[int]], specs: dict[str,
 
     meta: base_model, revision, stage, activations, config, inputs, and ``architecture`` (the
     transformer's constructor arguments) and ``source`` (provenance of the base model), so the file
-    loads without the base model at hand.
+    loads without the base model at hand; optionally ``fidelity`` (quantize's report, JSON).
     """
     header = {
         "format": FORMAT, "format_version": str(FORMAT_VERSION), "codec": codec, "tool_version": TOOL_VERSION,
@@ -98,6 +99,7 @@ def write_checkpoint(path: Path, modules: dict[str, list[int]], specs: dict[str,
         "stage": meta["stage"], "activations": meta.get("activations", "none"),
         "quantized_modules": json.dumps(modules, sort_keys=True),
         **{k: json.dumps(meta.get(k, {}), sort_keys=True) for k in ("config", "inputs", "architecture", "source")},
+        **({"fidelity": json.dumps(meta["fidelity"], sort_keys=True)} if meta.get("fidelity") else {}),
     }
     return write_tensorfile(path, specs, header)
 

@@ -139,7 +139,7 @@ def evaluate(suite: Annotated[str, typer.Option(help="Benchmark suite: mini (the
 
 @app.command()
 def export(out: Annotated[Path, typer.Argument(help="File (gguf, bfl) or directory (diffusers) to write.")],
-           fmt: Annotated[str, typer.Option("--format", "-f", help="gguf (ternary as ggml TQ2_0/TQ1_0, stable-diffusion.cpp / ComfyUI-GGUF), bfl (one safetensors file in the original BFL naming: ComfyUI, stable-diffusion.cpp, diffusers from_single_file) or diffusers (a transformer directory with config.json and a model card, loaded by bitflux_cli.integrations.diffusers.from_pretrained).")],
+           fmt: Annotated[str, typer.Option("--format", "-f", help="gguf (ternary as ggml TQ2_0/TQ1_0, stable-diffusion.cpp / ComfyUI-GGUF), bfl (one safetensors file in the original BFL naming: ComfyUI, stable-diffusion.cpp, diffusers from_single_file) or diffusers (a transformer directory as save_pretrained writes it: config.json, the checkpoint, a model card; FluxTransformer2DModel.from_pretrained loads it once bitflux_cli is imported).")],
            codec: Annotated[Optional[str], typer.Option(help="gguf only: tq2_0 (2.06 bits a weight, default) or tq1_0 (1.69).")] = None,
            ternary: Annotated[bool, typer.Option("--ternary", help="bfl only: keep ternary codes and scales instead of dequantized bf16 weights.")] = False,
            config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt = False, sets: SetOpt = None):

@@ -1,13 +1,20 @@
 """How far the 1.58-bit transformer is from full precision: block, velocity and image errors."""
 
+import hashlib
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 from rich.table import Table
 
+from .artifacts import atomic_file
 from .config import Config
+from .console import info
 from .models import resolve_device
 from .streaming import advance, blocks, head, prelude
 from .teacher import Embeds, psnr, record_transformer_calls, run_pipeline
+from .tensorfile import CHECKSUMS, TensorFile
 
 # Fixed prompts of the report, varied on purpose; held out from calibration sets.
 REPORT_PROMPTS = [
@@ -115,3 +122,34 @@ def fidelity_table(report: dict) -> Table:
     table.add_row("[bold]velocity[/bold]", f"[bold]{report['velocity_rel_error']:.4f}[/bold]", end_section=True)
     table.add_row("[bold]image PSNR[/bold]", f"[bold]{report['image_psnr_db']:.2f} dB[/bold]")
     return table
+
+
+REPORT_FILE = "fidelity.json"  # beside the ternary checkpoint: quantize measures it once the checkpoint is written
+
+
+def _tensors_key(checkpoint: Path) -> str:
+    """sha256 of the checkpoint's per-tensor checksums: which tensors a report is about."""
+    return hashlib.sha256(TensorFile(checkpoint).metadata.get(CHECKSUMS, "").encode()).hexdigest()
+
+
+def record_report(checkpoint: Path, report: dict) -> None:
+    """Write ``report`` beside ``checkpoint`` (atomically), keyed by its tensors, for ``pack`` to record."""
+    data = {"checkpoint_tensors_sha256": _tensors_key(checkpoint), "report": report}
+    with atomic_file(Path(checkpoint).with_name(REPORT_FILE)) as tmp:
+        tmp.write_text(json.dumps(data, sort_keys=True) + "\n")
+
+
+def recorded_report(checkpoint: Path) -> dict | None:
+    """The report recorded for ``checkpoint``'s tensors, or None (none, damaged, or about other tensors)."""
+    path = Path(checkpoint).with_name(REPORT_FILE)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("report"), dict) or \
+            data.get("checkpoint_tensors_sha256") != _tensors_key(checkpoint):
+        info(f"{path} is damaged or measured other tensors: the fidelity report is not recorded")
+        return None
+    return data["report"]

@@ -25,12 +25,18 @@ def _shells(ckpt: CheckpointFile, model: ModelConfig | None, activations: str | 
         transformer = build_meta_transformer(arch or model)
     except (TypeError, ValueError) as exc:
         raise ArtifactError(f"{path}: its recorded architecture does not build a FLUX transformer ({exc})") from None
+    to_shells(transformer, ckpt, activations or ckpt.meta["activations"])
+    return transformer
+
+
+def to_shells(transformer: torch.nn.Module, ckpt: CheckpointFile, activations: str) -> None:
+    """Swap ``transformer``'s in-scope linears for ``TernaryLinear`` shells, in place (meta works), after
+    checking that they are exactly the checkpoint's quantized modules, with the same shapes."""
     expected = {name: (m.out_features, m.in_features) for name, m in scoped_linears(transformer)}
     if expected != ckpt.modules:
         missing = sorted(set(expected) ^ set(ckpt.modules)) or [n for n in expected if expected[n] != ckpt.modules[n]]
-        raise ArtifactError(f"{path}: quantized layers do not match the recorded architecture (e.g. {missing[0]})")
-    replace_with_ternary(transformer, list(expected), activations or ckpt.meta["activations"])
-    return transformer
+        raise ArtifactError(f"{ckpt.path}: quantized layers do not match the recorded architecture (e.g. {missing[0]})")
+    replace_with_ternary(transformer, list(expected), activations)
 
 
 def check_dense_tensors(ckpt: CheckpointFile) -> None:
@@ -58,22 +64,37 @@ def load_quantized_transformer(path: Path, model: ModelConfig | None = None, act
     ckpt = CheckpointFile(path)
     transformer = _shells(ckpt, model, activations)
 
-    wanted = set(transformer.state_dict())
-    state = {}
-    for name in ckpt.names:
-        module, _, leaf = name.rpartition(".")
-        if leaf == "codes" and module in ckpt.modules:
-            n, k = ckpt.modules[module]
-            state[f"{module}.packed"] = to_runtime_2bit(ckpt.read(name), ckpt.codec, n, k).to(device)
-        elif name in wanted:
-            state[name] = ckpt.read(name).to(device)
-        else:
-            raise ArtifactError(f"{path}: tensor {name} is not part of the recorded architecture")
+    state = runtime_tensors(ckpt, {k: v.shape for k, v in transformer.state_dict().items()}, device)
     try:
         transformer.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise ArtifactError(f"{path}: does not match the recorded transformer ({str(exc).splitlines()[0]})") from None
     return transformer.eval()
+
+
+def runtime_tensors(ckpt: CheckpointFile, wanted: dict[str, torch.Size], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of ``ckpt``, each verified as it is read (``CheckpointFile.read``), under the names of
+    the module built from it (``wanted``: {state-dict name: shape}, ``TernaryLinear`` shells in place):
+    ``<m>.codes`` becomes ``<m>.packed`` in the 2-bit runtime layout [N, Kp/4] uint8 (base-3 and int8
+    re-encoded). A tensor the module does not hold, one of another shape, or one it lacks is refused."""
+    state = {}
+    for name in ckpt.names:
+        module, _, leaf = name.rpartition(".")
+        if leaf == "codes" and module in ckpt.modules:
+            n, k = ckpt.modules[module]
+            name, tensor = f"{module}.packed", to_runtime_2bit(ckpt.read(name), ckpt.codec, n, k)
+        elif name in wanted:
+            tensor = ckpt.read(name)
+        else:
+            raise ArtifactError(f"{ckpt.path}: tensor {name} is not part of the recorded architecture")
+        if tuple(tensor.shape) != tuple(wanted.get(name, ())):
+            raise ArtifactError(f"{ckpt.path}: tensor {name} has shape {list(tensor.shape)}, the model holds "
+                                f"{list(wanted.get(name, ()))}")
+        state[name] = tensor.to(device)
+    missing = sorted(set(wanted) - set(state))
+    if missing:
+        raise ArtifactError(f"{ckpt.path}: tensor {missing[0]} is missing ({len(missing)} missing)")
+    return state
 
 
 def packed_transformer(cfg: Config, device: torch.device | str = "cpu") -> torch.nn.Module:

@@ -3,6 +3,7 @@
 from .artifacts import artifact_path, file_sha256, require
 from .checkpoint import CheckpointFile, ternary_specs, write_checkpoint
 from .config import Config
+from .fidelity import recorded_report
 from .loader import check_dense_tensors
 from .models import build_meta_transformer
 
@@ -25,6 +26,7 @@ def pack(cfg: Config) -> dict:
         "base_model": meta["base_model"], "revision": meta["revision"], "stage": "pack",
         "activations": cfg.quantization.activations, "config": cfg.resolved(), "architecture": meta["architecture"],
         "source": meta["source"], "inputs": {"ternary": {"path": str(src.resolve()), "sha256": file_sha256(src)}, **meta["inputs"]},
+        "fidelity": recorded_report(src),
     })
     bf16 = 2 * sum(p.numel() for p in build_meta_transformer(meta["architecture"] or cfg.model).parameters())
     return {"stage": "pack", "path": str(path), "codec": cfg.pack.codec, "packed_bytes": size,

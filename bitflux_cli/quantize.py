@@ -19,7 +19,7 @@ from .checkpoint import ternary_specs, write_checkpoint
 from .config import Config
 from .console import info, progress
 from .distributed import init_distributed
-from .fidelity import REPORT_PROMPTS, FidelityProbe
+from .fidelity import REPORT_PROMPTS, FidelityProbe, record_report
 from .loader import load_quantized_transformer
 from .methods import BLOCK_METHODS, METHODS, NEEDS_CALIBRATION
 from .models import build_meta_transformer, provenance, resolve_device, transformer_config
@@ -125,5 +125,6 @@ def quantize(cfg: Config) -> dict:
     info("measuring fidelity against the full-precision teacher")
     quantized = load_quantized_transformer(path, device=device)
     report = probe.report(skeleton, pipe, quantized, embeds)
+    record_report(path, report)  # pack puts it in the packed file's metadata (the model card shows it)
     return {"stage": "quantize", "path": str(path), "bytes": size, "method": name,
             "activations": cfg.quantization.activations, **counts, "fidelity": report}

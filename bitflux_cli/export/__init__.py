@@ -3,8 +3,9 @@
 - ``gguf``: GGUF with the ternary tensors as ggml TQ2_0 / TQ1_0 (stable-diffusion.cpp, ComfyUI-GGUF);
 - ``bfl``: one safetensors file in the original BFL key naming (ComfyUI, stable-diffusion.cpp,
   diffusers' ``from_single_file``), dequantized bf16 or ternary-coded;
-- ``diffusers``: a transformer directory (config.json, the bitflux checkpoint, a model card) that
-  ``bitflux_cli.integrations.diffusers.from_pretrained`` loads.
+- ``diffusers``: a transformer directory (config.json, the bitflux checkpoint, a model card), written
+  by diffusers' ``save_pretrained`` through bitflux's quantizer; ``FluxTransformer2DModel.from_pretrained``
+  loads it once ``bitflux_cli`` is imported.
 
 Every format reads the checkpoint one tensor at a time (``CheckpointFile``) and records where it
 came from (``provenance``): base model, its revision and weight hashes, method, codec, the packed

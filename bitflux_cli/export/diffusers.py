@@ -1,16 +1,20 @@
-"""diffusers-directory export: a transformer folder as ``save_pretrained`` lays it out.
+"""diffusers-directory export: a transformer folder exactly as ``save_pretrained`` writes it.
 
     OUT/config.json                            FluxTransformer2DModel's config + quantization_config
-    OUT/diffusion_pytorch_model.safetensors    the packed bitflux checkpoint, byte for byte
+    OUT/diffusion_pytorch_model.safetensors    the packed bitflux checkpoint (same tensors and metadata)
     OUT/README.md                              a model card generated from the checkpoint's metadata
 
-``bitflux_cli.integrations.diffusers.from_pretrained(OUT)`` loads it (packed buffers, no FP weights)
-into a transformer that ``FluxPipeline`` takes. Plain ``FluxTransformer2DModel.from_pretrained(OUT)``
-without bitflux stops at the unknown ``quant_method`` "bitflux" instead of loading random weights.
+It is written by diffusers' own ``FluxTransformer2DModel.from_pretrained`` of the packed checkpoint and
+``save_pretrained`` (``integrations.diffusers_quantizer``), so it is what any later ``save_pretrained``
+or ``push_to_hub`` of the loaded model writes. With bitflux imported, diffusers loads it (packed
+buffers, no FP weights); without, diffusers stops at the unknown ``quant_method`` "bitflux" instead
+of loading random weights.
 """
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import diffusers
@@ -25,23 +29,60 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 QUANT_METHOD = "bitflux"
 
 
-def quantization_config(meta: dict) -> dict:
-    """The ``quantization_config`` entry of config.json for a checkpoint's metadata."""
+def model_dtype(ckpt: CheckpointFile) -> str:
+    """The dtype the checkpoint stores its float tensors besides scales in (the model's), e.g. "bfloat16"."""
+    dtypes = [e.dtype for n, e in ckpt.file.entries.items() if not n.endswith((".codes", ".scale"))]
+    return str(max(set(dtypes), key=dtypes.count)).removeprefix("torch.")
+
+
+def quantization_config(ckpt: CheckpointFile) -> dict:
+    """The ``quantization_config`` entry of config.json for a checkpoint (``BitfluxConfig``'s fields)."""
+    meta = ckpt.meta
     return {"quant_method": QUANT_METHOD, "format": FORMAT, "format_version": FORMAT_VERSION, "codec": meta["codec"],
-            "activations": meta["activations"], "method": method_of(meta)}
+            "activations": meta["activations"], "method": method_of(meta), "dtype": model_dtype(ckpt)}
 
 
 def write_diffusers_dir(ckpt: CheckpointFile, out: Path) -> dict:
-    """Write the transformer directory at ``out`` (replaced atomically); returns its files' sizes."""
-    meta = ckpt.meta
+    """Write the transformer directory at ``out`` (replaced atomically); returns its files' sizes.
+
+    The packed checkpoint is staged (config.json beside a link to it), loaded by diffusers'
+    ``from_pretrained`` and written by ``save_pretrained``: no other writer of this format exists.
+    """
+    from diffusers import FluxTransformer2DModel
+
+    from ..integrations.diffusers_quantizer import register
+
+    register()
     config = {"_class_name": "FluxTransformer2DModel", "_diffusers_version": diffusers.__version__,
-              **meta["architecture"], "quantization_config": quantization_config(meta)}
-    with atomic_dir(out) as tmp:
-        shutil.copyfile(ckpt.path, tmp / WEIGHTS)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (tmp / "README.md").write_text(model_card(meta, (tmp / WEIGHTS).stat().st_size))
+              **ckpt.meta["architecture"], "quantization_config": quantization_config(ckpt)}
+    with atomic_dir(out) as tmp, tempfile.TemporaryDirectory(prefix="bitflux-export-") as stage:
+        (Path(stage) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        try:
+            os.symlink(ckpt.path.resolve(), Path(stage) / WEIGHTS)
+        except OSError:
+            shutil.copyfile(ckpt.path, Path(stage) / WEIGHTS)
+        transformer = FluxTransformer2DModel.from_pretrained(stage)
+        transformer.register_to_config(_name_or_path=str(ckpt.path.resolve()))  # not the staging directory
+        transformer.save_pretrained(tmp)
     files = {p.name: p.stat().st_size for p in sorted(Path(out).iterdir())}
     return {"bytes": sum(files.values()), "files": files}
+
+
+def fidelity_lines(report: dict | None) -> list[str]:
+    """The card's fidelity table from quantize's report recorded in the checkpoint ([] if none)."""
+    if not report:
+        return []
+    try:
+        blocks = {k: float(v) for k, v in report.get("block_rel_error", {}).items()}
+        worst = max(blocks, key=blocks.get)
+        return [f"Measured by `bitflux quantize` against the full-precision model on {int(report['prompts'])} "
+                "held-out prompts, same seeds:", "", "| | |", "|---|---|",
+                f"| velocity relative error | {float(report['velocity_rel_error']):.4f} |",
+                f"| image PSNR vs full precision | {float(report['image_psnr_db']):.2f} dB |",
+                f"| block output relative error | mean {sum(blocks.values()) / len(blocks):.4f}, worst "
+                f"{blocks[worst]:.4f} (`{worst}`) |"]
+    except (KeyError, TypeError, ValueError, AttributeError):  # an edited header: show it as it is
+        return ["```json", json.dumps(report, sort_keys=True), "```"]
 
 
 def model_card(meta: dict, size: int) -> str:
@@ -55,10 +96,10 @@ def model_card(meta: dict, size: int) -> str:
         f"prompt sets {cfg['calibration']['prompts']['sets']}, limit {cfg['calibration']['prompts']['limit']}, "
         f"{cfg['calibration']['steps']} steps, {cfg['calibration']['timesteps']} timesteps recorded "
         f"(manifest sha256 `{calib}`)")
-    fidelity = meta.get("fidelity")
-    fidelity = f"```json\n{fidelity}\n```" if fidelity else (
-        "not recorded in the checkpoint: `bitflux quantize` prints the fidelity report (per-block relative error, "
-        "velocity error, image PSNR against the full-precision model) when it makes it.")
+    fidelity = fidelity_lines(meta.get("fidelity")) or [
+        "Not recorded in the checkpoint (made before bitflux recorded it, or its `fidelity.json` was missing "
+        "when it was packed): `bitflux quantize` prints the report (per-block relative error, velocity error, "
+        "image PSNR against the full-precision model)."]
     front = ["---", "library_name: diffusers", "pipeline_tag: text-to-image",
              "tags: [flux, ternary, 1.58-bit, bitflux]", *([f"base_model: {base}"] if hub_id else []), "---"]
     source = meta["source"]
@@ -77,11 +118,11 @@ def model_card(meta: dict, size: int) -> str:
         f"{counts['total_params'] / 1e9:.3g}B parameters |",
         f"| file | {WEIGHTS}, {size / 2**20:.1f} MiB |",
         f"| base weights sha256 | {', '.join(f'`{k}`: `{v[:16]}...`' for k, v in source.get('weights_sha256', {}).items())} |",
-        "", "## Fidelity", "", fidelity, "",
-        "## Use", "", "```python", "import torch", "from diffusers import FluxPipeline",
-        "from bitflux_cli.integrations.diffusers import from_pretrained", "",
-        "transformer = from_pretrained(\"THIS_DIRECTORY_OR_REPO\")  # packed 2-bit buffers, no FP weights",
+        "", "## Fidelity", "", *fidelity, "",
+        "## Use", "", "```python", "import torch", "import bitflux_cli  # registers quant_method \"bitflux\" with diffusers",
+        "from diffusers import FluxPipeline, FluxTransformer2DModel", "",
+        "transformer = FluxTransformer2DModel.from_pretrained(\"THIS_DIRECTORY_OR_REPO\")  # packed 2-bit buffers, no FP weights",
         f"pipe = FluxPipeline.from_pretrained(\"{base if hub_id else 'black-forest-labs/FLUX.1-dev'}\", "
         "transformer=transformer, torch_dtype=torch.bfloat16)", "```", "",
-        "Plain `FluxTransformer2DModel.from_pretrained` does not know `quant_method: bitflux` and refuses the "
-        "directory; install bitflux to load it.", ""])
+        "`save_pretrained` and `push_to_hub` of the loaded transformer write this directory again. Without bitflux, "
+        "diffusers does not know `quant_method: bitflux` and refuses the directory: `pip install bitflux`.", ""])
