@@ -90,6 +90,8 @@ class PackConfig(_Section):
     codec: Literal["2bit", "base3"] = "2bit"
 
 
+# torch's CPU generator seeds its Mersenne Twister with the low 32 bits: 2**32 would draw seed 0's image
+MAX_SEED = 2**32 - 1
 MAX_SIDE = 4096  # pixels: 256 x 256 latent tokens; well past what FLUX was trained for
 
 
@@ -99,7 +101,7 @@ class GenerateConfig(_Section):
     width: StrictInt = 1024
     steps: StrictInt = Field(default=28, ge=1)
     guidance: StrictFloat = Field(default=3.5, allow_inf_nan=False)
-    seed: StrictInt = Field(default=0, ge=0, le=2**63 - 1)
+    seed: StrictInt = Field(default=0, ge=0, le=MAX_SEED)
     max_sequence_length: StrictInt = Field(default=512, ge=1)
 
     @field_validator("height", "width")
@@ -126,7 +128,7 @@ class EvalConfig(_Section):
     split: Literal["test", "train"] = "test"  # held-out prompts, or training prompts (fit vs generalisation)
     per_category: int = Field(default=16, ge=1)  # prompts of the split per GenEval category
     images_per_prompt: int = Field(default=4, ge=1)
-    seed: int = 0
+    seed: StrictInt = Field(default=0, ge=0, le=MAX_SEED)
     batch: int = Field(default=64, ge=1)
 
 

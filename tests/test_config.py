@@ -73,7 +73,7 @@ def test_missing_config_file():
     ("generate:\n  width: 8\n", "nearest valid: 16 "),
     ("generate:\n  height: 100000\n", "nearest valid: 4096 "),
     ("generate:\n  seed: -1\n", "generate.seed: input should be greater than or equal to 0"),
-    ("generate:\n  seed: 9223372036854775808\n", "generate.seed: input should be less than or equal to 9223372036854775807"),
+    ("generate:\n  seed: 4294967296\n", "generate.seed: input should be less than or equal to 4294967295"),
     ("calibration:\n  prompts:\n    sets: []\n", "calibration.prompts.sets"),
     ("calibration:\n  prompts:\n    limit: true\n", "calibration.prompts.limit"),
 ])
@@ -87,9 +87,9 @@ def test_generate_values_are_checked_up_front(tmp_path, text, expected):
 
 def test_valid_generate_edges_pass(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("generate:\n  height: 16\n  width: 4096\n  seed: 9223372036854775807\n  guidance: 0\n  steps: 1\n")
+    path.write_text("generate:\n  height: 16\n  width: 4096\n  seed: 4294967295\n  guidance: 0\n  steps: 1\n")
     g = load_config(str(path)).generate
-    assert (g.height, g.width, g.seed, g.guidance, g.steps) == (16, 4096, 2**63 - 1, 0.0, 1)
+    assert (g.height, g.width, g.seed, g.guidance, g.steps) == (16, 4096, 2**32 - 1, 0.0, 1)
     assert isinstance(g.guidance, float)
 
 

@@ -39,7 +39,7 @@ SECTIONS = {s: list(v) for s, v in Config().model_dump().items() if isinstance(v
 YAML_BITS = ["true", "no", "~", "null", ".nan", "-.inf", "1e999", "0x10", "0o17", "1_000", "[1, 2]", "[mini, parti]",
              "{a: 1, a: 2}", "{steps: 3}", "!!binary AA==", "!!python/object/apply:os.system ['true']", "&a [*a]",
              "2001-13-01", "2001-12-14", "'quoted'", '"\\u0000"', "- a", ": :", "[", "{", "|\n  x", "*undefined",
-             "16", "48", "4096", "4112", "-16", "9223372036854775807", "9223372036854775808", "3.5", "'3.5'"]
+             "16", "48", "4096", "4112", "-16", "4294967295", "4294967296", "9223372036854775808", "3.5", "'3.5'"]
 scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=12))
 values = st.recursive(scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
                       max_leaves=6)
@@ -51,7 +51,7 @@ def assert_valid(cfg: Config) -> None:
     g = cfg.generate
     assert all(type(v) is int for v in (g.height, g.width, g.steps, g.seed, g.max_sequence_length))
     assert all(16 <= v <= MAX_SIDE and v % 16 == 0 for v in (g.height, g.width))
-    assert 0 <= g.seed < 2**63 and g.steps >= 1 and math.isfinite(g.guidance)
+    assert 0 <= g.seed < 2**32 and g.steps >= 1 and math.isfinite(g.guidance)
     assert cfg.calibration.prompts.sets and all(isinstance(s, str) for s in cfg.calibration.prompts.sets)
 
 

@@ -41,7 +41,8 @@ def written(workdir: Path) -> list[str]:
     (["--height", "50"], "generate.height: must be a multiple of 16 in [16, 4096]; nearest valid: 48 or 64"),
     (["--width", "17"], "nearest valid: 16 or 32"),
     (["--height", "100000", "--width", "100000"], "nearest valid: 4096"),
-    (["--seed", str(2**64)], "generate.seed: input should be less than or equal to 9223372036854775807"),
+    (["--seed", str(2**64)], "generate.seed: input should be less than or equal to 4294967295"),
+    (["--seed", str(2**32)], "generate.seed: input should be less than or equal to 4294967295"),  # would draw seed 0
     (["--seed", "-1"], "generate.seed: input should be greater than or equal to 0"),
     (["--set", "generate.steps=true"], "generate.steps: input should be a valid integer"),
     (["--steps", "0"], "generate.steps: input should be greater than or equal to 1"),
