@@ -1,6 +1,7 @@
 """The eval stage: GenEval-style scores of the FP or the packed 1.58-bit model on the mini world."""
 
 from .artifacts import artifact_path, atomic_file
+from .checkpoint import CheckpointFile
 from .config import Config
 from .errors import UsageError
 from .loader import pipeline_for
@@ -28,6 +29,8 @@ def evaluate(cfg: Config, full_precision: bool = False) -> dict:
         for start in range(0, len(captions), cfg.eval.batch):
             chunk = captions[start:start + cfg.eval.batch]
             images += list(run_pipeline(pipe, chunk, cfg.generate, cfg.eval.seed + start))  # [B] of [H, W, 3] in [0, 1]
+        # what was scored: the checkpoint's own record, not this run's config
+        ckpt = None if full_precision else CheckpointFile(artifact_path(cfg.workdir, "pack"))
     images = [to_uint8(im) for im in images]
     per_prompt = [(spec, [images[j * n + i] for j in range(k)]) for i, spec in enumerate(specs)]
     summary = score_images(per_prompt)
@@ -37,7 +40,8 @@ def evaluate(cfg: Config, full_precision: bool = False) -> dict:
     with atomic_file(sheet_path) as tmp:
         contact_sheet([imgs[0] for _, imgs in per_prompt], marks, cols=12).save(tmp, format="PNG")
     return {"stage": "eval", "suite": "mini", "model": label, "base_model": model_id(cfg.model),
-            "method": None if full_precision else cfg.quantization.method, "overall": summary["overall"],
+            "method": ckpt and ckpt.meta["inputs"].get("method"), "codec": ckpt and ckpt.codec,
+            "activations": ckpt and ckpt.meta.get("activations"), "overall": summary["overall"],
             "categories": summary["categories"], "split": cfg.eval.split, "prompts": n, "distinct_prompts": len(set(specs)),
             "images_per_prompt": k, "seeds": [cfg.eval.seed, cfg.eval.seed + k * n - 1],
             "steps": cfg.generate.steps, "guidance": cfg.generate.guidance, "sheet": str(sheet_path)}

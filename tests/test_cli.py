@@ -33,7 +33,8 @@ def test_help_lists_the_five_subcommands():
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     wd = tmp_path_factory.mktemp("cli")
-    res = bitflux("quantize", "--workdir", wd, "--json")
+    # the default method (block-recon, calibrating first) with fewer steps: its quality is tested in test_methods
+    res = bitflux("quantize", "--workdir", wd, "--json", "--set", "quantization.block_recon.steps=50")
     p = as_json(bitflux("pack", "--workdir", wd, "--json"))
     return wd, (as_json(res), res.stderr), p
 
@@ -87,7 +88,8 @@ def test_missing_artifact_names_the_command(tmp_path):
 
 def test_generate_on_a_fresh_workdir_makes_the_embedded_checkpoint(tmp_path):
     g = as_json(bitflux("generate", "a green triangle left of a yellow circle", "--workdir", tmp_path / "wd",
-                        "--out", tmp_path / "img.png", "--steps", 4, "--json"))
+                        "--out", tmp_path / "img.png", "--steps", 4, "--json",
+                        "--set", "quantization.method=absmean"))  # the chain fixture runs the default method
     assert (tmp_path / "wd/ternary/transformer.safetensors").is_file()
     assert (tmp_path / "wd/packed/transformer.safetensors").is_file()
     assert np.asarray(Image.open(g["path"])).std() > 1
@@ -124,7 +126,7 @@ def test_corrupted_packed_file_is_refused_and_left_alone(chain, tmp_path):
 
 
 def test_eval_mini_reports_categories_and_writes_a_sheet(chain, tmp_path):
-    wd, _, _ = chain
+    wd, (q, _), _ = chain
     cfg = tmp_path / "eval.yaml"
     cfg.write_text("model:\n  dtype: float32\ngenerate:\n  height: 48\n  width: 48\n  steps: 2\n  max_sequence_length: 12\n"
                    "eval:\n  per_category: 1\n  images_per_prompt: 2\n")
@@ -132,6 +134,8 @@ def test_eval_mini_reports_categories_and_writes_a_sheet(chain, tmp_path):
     assert r["model"] == "1.58-bit" and r["prompts"] == 6 and r["images_per_prompt"] == 2
     assert set(r["categories"]) == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
     assert 0 <= r["overall"] <= 1 and r["seeds"] == [0, 11]
+    # the checkpoint's method, not eval.yaml's default (absmean)
+    assert (r["method"], r["codec"], r["activations"]) == (q["method"], "2bit", "none") != ("absmean", "2bit", "none")
     assert Image.open(r["sheet"]).size[0] > 48 and r["split"] == "test"
     train = as_json(bitflux("eval", "--config", cfg, "--workdir", wd, "--split", "train", "--json"))
     assert train["split"] == "train" and train["prompts"] == 6
