@@ -26,16 +26,17 @@ def weighted_error(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tenso
 
 def search(weight: torch.Tensor, d: torch.Tensor, alphas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row threshold [N] and scale [N] minimising ``weighted_error`` over t = alpha * mean|w|."""
-    w = weight.detach().float()  # [N, K]
-    d = d.float().to(w.device)  # [K]
-    mean_abs = w.abs().mean(1)  # [N]
-    total = (d * w * w).sum(1)  # [N]
+    a = weight.detach().float().abs()  # [N, K]
+    d = d.float().to(a.device)  # [K]
+    dw = d * a  # [N, K]; w q = |w| where q != 0
+    mean_abs = a.mean(1)  # [N]
+    total = (dw * a).sum(1)  # [N]
     best_err = torch.full_like(total, float("inf"))
     best_t, best_s = torch.zeros_like(total), torch.zeros_like(total)
     for alpha in alphas:
         t = alpha * mean_abs  # [N]
-        q = threshold_codes(w, t)  # [N, K]
-        num, den = (d * w * q).sum(1), (d * q * q).sum(1)  # [N]
+        kept = (a > t[:, None]).to(a.dtype)  # [N, K]: |q| = q^2
+        num, den = torch.linalg.vecdot(kept, dw), kept @ d  # [N]: sum d w q, sum d q^2
         s = torch.where(den > 0, num / den.clamp_min(1e-30), torch.zeros_like(num))
         err = total - s * num
         better = err < best_err
