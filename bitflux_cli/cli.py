@@ -124,15 +124,17 @@ def bench(config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt
 
 
 @app.command("eval")
-def evaluate(suite: Annotated[str, typer.Option(help="Benchmark suite: mini (the miniature world's GenEval-style scorer).")] = "mini",
+def evaluate(suite: Annotated[Optional[str], typer.Option(help="mini (the miniature world's GenEval-style scorer; default), or geneval / t2i-compbench (images in the layout their official evaluators read, resumable, data-parallel under torchrun); overrides eval.suite.")] = None,
              full_precision: Annotated[bool, typer.Option("--full-precision", help="Score the FP model instead of the packed 1.58-bit one.")] = False,
              images: Annotated[Optional[int], typer.Option("--images", help="Images per prompt; overrides eval.images_per_prompt.")] = None,
              split: Annotated[Optional[str], typer.Option("--split", help="test (held-out prompts, the score) or train (training prompts); overrides eval.split.")] = None,
+             limit: Annotated[Optional[int], typer.Option("--limit", help="geneval / t2i-compbench: only the first N prompts (of each category); overrides eval.limit.")] = None,
              activations: ActivationsOpt = None,
              config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt = False, sets: SetOpt = None):
-    """Score generated images per GenEval category (overall, per category) and write a contact sheet."""
+    """Score generated images per GenEval category and write a contact sheet (mini); or generate GenEval /
+    T2I-CompBench images for their official evaluators."""
     from .evaluate import evaluate as stage
-    overrides = {"workdir": workdir, "eval.suite": suite, "eval.images_per_prompt": images, "eval.split": split,
+    overrides = {"workdir": workdir, "eval.suite": suite, "eval.images_per_prompt": images, "eval.split": split, "eval.limit": limit,
                  "quantization.activations": activations}
     _run(stage, config, overrides, as_json, full_precision, sets=sets, writes=("eval",))
 

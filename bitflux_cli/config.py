@@ -124,12 +124,14 @@ class BenchConfig(_Section):
 
 
 class EvalConfig(_Section):
-    suite: Literal["mini"] = "mini"
+    # mini: the miniature world's scorer; geneval / t2i-compbench: images for the official evaluators (eval_suites)
+    suite: Literal["mini", "geneval", "t2i-compbench"] = "mini"
     split: Literal["test", "train"] = "test"  # held-out prompts, or training prompts (fit vs generalisation)
     per_category: int = Field(default=16, ge=1)  # prompts of the split per GenEval category
     images_per_prompt: int = Field(default=4, ge=1)
     seed: StrictInt = Field(default=0, ge=0, le=MAX_SEED)
     batch: int = Field(default=64, ge=1)
+    limit: StrictInt | None = Field(default=None, ge=1)  # geneval / t2i-compbench: the first N prompts (of each category)
 
 
 class Config(_Section):

@@ -1,4 +1,5 @@
-"""The eval stage: GenEval-style scores of the FP or the packed 1.58-bit model on the mini world."""
+"""The eval stage: GenEval-style scores of the FP or the packed 1.58-bit model on the mini world (GenEval and
+T2I-CompBench images for their official evaluators: ``eval_suites``)."""
 
 from .artifacts import artifact_path, atomic_file
 from .checkpoint import CheckpointFile
@@ -15,8 +16,16 @@ from .teacher import run_pipeline, to_uint8
 def evaluate(cfg: Config, full_precision: bool = False) -> dict:
     """Score ``eval.images_per_prompt`` images for each mini-world prompt of ``eval.split``; write a contact sheet.
 
+    ``eval.suite`` geneval or t2i-compbench: generate the benchmark's images for its official evaluator
+    instead (``eval_suites.generate_suite``).
+
     Seeds: image ``j`` of prompt ``i`` uses ``eval.seed + j * len(prompts) + i``.
     """
+    if cfg.eval.suite != "mini":
+        from .eval_suites import generate_suite
+        return generate_suite(cfg, full_precision)
+    if cfg.eval.limit is not None:
+        raise UsageError("--limit (eval.limit) is for the geneval and t2i-compbench suites; the mini suite's size is eval.per_category")
     if cfg.model.source != EMBEDDED:
         raise UsageError(f"the mini suite scores the embedded mini model; {cfg.model.source} has no programmatic scorer")
     label = "full-precision" if full_precision else "1.58-bit"

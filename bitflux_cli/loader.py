@@ -97,8 +97,8 @@ def runtime_tensors(ckpt: CheckpointFile, wanted: dict[str, torch.Size], device:
     return state
 
 
-def packed_transformer(cfg: Config, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The workdir's packed 1.58-bit transformer, in the config's activation mode.
+def packed_checkpoint(cfg: Config) -> Path:
+    """The workdir's packed checkpoint.
 
     With the embedded model a missing checkpoint is made first (quantize, then pack: seconds), so
     ``bitflux generate`` works on a fresh install; with a real FLUX the error names the command.
@@ -112,7 +112,12 @@ def packed_transformer(cfg: Config, device: torch.device | str = "cpu") -> torch
         if not artifact_path(cfg.workdir, "quantize").exists():
             quantize(cfg)
         pack(cfg)
-    return load_quantized_transformer(require(cfg.workdir, "pack"), cfg.model, cfg.quantization.activations, device)
+    return require(cfg.workdir, "pack")
+
+
+def packed_transformer(cfg: Config, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The workdir's packed 1.58-bit transformer (``packed_checkpoint``), in the config's activation mode."""
+    return load_quantized_transformer(packed_checkpoint(cfg), cfg.model, cfg.quantization.activations, device)
 
 
 @contextmanager

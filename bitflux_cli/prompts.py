@@ -18,7 +18,8 @@ holds a NUL byte, and a selection with no prompt at all are refused with one lin
 
 Files come from ``data_dir`` (laid out like ``shared/data``) when given; otherwise from the cache
 (``$BITFLUX_CACHE``, default ``~/.cache/bitflux/prompts``), downloaded once from the raw GitHub URL
-at the pinned commit. Every pinned file is checked against its sha256 in ``FILES`` before use.
+at the pinned commit. Every pinned file is checked against its sha256 in ``FILES`` before use;
+``FILES`` also pins ``geneval/evaluation_metadata.jsonl``, which ``eval_suites`` reads with ``read_pinned``.
 
 Registering a set: ``SETS[name] = loader``, where ``loader(data_dir)`` returns
 ``{file label: [raw prompt, ...]}``, in order. ``load_prompts`` strips each prompt, skips and counts
@@ -68,6 +69,7 @@ _T2I_SHA256 = {
 FILES: dict[str, tuple[str, str]] = {
     "parti/PartiPrompts.tsv": (_PARTI + "PartiPrompts.tsv", "fab29e41bb512a169b56acab4cf2a41dcb675e285df2efcde6640c7dd3c440eb"),
     "geneval/generation_prompts.txt": (_GENEVAL + "generation_prompts.txt", "55b6e3650e980c13daf30569eb666e000faf19bfc2b7b4cbe999fcdb7aa9d680"),
+    "geneval/evaluation_metadata.jsonl": (_GENEVAL + "evaluation_metadata.jsonl", "5c48e0813e812e3c373fa5c8ed07a8f0a483be30272b4427b0559c8048e67c13"),
     **{f"t2i_compbench/{stem}.txt": (_T2I + f"{stem}.txt", sha) for stem, sha in _T2I_SHA256.items()},
 }
 
@@ -137,8 +139,9 @@ def _download(rel: str, dest: Path) -> None:
         raise
 
 
-def _read_pinned(rel: str, data_dir: Path | None) -> list[str]:
-    """Lines of a pinned file from ``data_dir``, or from the cache (downloading it once)."""
+def read_pinned(rel: str, data_dir: Path | None) -> list[str]:
+    """Lines of the pinned file ``rel`` (a key of ``FILES``) from ``data_dir``, or from the cache (downloading
+    it once), checked against its sha256; any line ending, a missing final newline allowed."""
     if data_dir is not None:
         path = Path(data_dir) / rel
         if not path.is_file():
@@ -154,21 +157,21 @@ def _read_pinned(rel: str, data_dir: Path | None) -> list[str]:
 
 def _parti(data_dir: Path | None) -> dict[str, list[str]]:
     # Split on tabs by hand: csv would eat the quotes of the prompt that starts with '"'.
-    lines = _read_pinned("parti/PartiPrompts.tsv", data_dir)
+    lines = read_pinned("parti/PartiPrompts.tsv", data_dir)
     return {"parti/PartiPrompts.tsv": [line.split("\t")[0] for line in lines[1:]]}
 
 
 def _t2i(split: str) -> Loader:
     def load(data_dir: Path | None) -> dict[str, list[str]]:
         rels = [f"t2i_compbench/{cat}_{split}.txt" for cat in T2I_CATEGORIES]
-        return {rel: _read_pinned(rel, data_dir) for rel in rels}
+        return {rel: read_pinned(rel, data_dir) for rel in rels}
 
     return load
 
 
 def _geneval(data_dir: Path | None) -> dict[str, list[str]]:
     rel = "geneval/generation_prompts.txt"
-    return {rel: _read_pinned(rel, data_dir)}
+    return {rel: read_pinned(rel, data_dir)}
 
 
 def _paper(data_dir: Path | None) -> dict[str, list[str]]:

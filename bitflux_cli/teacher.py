@@ -72,9 +72,13 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
 
 
-def run_pipeline(pipe, prompts: list[str] | Embeds, gen: GenerateConfig, seed: int, output_type: str = "np", **kwargs):
-    """Run the pipeline on ``prompts`` (or their ``Embeds``) with one seeded generator per prompt (same seed, same image)."""
-    generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]
+def run_pipeline(pipe, prompts: list[str] | Embeds, gen: GenerateConfig, seed: int | list[int], output_type: str = "np", **kwargs):
+    """Run the pipeline on ``prompts`` (or their ``Embeds``) with one seeded generator per prompt (same seed, same image).
+
+    ``seed``: the first prompt's seed, the others counting up from it; or a list, one seed per prompt.
+    """
+    seeds = seed if isinstance(seed, list) else [seed + i for i in range(len(prompts))]
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     if isinstance(prompts, Embeds):
         device = pipe.transformer.x_embedder.weight.device
         kwargs |= {"prompt_embeds": prompts.prompt_embeds.to(device), "pooled_prompt_embeds": prompts.pooled_prompt_embeds.to(device)}

@@ -35,3 +35,26 @@ def tiny_chain(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("tiny-chain")
     cfg = load_config("tiny", {"workdir": str(workdir), "quantization.method": "absmean"})  # fast; the CLI chain runs the default
     return {"cfg": cfg, "quantize": quantize(cfg), "pack": pack(cfg), "workdir": workdir}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (``pytest.mark.usefixtures``): two cores shared with other jobs, two threads per process thrash."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def standin(tmp_path_factory):
+    """A FLUX.1-dev-layout diffusers directory at full width with one double and one single block
+    (``models.standin``), written once a session: about 7 s and 1.1 GB."""
+    from bitflux_cli.models.standin import write_standin
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return write_standin(tmp_path_factory.mktemp("standin") / "FLUX.1-dev", double=1, single=1)
+    finally:
+        torch.set_num_threads(n)

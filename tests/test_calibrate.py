@@ -16,18 +16,10 @@ from bitflux_cli.calibrate import calibrate, load_calibration
 from bitflux_cli.config import load_config
 
 DATA = (Path(__file__).parents[1] / "../shared/data").resolve()
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"calibration prompts (paper set) not found at {DATA}: needs the shared/data checkout beside the repo")
+pytestmark = [pytest.mark.skipif(not DATA.is_dir(), reason=f"calibration prompts (paper set) not found at {DATA}: needs the shared/data checkout beside the repo"),
+              pytest.mark.usefixtures("one_thread")]
 CALIBRATION = {"prompts": {"sets": ["paper"], "limit": 4, "data_dir": str(DATA)},
                "steps": 4, "timesteps": 2, "tokens": 8, "shard_size": 2, "batch": 2}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # two cores shared with other jobs: two threads per process thrash
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def config_file(tmp_path: Path, workdir: Path) -> Path:

@@ -8,14 +8,14 @@ import json
 import shutil
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from bitflux_cli import load_quantized_transformer
 from bitflux_cli.checkpoint import read_metadata
 from bitflux_cli.cli import app
 from bitflux_cli.models.source import KNOWN_ARCHITECTURES
-from bitflux_cli.models.standin import write_standin
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # the stand-in itself: conftest's ``standin``
 
 SMALL = ["generate.height=32", "generate.width=32", "generate.steps=2", "generate.max_sequence_length=8",
          "quantization.eval_prompts=1", "model.device=cpu", "calibration.prompts.sets=[mini]",
@@ -31,14 +31,6 @@ def bitflux(model, workdir, *args):
                                    "--set", f"model.path={model}", *sets])
     assert res.exit_code == 0, res.stderr
     return json.loads(res.stdout)
-
-
-@pytest.fixture(scope="module")
-def standin(tmp_path_factory):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield write_standin(tmp_path_factory.mktemp("standin") / "FLUX.1-dev", double=1, single=1)
-    torch.set_num_threads(n)
 
 
 def test_standin_has_the_hub_layout_at_full_width(standin):
