@@ -3,14 +3,15 @@
 Each kernel is compiled with ``triton.compile`` for ``GPUTarget("cuda", arch, 32)`` (the third
 argument is the warp size), Triton's bundled ptxas builds the cubin and its bundled ``cuobjdump``
 lists the SASS. A kernel with a K loop is judged by its hottest loop (the backward branch whose
-body holds the most instructions, i.e. the K loop after unrolling); a loop-free kernel (decode)
-by its whole body. Thread-instructions per weight = SASS instructions x 32 x num_warps / weights
+body holds the most instructions, i.e. the K loop after unrolling, or the decode's word loop); a
+loop-free kernel (the int32 epilogue) by its whole body. Compiled with the specialization the JIT
+gives a FLUX-shaped launch (``aligned``), or no load or store would vectorize. Thread-instructions per weight = SASS instructions x 32 x num_warps / weights
 one program handles per loop trip (or in total). An H100 issues about 31e12 thread-instructions/s
 (132 SMs x 4 schedulers x 32 lanes x 1.83 GHz); at 3.35 TB/s that allows about 2.3 per weight for
 a kernel that reads only the 2-bit weights, and about 20 (bf16 out) / 11 (int8 out) for a decode
 that writes 2 / 1 bytes a weight.
 
-    TRITON_INTERPRET=0 python benchmarks/kernel_instructions.py [--arch 80 90] [--json out.json]
+    TRITON_DEFAULT_FP_FUSION=1 python benchmarks/kernel_instructions.py [--arch 80 90] [--json out.json]
 
 Prints a table and writes JSON (stdout with ``--json -``).
 """
@@ -33,7 +34,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bitflux_kernels.decode import FLOAT_META, INT8_META, decode_float_kernel, decode_int8_kernel  # noqa: E402
+from bitflux_kernels.decode import HALF_META, INT8_META, decode_half_kernel, decode_int8_kernel  # noqa: E402
 from bitflux_kernels.gemv import gemv_kernel  # noqa: E402
 from bitflux_kernels.large_m import EPILOGUE_META, int_epilogue_kernel  # noqa: E402
 from bitflux_kernels.w2a8 import w2a8_kernel  # noqa: E402
@@ -60,23 +61,33 @@ def specs():
     p = {"q_ptr": "*i8", "sx_ptr": "*fp32", "w_ptr": "*u8", "scale_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
     rows.append(("w2a8 GEMM 128x128x(4x64), 8 warps", w2a8_kernel, _sig(w2a8_kernel, p, c), c,
                  {"num_warps": 8, "num_stages": 3}, 128 * 64 * 4, True))
-    for xdt, has_sx, name in (("*bf16", False, "W2A16"), ("*i8", True, "W2A8")):
-        c = {"HAS_XSCALE": has_sx, "HAS_BIAS": True, "BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_KQ": 128}
-        p = {"x_ptr": xdt, "sx_ptr": "*fp32", "w_ptr": "*u8", "scale_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
-        rows.append((f"GEMV {name} M=1, 64x(4x128), 4 warps", gemv_kernel, _sig(gemv_kernel, p, c), c,
-                     {"num_warps": 4, "num_stages": 3}, 64 * 128 * 4, True))
+    for has_sx, name in ((False, "W2A16"), (True, "W2A8")):
+        for bn, bw, warps, stages in ((128, 8, 4, 4), (128, 16, 4, 3)):
+            c = {"ONE_SPLIT": False, "HAS_XSCALE": has_sx, "HAS_BIAS": True, "PATTERN": tl.bfloat16, "DOT": tl.bfloat16,
+                 "PRECISION": "tf32", "BLOCK_N": bn, "BLOCK_W": bw}
+            p = {"xp_ptr": "*bf16", "w_ptr": "*u8", "part_ptr": "*fp32", "sx_ptr": "*fp32", "scale_ptr": "*fp32",
+                 "bias_ptr": "*bf16", "y_ptr": "*bf16"}
+            rows.append((f"GEMV {name} M<=16, {bn}x({bw}x16), {warps} warps, split-K", gemv_kernel, _sig(gemv_kernel, p, c),
+                         c, {"num_warps": warps, "num_stages": stages}, bn * bw * 16, True))
     c = {k: v for k, v in INT8_META.items() if k != "num_warps"}
     rows.append(("decode -> int8 codes", decode_int8_kernel, _sig(decode_int8_kernel, {"w_ptr": "*u8", "out_ptr": "*i8"}, c),
-                 c, {"num_warps": INT8_META["num_warps"]}, c["BLOCK_N"] * c["BLOCK_W"] * 16, False))
-    c = {**{k: v for k, v in FLOAT_META.items() if k != "num_warps"}, "HAS_SCALE": True}
+                 c, {"num_warps": INT8_META["num_warps"]}, c["BLOCK_N"] * c["BLOCK_W"] * 16 * c["UNROLL"], True))
+    c = {**{k: v for k, v in HALF_META.items() if k != "num_warps"}, "HAS_SCALE": True, "INTERPRET": False}
     p = {"w_ptr": "*u8", "scale_ptr": "*fp32", "out_ptr": "*bf16"}
-    rows.append(("decode -> bf16 codes x scale", decode_float_kernel, _sig(decode_float_kernel, p, c), c,
-                 {"num_warps": FLOAT_META["num_warps"]}, c["BLOCK_N"] * c["BLOCK_KQ"] * 4, False))
+    rows.append(("decode -> bf16 codes x scale", decode_half_kernel, _sig(decode_half_kernel, p, c), c,
+                 {"num_warps": HALF_META["num_warps"]}, c["BLOCK_N"] * c["BLOCK_W"] * 16 * c["UNROLL"], True))
     c = {**{k: v for k, v in EPILOGUE_META.items() if k != "num_warps"}, "HAS_BIAS": True}
     p = {"acc_ptr": "*i32", "sx_ptr": "*fp32", "scale_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
     rows.append(("int32 epilogue (per output, not weight)", int_epilogue_kernel, _sig(int_epilogue_kernel, p, c), c,
                  {"num_warps": EPILOGUE_META["num_warps"]}, c["BLOCK_M"] * c["BLOCK_N"], False))
     return rows
+
+
+def aligned(fn, signature) -> dict:
+    """What Triton's JIT specializes at a FLUX-shaped launch: pointers 16-byte aligned and row
+    strides multiples of 16 (``tt.divisibility``), so vector loads and stores are allowed."""
+    return {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+            if signature[a].startswith("*") or (a.startswith("stride_") and not a.endswith(("k", "yn")))}
 
 
 def sass(cubin: bytes) -> list[str]:
@@ -103,7 +114,7 @@ def hottest_loop(code: list) -> list[str]:
 def measure(arch: int) -> list[dict]:
     out = []
     for name, fn, signature, consts, options, weights, looped in specs():
-        k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
+        k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=aligned(fn, signature)),
                            target=GPUTarget("cuda", arch, 32), options=options)
         code = [(a, ins) for a, ins in sass(k.asm["cubin"]) if not ins.startswith("NOP")]
         body = hottest_loop(code) if looped else [ins for _, ins in code]

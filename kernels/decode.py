@@ -1,17 +1,24 @@
 """Decode the 2-bit packed weight into a dense [rows, Kp] scratch matrix (large-M path, large_m.py).
 
-A bandwidth-bound elementwise kernel: it reads 2 bits and writes 8 (int8) or 16 (bf16/fp16) per
-weight, so its instruction budget per weight is several times that of a kernel that only reads
-2 bits. Two variants, picked by the output dtype:
+A bandwidth-bound elementwise kernel (reads 2 bits, writes 8 or 16 per weight). Both fast
+variants work on 32-bit words: packed row n, word column ``wc`` = (group ``g = wc // 8``, lane
+word ``l = wc % 8``) holds bytes ``b0..b3`` = lanes ``4 l .. 4 l + 3`` of group g, each byte with
+the four planes at shifts 0, 2, 4, 6. A program loads [BLOCK_N, BLOCK_G, 8] words (128-bit
+loads) and writes each plane's outputs as contiguous 16-byte vectors.
 
-- **int8 codes** (W2A8): works on 32-bit words. A word of packed row n at word column ``wc``
-  holds the four bytes of lanes ``4 (wc % 8) .. + 3`` of group ``wc // 8``; for plane p,
-  ``((w >> 2p) & 0x03030303) + 0x7F7F7F7F`` puts ``u + 127`` in each byte (no carry: u <= 2)
-  and ``^ 0x80808080`` turns it into ``u - 1`` as int8: four weights per shift, and, add, xor.
-  The word lands at word column ``32 (wc // 8) + 8 p + wc % 8`` of the output.
-- **float** (W2A16: bf16/fp16/fp32): per byte and plane ``(u - 1) * scale[n]`` in fp32, rounded
-  once to the output dtype. With ``scale`` folded in, a plain ``x @ W^T`` (cuBLAS, with the bias
-  in its epilogue) finishes the linear, no extra pass over the output.
+- **int8 codes** (W2A8): for plane p, ``((w >> 2p) & 0x03030303) + 0x7F7F7F7F`` puts ``u + 127`` in
+  each byte (no carry: u <= 2) and ``^ 0x80808080`` turns it into ``u - 1``: four weights per
+  shift, and, add, xor, landing at int8 word ``32 g + 8 p + l``.
+- **bf16 / fp16** (W2A16), the sign-bit trick: with u's two bits at bits 15:14 of a 16-bit half,
+  ``~bits & 0xC000`` is 0xC000 (u = 0: -2.0), 0x8000 (u = 1: -0.0) or 0x4000 (u = 2: +2.0), the
+  same patterns in bf16 and fp16. One byte permute puts lanes (0, 1) in bytes 1, 3 and lanes
+  (2, 3) in bytes 0, 2; then each output register (two weights, adjacent in K) is one shift and
+  one ``lop3``: ``~(y << (6 - 2p)) & 0xC000C000`` (lanes 0, 1) and ``~(y << (14 - 2p))`` (lanes 2, 3).
+  One packed ``fma.rn.{bf16,f16}x2`` by ``scale / 2`` (or 0.5) gives ``(u - 1) * scale`` exactly
+  as ``±round(scale)`` (the old fp32 product rounded once is the same number: rounding is odd-
+  symmetric), and ``±0`` for zeros. Under the interpreter the permute and the fma run as plain
+  integer and fp32 ops (same bits); the shifts and masks are the same code.
+- **fp32** (rare at large M): per byte and plane ``(u - 1) * scale`` in fp32.
 
 Rows past N (``rows`` > N, e.g. padding N to a multiple of 8 for ``torch._int_mm``) and the K
 padding decode to 0.
@@ -21,31 +28,119 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import launch_fixed
+from .common import interpreting, launch_fixed
 
 ZERO_BYTE = tl.constexpr(0x55)  # four fields of u = 1: four zero weights
 ZERO_WORD = tl.constexpr(0x55555555)
-INT8_META = {"BLOCK_N": 32, "BLOCK_W": 32, "num_warps": 4}  # 32 rows x 128 bytes of packed weight a program
+# a trip: 8 rows x 64 words (8 groups: 8k weights, 64 a thread), unrolled twice; every FLUX Kp/16 is a multiple of 64
+INT8_META = {"BLOCK_N": 8, "BLOCK_W": 64, "UNROLL": 2, "num_warps": 4}
+HALF_META = {"BLOCK_N": 8, "BLOCK_W": 64, "UNROLL": 2, "num_warps": 4}
 FLOAT_META = {"BLOCK_N": 32, "BLOCK_KQ": 128, "num_warps": 4}
 
 
 @triton.jit
+def _tile(N, ROWS, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PAIRS: tl.constexpr):
+    """(rows [BLOCK_N, 1] int64, word columns [1, BLOCK_W] of the first chunk, load mask, store mask).
+
+    With PAIRS the columns are written ``c // 2 * 2 + c % 2`` (the same numbers) so that the
+    compiler sees runs of 2 contiguous words: each thread then holds 2 words, and the bf16
+    decode's join of its two outputs gives runs of 4 pairs, a 16-byte store, with no layout change.
+    """
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
+    c = tl.arange(0, BLOCK_W)
+    if PAIRS:
+        c = c // 2 * 2 + c % 2
+    return n.to(tl.int64), c[None, :], n < N, n < ROWS
+
+
+@triton.jit
+def _src(w_ptr, n, c, N, ROWS, stride_wn):
+    """Word pointers [BLOCK_N, BLOCK_W] of the first chunk. When ROWS == N rows past N wrap
+    around (their stores are masked), so the loads need no mask; else (int8 rows padded with
+    zeros) the caller masks them."""
+    return w_ptr.to(tl.pointer_type(tl.uint32)) + (n % N) * stride_wn + c
+
+
+@triton.jit
 def decode_int8_kernel(w_ptr, out_ptr, N, ROWS, KW, stride_wn, stride_on,
-                       BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, UNROLL: tl.constexpr):
     """w: [N, 4 KW] uint8 read as [N, KW] uint32 -> out: [ROWS, 16 KW] int8 written as uint32 words.
 
-    Strides are in 32-bit words. Grid (cdiv(ROWS, BLOCK_N), cdiv(KW, BLOCK_W)).
+    Word column wc, plane p lands at int8 word ``32 (wc // 8) + 8 p + wc % 8``. Strides in 32-bit
+    words. Grid (cdiv(ROWS, BLOCK_N),): a program walks its rows' words BLOCK_W (a multiple of 8
+    dividing KW) at a time, so addresses and masks are computed once.
     """
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    words = tl.load(w_ptr.to(tl.pointer_type(tl.uint32)) + offs_n[:, None].to(tl.int64) * stride_wn + offs_w[None, :],
-                    mask=(offs_n < N)[:, None] & (offs_w < KW)[None, :], other=ZERO_WORD)  # [BLOCK_N, BLOCK_W]
-    out = (out_ptr.to(tl.pointer_type(tl.uint32)) + offs_n[:, None].to(tl.int64) * stride_on
-           + (offs_w // 8 * 32 + offs_w % 8)[None, :])
-    mask = (offs_n < ROWS)[:, None] & (offs_w < KW)[None, :]
-    for p in tl.static_range(4):
-        codes = (((words >> (2 * p)) & 0x03030303) + 0x7F7F7F7F) ^ 0x80808080  # four int8 u - 1
-        tl.store(out + 8 * p, codes, mask=mask)
+    n, c, load_mask, mask = _tile(N, ROWS, BLOCK_N, BLOCK_W, False)
+    src = _src(w_ptr, n, c, N, ROWS, stride_wn)  # [BLOCK_N, BLOCK_W]
+    dst = out_ptr.to(tl.pointer_type(tl.uint32)) + n * stride_on + (c // 8 * 32 + c % 8)
+    for _ in tl.range(0, KW, BLOCK_W, loop_unroll_factor=UNROLL):
+        words = tl.load(src, mask=load_mask, other=ZERO_WORD)
+        for p in tl.static_range(4):
+            codes = (((words >> (2 * p)) & 0x03030303) + 0x7F7F7F7F) ^ 0x80808080  # four int8 u - 1
+            tl.store(dst + 8 * p, codes, mask=mask)
+        src += BLOCK_W
+        dst += 4 * BLOCK_W
+
+
+@triton.jit
+def _lanes_01_23(words, INTERPRET: tl.constexpr):
+    """Byte permute [b0, b1, b2, b3] -> [b2, b0, b3, b1] (PTX ``prmt`` selector 0x1302)."""
+    if INTERPRET:
+        return (((words >> 16) & 0xFF) | ((words & 0xFF) << 8) | (((words >> 24) & 0xFF) << 16)
+                | (((words >> 8) & 0xFF) << 24))
+    else:
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, 0, 0x1302;", "=r,r", [words],
+                                         dtype=tl.uint32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _mul_pairs(r, mult, mult_f32, DT: tl.constexpr, INTERPRET: tl.constexpr):
+    """Both 16-bit halves of r (patterns of DT) times ``mult`` (DT bits in both halves; ``mult_f32`` the
+    same value in fp32): one packed ``fma.rn`` with -0.0 added, exact here (±2 x mult, or ±0)."""
+    if INTERPRET:
+        lo = (r & 0xFFFF).to(tl.uint16).to(DT, bitcast=True).to(tl.float32) * mult_f32
+        hi = (r >> 16).to(tl.uint16).to(DT, bitcast=True).to(tl.float32) * mult_f32
+        lo = lo.to(DT).to(tl.uint16, bitcast=True).to(tl.uint32)
+        hi = hi.to(DT).to(tl.uint16, bitcast=True).to(tl.uint32)
+        return lo | (hi << 16)
+    else:
+        if DT == tl.bfloat16:
+            asm: tl.constexpr = "{ .reg .b32 z; mov.b32 z, 0x80008000; fma.rn.bf16x2 $0, $1, $2, z; }"
+        else:
+            asm: tl.constexpr = "{ .reg .b32 z; mov.b32 z, 0x80008000; fma.rn.f16x2 $0, $1, $2, z; }"
+        return tl.inline_asm_elementwise(asm, "=r,r,r", [r, mult], dtype=tl.uint32, is_pure=True, pack=1)
+
+
+@triton.jit
+def decode_half_kernel(w_ptr, scale_ptr, out_ptr, N, ROWS, KW, stride_wn, stride_on, HAS_SCALE: tl.constexpr,
+                       INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, UNROLL: tl.constexpr):
+    """w: [N, 4 KW] uint8 -> out: [ROWS, 16 KW] bf16/fp16 ``(u - 1) * scale[n]`` (scale 1 without HAS_SCALE).
+
+    Written as uint32 pairs: word column wc, plane p, lanes (2h, 2h + 1) land at pair column
+    ``64 (wc // 8) + 16 p + 2 (wc % 8) + h``. Strides in 32-bit words. Grid (cdiv(ROWS, BLOCK_N),),
+    BLOCK_W words (a multiple of 8 dividing KW) a trip.
+    """
+    DT: tl.constexpr = out_ptr.dtype.element_ty
+    n, c, load_mask, mask = _tile(N, ROWS, BLOCK_N, BLOCK_W, True)
+    if HAS_SCALE:
+        half = tl.load(scale_ptr + n, mask=load_mask, other=0.0) * 0.5  # [BLOCK_N, 1] fp32
+    else:
+        half = tl.full((BLOCK_N, 1), 0.5, tl.float32)
+    half = half.to(DT).to(tl.float32)  # rounded once: ±2 x half is then exact
+    bits = half.to(DT).to(tl.uint16, bitcast=True).to(tl.uint32)
+    mult = bits | (bits << 16)  # [BLOCK_N, 1] both halves
+    src = _src(w_ptr, n, c, N, ROWS, stride_wn)  # [BLOCK_N, BLOCK_W]
+    e = tl.arange(0, 2 * BLOCK_W)[None, :]  # 2 wc + h
+    dst = out_ptr.to(tl.pointer_type(tl.uint32)) + n * stride_on + (e // 16 * 64 + e % 16)  # [BLOCK_N, 2 BLOCK_W]
+    for _ in tl.range(0, KW, BLOCK_W, loop_unroll_factor=UNROLL):
+        y = _lanes_01_23(tl.load(src), INTERPRET)  # ROWS == N: rows past N wrapped
+        for p in tl.static_range(4):
+            lanes01 = _mul_pairs(~(y << (6 - 2 * p)) & 0xC000C000, mult, half, DT, INTERPRET)  # [BLOCK_N, BLOCK_W]
+            lanes23 = _mul_pairs(~(y << (14 - 2 * p)) & 0xC000C000, mult, half, DT, INTERPRET)
+            pairs = tl.reshape(tl.join(lanes01, lanes23), (BLOCK_N, 2 * BLOCK_W))  # column 2 wc + h
+            tl.store(dst + 16 * p, pairs, mask=mask)
+        src += BLOCK_W
+        dst += 8 * BLOCK_W
 
 
 @triton.jit
@@ -70,13 +165,22 @@ def decode_float_kernel(w_ptr, scale_ptr, out_ptr, N, ROWS, KQ, stride_wn, strid
         tl.store(out + 32 * p, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _fit(meta: dict, kw: int) -> dict:
+    """``meta`` with BLOCK_W halved until it divides the row's word count (a multiple of 8)."""
+    bw = meta["BLOCK_W"]
+    while kw % bw:
+        bw //= 2
+    return {**meta, "BLOCK_W": bw}
+
+
 def decode(packed: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None = None,
            rows: int | None = None) -> torch.Tensor:
     """Dense weight [rows, Kp] in ``dtype`` from packed [N, Kp/4] uint8 (rows >= N, default N).
 
-    int8: the codes ``u - 1``. float dtypes: ``(u - 1) * scale`` (scale: [N] fp32, optional),
-    computed in fp32 and rounded once. Rows past N and columns past K are zeros. Allocated with
-    ``torch.empty`` on every call (see docs/KERNELS.md, "Scratch").
+    int8: the codes ``u - 1``. float dtypes: ``(u - 1) * scale`` (scale: [N] fp32, optional), the
+    same numbers as ``(codes * scale)`` in fp32 rounded once to ``dtype``. Rows past N and columns
+    past K are zeros (bf16/fp16 write -0.0 for zero codes). Allocated with ``torch.empty`` on every
+    call (see docs/KERNELS.md, "Scratch").
     """
     n, kq = packed.shape
     rows = n if rows is None else rows
@@ -86,19 +190,29 @@ def decode(packed: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None 
     out = torch.empty(rows, 4 * kq, dtype=dtype, device=packed.device)  # [rows, Kp]
     if rows == 0 or kq == 0:
         return out
+    if scale is not None and dtype != torch.int8 and (
+            scale.shape != (n,) or scale.dtype != torch.float32 or not scale.is_contiguous()):
+        raise ValueError("scale must be a contiguous [N] float32 tensor")
+    if dtype == torch.float32:
+        meta = FLOAT_META
+        grid = (triton.cdiv(rows, meta["BLOCK_N"]), triton.cdiv(kq, meta["BLOCK_KQ"]))
+        launch_fixed(decode_float_kernel, grid, meta, packed, scale, out, n, rows, kq, packed.stride(0), out.stride(0),
+                     HAS_SCALE=scale is not None)
+        return out
+    if packed.stride(0) % 4 or packed.data_ptr() % 4:
+        raise ValueError("the decode reads 32-bit words: packed rows must be 4-byte aligned")
+    kw = kq // 4  # words a row, a multiple of 8
     if dtype == torch.int8:
         if scale is not None:
             raise ValueError("int8 decode yields the codes; apply the scale in the GEMM's epilogue")
-        if packed.stride(0) % 4 or packed.data_ptr() % 4:
-            raise ValueError("int8 decode reads 32-bit words: packed rows must be 4-byte aligned")
-        meta = INT8_META
-        grid = (triton.cdiv(rows, meta["BLOCK_N"]), triton.cdiv(kq // 4, meta["BLOCK_W"]))
-        launch_fixed(decode_int8_kernel, grid, meta, packed, out, n, rows, kq // 4, packed.stride(0) // 4, out.stride(0) // 4)
+        meta = _fit(INT8_META, kw)
+        grid = (triton.cdiv(rows, meta["BLOCK_N"]),)
+        launch_fixed(decode_int8_kernel, grid, meta, packed, out, n, rows, kw, packed.stride(0) // 4, out.stride(0) // 4)
         return out
-    if scale is not None and (scale.shape != (n,) or scale.dtype != torch.float32 or not scale.is_contiguous()):
-        raise ValueError("scale must be a contiguous [N] float32 tensor")
-    meta = FLOAT_META
-    grid = (triton.cdiv(rows, meta["BLOCK_N"]), triton.cdiv(kq, meta["BLOCK_KQ"]))
-    launch_fixed(decode_float_kernel, grid, meta, packed, scale, out, n, rows, kq, packed.stride(0), out.stride(0),
-                 HAS_SCALE=scale is not None)
+    if dtype not in (torch.bfloat16, torch.float16) or rows != n:
+        raise ValueError(f"decode: unsupported dtype {dtype} (or rows != N, which only int8 takes)")
+    meta = _fit(HALF_META, kw)
+    grid = (triton.cdiv(rows, meta["BLOCK_N"]),)
+    launch_fixed(decode_half_kernel, grid, meta, packed, scale, out, n, rows, kw, packed.stride(0) // 4,
+                 out.stride(0) // 2, HAS_SCALE=scale is not None, INTERPRET=interpreting())
     return out

@@ -1,8 +1,24 @@
-"""Small-M path (M <= GEMV_MAX_M): a reduction kernel that streams the packed weights once.
+"""Small-M path (M <= GEMV_MAX_M): split-K over the packed weights, tensor cores, one reduction.
 
-At a few tokens the linear is memory bound and ``tl.dot``'s 16-row minimum would waste most of
-the tensor core, so each program keeps [BLOCK_M, BLOCK_N, BLOCK_KQ] products in registers and
-reduces along K on CUDA cores. Serves W2A16 (float x) and W2A8 (int8 q with per-token sx).
+At a few tokens the linear is memory bound: the kernel must touch each 2-bit weight with as few
+instructions as it can. It computes ``Y^T = W X^T`` with ``tl.dot`` (tokens padded to 16 columns):
+the multiply-adds cost a fraction of an instruction per weight and the reduction over K happens
+inside the MMA accumulators, never as shuffles. What is left per weight is the decode:
+
+- **Sign-bit decode.** A packed word holds 16 fields u (byte b = lane 4 l + b, plane p at bit
+  ``8 b + 2 p``). ``r_s = ~(w << 2 s) & 0xC000C000`` puts fields ``7 - s`` and ``15 - s`` at bits
+  15:14 and 31:30, i.e. two bf16/fp16 weights ``±2`` (u = 0, 2) or ``-0`` (u = 1): one shift and one
+  ``lop3`` per two weights. The scale and the factor 1/2 go into the epilogue.
+- **Permuted activations.** The 16 weights of a word come out in the order ``(s, half)``, not in
+  K order; a dot does not care, so x is gathered once per call into that order (``permute_x``:
+  xp[m, 16 wc + 2 s + h] = x[m, k(field 7 - s + 8 h)], zeros past K) in the dot's dtype: bf16 or
+  fp16 as x, fp32 x as fp32 (``ieee`` dot), W2A8's int8 q as bf16 (exact: |q| <= 127; the sums of
+  q x ±2 stay integers below 2^24, exact in the fp32 accumulators).
+- **Split-K.** FLUX's modulation linears have N = 9216 / 18432 but its MLP-out K = 12288 / 15360
+  at N = 3072: too few N tiles to fill the GPU. ``SPLIT`` programs share a row tile, each over a
+  contiguous run of words; they write fp32 partials [SPLIT, M, N] and ``reduce_kernel`` sums them
+  in a fixed order (deterministic) and applies ``acc * scale / 2 (* sx) + bias``. With one split
+  the GEMV kernel applies that epilogue itself.
 """
 
 import torch
@@ -10,71 +26,165 @@ import triton
 import triton.language as tl
 
 from .act_quant import act_quant
-from .common import Space, keep_fitting, launch, m_bucket, operand_ptrs, output_for, plane_codes, plane_k, store_scaled
+from .common import Space, interpreting, keep_fitting, launch, launch_fixed, output_for
 
 GEMV_MAX_M = 4  # above this, the tensor-core GEMMs win (to be confirmed by bench on a GPU)
+SPLIT_GRAIN = 16  # words: every split but the last covers a multiple of this (and of any BLOCK_W)
+REDUCE_META = {"BLOCK_N": 256, "num_warps": 4}
+PERMUTE_META = {"BLOCK": 1024, "num_warps": 4}
 
 
 def _configs():
-    """(BLOCK_M, BLOCK_N, BLOCK_KQ, num_warps, num_stages): a few tiles of <= 16k live products."""
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_KQ": bkq}, num_warps=w, num_stages=s)
-            for bm, bn, bkq, w, s in ((1, 64, 128, 4, 3), (1, 128, 64, 4, 3), (2, 64, 64, 4, 3),
-                                      (4, 32, 64, 4, 3), (4, 64, 32, 4, 2), (2, 128, 32, 8, 2))]
+    """(BLOCK_N, BLOCK_W words a row a step, num_warps, num_stages)."""
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w, num_stages=s)
+            for bn, bw, w, s in ((128, 8, 4, 4), (128, 16, 4, 3), (64, 16, 4, 4), (256, 8, 8, 3))]
 
 
 def _prune(configs, named_args, **kwargs):
-    """BLOCK_M up to the M bucket; at most 16k live products per program (register budget)."""
-    small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_KQ"] <= 16384]
-    return keep_fitting(small, named_args["N"], named_args["KQ"], named_args["M_BUCKET"])
+    fit = [c for c in configs if c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(named_args["N"]))]
+    even = [c for c in fit if named_args["N"] % c.kwargs["BLOCK_N"] == 0]
+    return even or fit or configs[:1]
 
 
-SPACE = Space(_configs, _prune, key=("M_BUCKET", "N", "KQ"), interp={"BLOCK_M": 4, "BLOCK_N": 32, "BLOCK_KQ": 32})
+SPACE = Space(_configs, _prune, key=("N", "KW", "WPS"), interp={"BLOCK_N": 16, "BLOCK_W": 8})
 
 
 @triton.jit
-def gemv_kernel(x_ptr, sx_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, M, N, K, KQ,
-                stride_xm, stride_xk, stride_wn, stride_ym, stride_yn, M_BUCKET,
-                HAS_XSCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KQ: tl.constexpr):
-    """One [BLOCK_M, BLOCK_N] tile of y; grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)).
+def _epilogue(acc, offs_m, offs_n, M, N, sx_ptr, scale_ptr, bias_ptr, y_ptr, stride_ym,
+              HAS_XSCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """y[m, n] = acc[m, n] * scale[n] / 2 (* sx[m]) (+ bias[n]) in fp32, stored in y's dtype; acc: [BM, BN]."""
+    mask_n = offs_n < N
+    s = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0) * 0.5  # the decoded weights are ±2
+    y = acc * s[None, :]
+    if HAS_XSCALE:
+        y *= tl.load(sx_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & mask_n[None, :])
 
-    x: [M, K] float, or int8 with sx: [M] fp32 when HAS_XSCALE; w: [N, KQ = Kp/4] uint8
-    (bitplane128); scale: [N] fp32; bias: [N] (read only if HAS_BIAS); y: [M, N].
+
+@triton.jit
+def gemv_kernel(xp_ptr, w_ptr, part_ptr, sx_ptr, scale_ptr, bias_ptr, y_ptr, M, N, KW, WPS, stride_wn, stride_ym,
+                ONE_SPLIT: tl.constexpr, HAS_XSCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                PATTERN: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Row tile ``pid 0`` of Y^T over the words [pid1 * WPS, + WPS) of split ``pid 1``.
+
+    xp: [M, 16 KW] permuted x (permute_x); w: [N, 4 KW] uint8 read as uint32 words; part:
+    [SPLIT, M, N] fp32 (not ONE_SPLIT) or y: [M, N] with the epilogue (ONE_SPLIT). PATTERN is
+    the 16-bit float type of the ±2 patterns (bf16 or fp16), DOT the dot operand type.
+    Grid (cdiv(N, BLOCK_N), SPLIT, cdiv(M, 16)).
     """
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    x_rows, w_ptrs, offs_c = operand_ptrs(x_ptr, w_ptr, offs_m, offs_n, M, N, stride_xm, stride_wn, BLOCK_KQ)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kq in range(0, KQ, BLOCK_KQ):
-        wb = tl.load(w_ptrs, mask=(kq + offs_c < KQ)[None, :], other=0)  # [BLOCK_N, BLOCK_KQ] uint8
-        for p in tl.static_range(4):
-            k = plane_k(kq, offs_c, p)  # [BLOCK_KQ]
-            xs = tl.load(x_rows + k[None, :] * stride_xk, mask=(k < K)[None, :], other=0).to(tl.float32)
-            w = plane_codes(wb, p).to(tl.float32)  # [BLOCK_N, BLOCK_KQ]
-            acc += tl.sum(xs[:, None, :] * w[None, :, :], axis=2)
-        w_ptrs += BLOCK_KQ
-    if HAS_XSCALE:
-        acc *= tl.load(sx_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
-    store_scaled(acc, offs_m, offs_n, M, N, scale_ptr, bias_ptr, y_ptr, stride_ym, stride_yn, HAS_BIAS)
+    start = tl.program_id(1) * WPS
+    end = tl.minimum(start + WPS, KW)
+    offs_w = tl.arange(0, BLOCK_W)
+    offs_t = tl.arange(0, 16 * BLOCK_W)
+    offs_m = tl.program_id(2) * 16 + tl.arange(0, 16)  # tokens: 16 a program (GEMV_MAX_M <= 16)
+    w_ptrs = w_ptr.to(tl.pointer_type(tl.uint32)) + (offs_n % N)[:, None].to(tl.int64) * stride_wn + offs_w[None, :]
+    x_ptrs = xp_ptr + offs_m[None, :] * (16 * KW) + offs_t[:, None]  # [16 BLOCK_W, 16]: x^T
+    shifts = tl.reshape(2 * tl.arange(0, 8), (1, 1, 8))  # fields 7 - s and 15 - s to bits 15:14 and 31:30
+    acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    for w0 in range(start, end, BLOCK_W):
+        words = tl.load(w_ptrs + w0, mask=(w0 + offs_w < end)[None, :], other=0x55555555)  # [BLOCK_N, BLOCK_W]
+        r = ~(tl.expand_dims(words, 2) << shifts) & 0xC000C000  # [BLOCK_N, BLOCK_W, 8]: weight pairs (s, h)
+        halves = tl.join((r & 0xFFFF).to(tl.uint16), (r >> 16).to(tl.uint16))  # [BLOCK_N, BLOCK_W, 8, 2]
+        wt = tl.reshape(halves, (BLOCK_N, 16 * BLOCK_W)).to(PATTERN, bitcast=True).to(DOT)
+        xt = tl.load(x_ptrs + 16 * w0, mask=(offs_m < M)[None, :] & (16 * w0 + offs_t < 16 * end)[:, None], other=0.0)
+        acc = tl.dot(wt, xt.to(DOT), acc, input_precision=PRECISION)  # [BLOCK_N, 16]
+    acc = tl.trans(acc)  # [16, BLOCK_N]: tokens x rows
+    if ONE_SPLIT:
+        _epilogue(acc, offs_m, offs_n, M, N, sx_ptr, scale_ptr, bias_ptr, y_ptr, stride_ym, HAS_XSCALE, HAS_BIAS)
+    else:
+        ptrs = part_ptr + (tl.program_id(1) * M + offs_m[:, None]) * N + offs_n[None, :]
+        tl.store(ptrs, acc, mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
+def reduce_kernel(part_ptr, sx_ptr, scale_ptr, bias_ptr, y_ptr, M, N, SPLIT, stride_ym,
+                  HAS_XSCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """part: [SPLIT, M, N] fp32 summed in split order, then the epilogue. Grid (M, cdiv(N, BLOCK_N))."""
+    m = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for s in range(0, SPLIT):
+        acc += tl.load(part_ptr + (s * M + m) * N + offs_n, mask=offs_n < N, other=0.0)
+    offs_m = m + tl.arange(0, 1)
+    _epilogue(acc[None, :], offs_m, offs_n, M, N, sx_ptr, scale_ptr, bias_ptr, y_ptr, stride_ym, HAS_XSCALE, HAS_BIAS)
+
+
+@triton.jit
+def permute_x_kernel(x_ptr, xp_ptr, K, KP, stride_xm, stride_xk, BLOCK: tl.constexpr):
+    """xp[m, t] = x[m, k(t)] (0 past K) in xp's dtype, t = 16 wc + 2 s + h <-> field i = 7 - s + 8 h
+    of word wc: byte j = i // 4, plane p = i % 4, k = 128 (wc // 8) + 32 p + 4 (wc % 8) + j.
+    Grid (cdiv(KP, BLOCK), M)."""
+    m = tl.program_id(1)
+    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    wc = t // 16
+    i = 7 - t % 16 // 2 + 8 * (t % 2)
+    k = wc // 8 * 128 + i % 4 * 32 + wc % 8 * 4 + i // 4
+    v = tl.load(x_ptr + m.to(tl.int64) * stride_xm + k * stride_xk, mask=(k < K) & (t < KP), other=0)
+    tl.store(xp_ptr + m.to(tl.int64) * KP + t, v.to(tl.float32).to(xp_ptr.dtype.element_ty), mask=t < KP)  # via fp32: the interpreter mis-casts int8 -> bf16
+
+
+def _dot_types(dtype: torch.dtype):
+    """(xp dtype, PATTERN, DOT, PRECISION) for activations of ``dtype`` (int8: W2A8's q)."""
+    if dtype == torch.float16:
+        return torch.float16, tl.float16, tl.float32 if interpreting() else tl.float16, "tf32"
+    if dtype == torch.float32:
+        return torch.float32, tl.bfloat16, tl.float32, "ieee"
+    # bf16 x, or int8 q (exact in bf16); the interpreter multiplies raw bf16 bits in tl.dot (common.dot_dtype)
+    return torch.bfloat16, tl.bfloat16, tl.float32 if interpreting() else tl.bfloat16, "tf32"
+
+
+def permute_x(x2: torch.Tensor, kp: int, dtype: torch.dtype) -> torch.Tensor:
+    """x2 [M, K] -> xp [M, kp] in ``dtype``, in the order gemv_kernel decodes a word's weights."""
+    m, k = x2.shape
+    xp = torch.empty(m, kp, dtype=dtype, device=x2.device)
+    launch_fixed(permute_x_kernel, (triton.cdiv(kp, PERMUTE_META["BLOCK"]), m), PERMUTE_META,
+                 x2, xp, k, kp, x2.stride(0), x2.stride(1))
+    return xp
+
+
+def split_count(n: int, kw: int, device: torch.device) -> int:
+    """Splits of K so that about two programs per SM run (fewer when N already has the tiles)."""
+    programs = 2 * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132)
+    tiles = triton.cdiv(n, 128)
+    return max(1, min(kw // SPLIT_GRAIN, round(programs / tiles)))
 
 
 def gemv(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-         in_features: int, out: torch.Tensor | None = None, activations: str = "none") -> torch.Tensor:
+         in_features: int, out: torch.Tensor | None = None, activations: str = "none",
+         split: int | None = None) -> torch.Tensor:
     """Small-M launcher: x2 [M, K] float, packed [N, Kp/4] uint8, scale [N] fp32 -> y [M, N] in x's dtype.
 
     ``activations="int8"`` quantizes x2 per token first (act_quant.py), as the W2A8 GEMM does.
+    ``split`` forces the number of K splits (default: ``split_count``). Any M works (16 tokens a
+    program), but the op sends it M <= GEMV_MAX_M only.
     """
     y = output_for(x2, packed, scale, bias, in_features, out)
     m, n = y.shape
     if m == 0:
         return y
+    if packed.stride(0) % 4 or packed.data_ptr() % 4:
+        raise ValueError("gemv reads 32-bit words: packed rows must be 4-byte aligned")
     kq = packed.shape[1]
-    sx, k = None, in_features
+    kw = kq // 4
+    sx = None
     if activations == "int8":
         x2, sx = act_quant(x2, 4 * kq)  # x2: [M, Kp] int8 zero-padded, sx: [M] fp32
-        k = 4 * kq
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
-    launch(gemv_kernel, SPACE, grid, x2, sx, packed, scale, bias, y, m, n, k, kq,
-           x2.stride(0), x2.stride(1), packed.stride(0), y.stride(0), y.stride(1), m_bucket(m),
-           HAS_XSCALE=sx is not None, HAS_BIAS=bias is not None)
+    xdtype, pattern, dot, precision = _dot_types(x2.dtype)
+    xp = permute_x(x2, 4 * kq, xdtype)  # [M, Kp]
+    split = split_count(n, kw, y.device) if split is None else max(1, min(split, triton.cdiv(kw, 8)))
+    wps = triton.cdiv(triton.cdiv(kw, split), SPLIT_GRAIN) * SPLIT_GRAIN if split > 1 else kw
+    split = triton.cdiv(kw, wps)
+    part = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=y.device)
+    flags = {"HAS_XSCALE": sx is not None, "HAS_BIAS": bias is not None}
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split, triton.cdiv(m, 16))  # noqa: E731
+    launch(gemv_kernel, SPACE, grid, xp, packed, part, sx, scale, bias, y, m, n, kw, wps, packed.stride(0) // 4,
+           y.stride(0), ONE_SPLIT=split == 1, PATTERN=pattern, DOT=dot, PRECISION=precision, **flags)
+    if split > 1:
+        launch_fixed(reduce_kernel, (m, triton.cdiv(n, REDUCE_META["BLOCK_N"])), REDUCE_META,
+                     part, sx, scale, bias, y, m, n, split, y.stride(0), **flags)
     return y

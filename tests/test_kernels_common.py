@@ -63,7 +63,10 @@ def test_m_bucket_and_pruner_keep_a_config_for_every_flux_shape():
 
     assert [m_bucket(m) for m in (1, 3, 16, 17, 4608, 10**6)] == [1, 4, 16, 32, 8192, 16384]
     flux = [(3072, 3072), (9216, 3072), (12288, 3072), (18432, 3072), (3072, 12288), (3072, 15360)]
-    for mod in (w2a16, w2a8, gemv):
+    for n, _ in flux:  # the GEMV tiles N only (K is split by the launcher)
+        kept = gemv._prune(gemv.SPACE.configs(), {"N": n})
+        assert kept and all(n % c.kwargs["BLOCK_N"] == 0 for c in kept)
+    for mod in (w2a16, w2a8):
         for n, k in flux:
             for bucket in (1, 16, 4096):
                 kept = keep_fitting(mod.SPACE.configs(), n, padded_k(k) // 4, max(16, bucket))

@@ -20,9 +20,9 @@ def _specs():
     import triton.language as tl
 
     from bitflux_kernels.act_quant import act_quant_kernel
-    from bitflux_kernels.decode import FLOAT_META, INT8_META, decode_float_kernel, decode_int8_kernel
+    from bitflux_kernels.decode import FLOAT_META, HALF_META, INT8_META, decode_float_kernel, decode_half_kernel, decode_int8_kernel
     from bitflux_kernels.large_m import EPILOGUE_META, int_epilogue_kernel
-    from bitflux_kernels.gemv import gemv_kernel
+    from bitflux_kernels.gemv import PERMUTE_META, REDUCE_META, gemv_kernel, permute_x_kernel, reduce_kernel
     from bitflux_kernels.w2a8 import w2a8_kernel
     from bitflux_kernels.w2a16 import w2a16_kernel
 
@@ -38,21 +38,34 @@ def _specs():
     consts = {"HAS_BIAS": True, "BLOCK_KQ": 64, **tile}
     ptrs = {"q_ptr": "*i8", "sx_ptr": "*fp32", "w_ptr": "*u8", "scale_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
     yield w2a8_kernel, sig(w2a8_kernel, ptrs, consts), consts, big
-    for xdt, has_sx in (("*bf16", False), ("*i8", True)):
-        consts = {"HAS_XSCALE": has_sx, "HAS_BIAS": True, "BLOCK_M": 2, "BLOCK_N": 64, "BLOCK_KQ": 64}
-        ptrs = {"x_ptr": xdt, "sx_ptr": "*fp32", "w_ptr": "*u8", "scale_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
-        yield gemv_kernel, sig(gemv_kernel, ptrs, consts), consts, {"num_warps": 4, "num_stages": 2}
+    gemv_ptrs = {"w_ptr": "*u8", "part_ptr": "*fp32", "sx_ptr": "*fp32", "scale_ptr": "*fp32"}
+    for xdt, pattern, dot, prec, has_sx, one in (("bf16", tl.bfloat16, tl.bfloat16, "tf32", True, False),
+                                                 ("fp16", tl.float16, tl.float16, "tf32", False, True),
+                                                 ("fp32", tl.bfloat16, tl.float32, "ieee", False, False)):
+        consts = {"ONE_SPLIT": one, "HAS_XSCALE": has_sx, "HAS_BIAS": True, "PATTERN": pattern, "DOT": dot,
+                  "PRECISION": prec, "BLOCK_N": 128, "BLOCK_W": 8}
+        ptrs = {**gemv_ptrs, "xp_ptr": f"*{xdt}", "bias_ptr": f"*{xdt}", "y_ptr": f"*{xdt}"}
+        yield gemv_kernel, sig(gemv_kernel, ptrs, consts), consts, {"num_warps": 4, "num_stages": 4}
+    consts = {"HAS_XSCALE": True, "HAS_BIAS": True, "BLOCK_N": REDUCE_META["BLOCK_N"]}
+    ptrs = {"part_ptr": "*fp32", "sx_ptr": "*fp32", "scale_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
+    yield reduce_kernel, sig(reduce_kernel, ptrs, consts), consts, {"num_warps": REDUCE_META["num_warps"]}
+    consts = {"BLOCK": PERMUTE_META["BLOCK"]}
+    yield permute_x_kernel, sig(permute_x_kernel, {"x_ptr": "*i8", "xp_ptr": "*bf16"}, consts), consts, {"num_warps": 4}
     consts = {"ROWS": 4, "BLOCK_K": 1024}
     ptrs = {"x_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32"}
     yield act_quant_kernel, sig(act_quant_kernel, ptrs, consts), consts, {"num_warps": 4}
     fixed = lambda meta: ({k: v for k, v in meta.items() if k != "num_warps"}, {"num_warps": meta["num_warps"]})  # noqa: E731
     consts, options = fixed(INT8_META)
     yield decode_int8_kernel, sig(decode_int8_kernel, {"w_ptr": "*u8", "out_ptr": "*i8"}, consts), consts, options
-    for dt in ("bf16", "fp16", "fp32"):
-        consts, options = fixed(FLOAT_META)
-        consts["HAS_SCALE"] = True
+    for dt in ("bf16", "fp16"):
+        consts, options = fixed(HALF_META)
+        consts.update(HAS_SCALE=True, INTERPRET=False)
         ptrs = {"w_ptr": "*u8", "scale_ptr": "*fp32", "out_ptr": f"*{dt}"}
-        yield decode_float_kernel, sig(decode_float_kernel, ptrs, consts), consts, options
+        yield decode_half_kernel, sig(decode_half_kernel, ptrs, consts), consts, options
+    consts, options = fixed(FLOAT_META)
+    consts["HAS_SCALE"] = True
+    ptrs = {"w_ptr": "*u8", "scale_ptr": "*fp32", "out_ptr": "*fp32"}
+    yield decode_float_kernel, sig(decode_float_kernel, ptrs, consts), consts, options
     consts, options = fixed(EPILOGUE_META)
     consts["HAS_BIAS"] = True
     ptrs = {"acc_ptr": "*i32", "sx_ptr": "*fp32", "scale_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
