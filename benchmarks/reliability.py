@@ -70,8 +70,8 @@ EVENTS = {  # sizes of the tiny model's files: shard 306 kB, stats 160 kB, terna
                   ("moved", "calib/shard-00000.safetensors", 1), ("size", "calib/.shard-00001.safetensors.*.tmp", 100_000),
                   ("size", "calib/.stats.safetensors.*.tmp", 50_000), ("create", "calib/.manifest.json.*.tmp", 1)],
     "quantize": [("moved", "ternary/.parts-*/000.safetensors", 1), ("moved", "ternary/.parts-*/004.safetensors", 1),
-                 ("modify", "ternary/.transformer.safetensors.*.tmp", 1), ("size", "ternary/.transformer.safetensors.*.tmp", 1_000_000),
-                 ("size", "ternary/.transformer.safetensors.*.tmp", 2_500_000), ("moved", "ternary/transformer.safetensors", 1)],
+                 ("modify", "ternary/.parts-*/.transformer.safetensors.*.tmp", 1), ("size", "ternary/.parts-*/.transformer.safetensors.*.tmp", 1_000_000),
+                 ("size", "ternary/.parts-*/.transformer.safetensors.*.tmp", 2_500_000), ("moved", "ternary/transformer.safetensors", 1)],
     "pack": [("modify", "packed/.transformer.safetensors.*.tmp", 1), ("size", "packed/.transformer.safetensors.*.tmp", 500_000),
              ("size", "packed/.transformer.safetensors.*.tmp", 1_200_000), ("moved", "packed/transformer.safetensors", 1)],
     "distill": [("moved", "distill/state.safetensors", 1), ("size", "distill/.state.safetensors.*.tmp", 1_000_000),
@@ -349,7 +349,7 @@ def consumer_verdict(res: subprocess.CompletedProcess, workdir: Path, states: di
 
 def quick_points() -> list[tuple[str, Trigger]]:
     return [("calibrate", Trigger("modify", "calib/.shard-00001.safetensors.*.tmp", 1)),
-            ("quantize absmean", Trigger("size", "ternary/.transformer.safetensors.*.tmp", 1_000_000)),
+            ("quantize absmean", Trigger("size", "ternary/.parts-*/.transformer.safetensors.*.tmp", 1_000_000)),
             ("pack absmean", Trigger("size", "packed/.transformer.safetensors.*.tmp", 500_000))]
 
 

@@ -124,24 +124,36 @@ def fidelity_table(report: dict) -> Table:
     return table
 
 
-REPORT_FILE = "fidelity.json"  # beside the ternary checkpoint: quantize measures it once the checkpoint is written
-
-
 def _tensors_key(checkpoint: Path) -> str:
     """sha256 of the checkpoint's per-tensor checksums: which tensors a report is about."""
     return hashlib.sha256(TensorFile(checkpoint).metadata.get(CHECKSUMS, "").encode()).hexdigest()
 
 
-def record_report(checkpoint: Path, report: dict) -> None:
-    """Write ``report`` beside ``checkpoint`` (atomically), keyed by its tensors, for ``pack`` to record."""
-    data = {"checkpoint_tensors_sha256": _tensors_key(checkpoint), "report": report}
-    with atomic_file(Path(checkpoint).with_name(REPORT_FILE)) as tmp:
-        tmp.write_text(json.dumps(data, sort_keys=True) + "\n")
+def report_path(checkpoint: Path, key: str | None = None) -> Path:
+    """``fidelity-<key>.json`` beside ``checkpoint``: named by the tensors it measured, so a report
+    written before its checkpoint is renamed into place never stands for the previous checkpoint."""
+    return Path(checkpoint).with_name(f"fidelity-{(key or _tensors_key(checkpoint))[:16]}.json")
+
+
+def record_report(measured: Path, report: dict, checkpoint: Path) -> None:
+    """Write ``report``, measured on the file ``measured``, beside ``checkpoint`` (where ``measured``
+    is about to be renamed), atomically, for ``pack`` to record."""
+    key = _tensors_key(measured)
+    with atomic_file(report_path(checkpoint, key)) as tmp:
+        tmp.write_text(json.dumps({"checkpoint_tensors_sha256": key, "report": report}, sort_keys=True) + "\n")
+
+
+def forget_other_reports(checkpoint: Path) -> None:
+    """Remove the reports beside ``checkpoint`` that measured other tensors (earlier checkpoints)."""
+    keep = report_path(checkpoint)
+    for other in Path(checkpoint).parent.glob("fidelity-*.json"):
+        if other != keep:
+            other.unlink(missing_ok=True)
 
 
 def recorded_report(checkpoint: Path) -> dict | None:
     """The report recorded for ``checkpoint``'s tensors, or None (none, damaged, or about other tensors)."""
-    path = Path(checkpoint).with_name(REPORT_FILE)
+    path = report_path(checkpoint)
     if not path.is_file():
         return None
     try:

@@ -6,6 +6,7 @@ part file, and dropped. The parts are then joined into ``ternary/transformer.saf
 at a time. ``distill`` trains the whole model at once, so it materialises the transformer first.
 """
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,7 +20,7 @@ from .checkpoint import ternary_specs, write_checkpoint
 from .config import Config
 from .console import info, progress
 from .distributed import init_distributed
-from .fidelity import REPORT_PROMPTS, FidelityProbe, record_report
+from .fidelity import REPORT_PROMPTS, FidelityProbe, forget_other_reports, record_report
 from .loader import load_quantized_transformer
 from .methods import BLOCK_METHODS, METHODS, NEEDS_CALIBRATION
 from .models import build_meta_transformer, provenance, resolve_device, transformer_config
@@ -115,16 +116,20 @@ def quantize(cfg: Config) -> dict:
                 block_done()
         inside = tuple(f"{lst}." for lst in BLOCK_LISTS)
         outside = {k: v for k, v in skeleton.state_dict().items() if not k.startswith(inside)}
-        size = _join(path, parts, outside, modules, {
+        # joined in the parts directory and measured there: the checkpoint appears under its name
+        # only once its fidelity report is written (a kill in between leaves the previous pair whole)
+        joined = Path(tmp) / path.name
+        size = _join(joined, parts, outside, modules, {
             "base_model": source["base_model"], "revision": source["revision"], "stage": "quantize",
             "activations": cfg.quantization.activations, "config": cfg.resolved(),
             "architecture": transformer_config(cfg.model), "source": source,
             "inputs": {"method": name,
                        "calibration_sha256": None if calib is None else file_sha256(calib.path / "manifest.json")},
         })
-    info("measuring fidelity against the full-precision teacher")
-    quantized = load_quantized_transformer(path, device=device)
-    report = probe.report(skeleton, pipe, quantized, embeds)
-    record_report(path, report)  # pack puts it in the packed file's metadata (the model card shows it)
+        info("measuring fidelity against the full-precision teacher")
+        report = probe.report(skeleton, pipe, load_quantized_transformer(joined, device=device), embeds)
+        record_report(joined, report, path)  # pack puts it in the packed file's metadata (the model card shows it)
+        os.replace(joined, path)
+    forget_other_reports(path)
     return {"stage": "quantize", "path": str(path), "bytes": size, "method": name,
             "activations": cfg.quantization.activations, **counts, "fidelity": report}

@@ -63,7 +63,7 @@ def run(tmp_path_factory):
     out["calibrate_state"] = rel.snapshot(workdir)
     # 2. quantize again: calibration resumes, then killed mid-way through writing the checkpoint
     out["quantize"] = rel.run_killed(["quantize", "--method", "act-aware"], workdir,
-                                     rel.Trigger("size", "ternary/.transformer.safetensors.*.tmp", 1_000_000))
+                                     rel.Trigger("size", "ternary/.parts-*/.transformer.safetensors.*.tmp", 1_000_000))
     out["quantize_state"] = rel.snapshot(workdir)
     out["pack_refused"] = cli(["pack"], workdir)  # the next stage, on what the kill left
     out["pack_refused_state"] = rel.snapshot(workdir)
@@ -89,7 +89,7 @@ def test_calibrate_killed_leaves_only_whole_shards(run):
 def test_quantize_killed_mid_write_resumed_calibration_and_left_no_checkpoint(run):
     killed, state, ref = run["quantize"], run["quantize_state"], run["ref"]
     assert killed.reached and killed.returncode == -9, killed
-    temp = [p for p in killed.leftovers if p.startswith("ternary/.transformer.safetensors.")]
+    temp = [p for p in killed.leftovers if p.startswith("ternary/.parts-") and "/.transformer.safetensors." in p]
     assert temp and 0 < killed.leftovers[temp[0]], killed.leftovers  # a truncated temp file
     only_temps_differ(state, ref["calibrate"], ref["quantize"])
     assert {p: s for p, s in state.items() if p.startswith("calib/") and not rel.is_temp(p)} == ref["calibrate"]

@@ -97,7 +97,7 @@ def model_card(meta: dict, size: int) -> str:
         f"{cfg['calibration']['steps']} steps, {cfg['calibration']['timesteps']} timesteps recorded "
         f"(manifest sha256 `{calib}`)")
     fidelity = fidelity_lines(meta.get("fidelity")) or [
-        "Not recorded in the checkpoint (made before bitflux recorded it, or its `fidelity.json` was missing "
+        "Not recorded in the checkpoint (made before bitflux recorded it, or its `ternary/fidelity-*.json` was missing "
         "when it was packed): `bitflux quantize` prints the report (per-block relative error, velocity error, "
         "image PSNR against the full-precision model)."]
     front = ["---", "library_name: diffusers", "pipeline_tag: text-to-image",
