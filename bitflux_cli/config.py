@@ -25,6 +25,9 @@ class ModelConfig(_Section):
     # on the device at a time), sequential (one block/submodule at a time; the FP transformer is
     # streamed from its safetensors files)
     offload: Literal["none", "model", "sequential"] = "none"
+    # the packed transformer's Q/K/V projections as one GEMM each (``fusion.fuse_projections``);
+    # exact; inference only: LoRAs target the separate layers
+    fuse_projections: bool = False
 
 
 class PromptsConfig(_Section):

@@ -12,6 +12,7 @@ from .checkpoint import CheckpointFile, to_runtime_2bit
 from .config import Config, ModelConfig
 from .console import info
 from .errors import ArtifactError
+from .fusion import fuse_projections
 from .models import EMBEDDED, build_meta_transformer, load_pipeline, place, resolve_device
 from .ternary import replace_with_ternary, scoped_linears
 
@@ -116,8 +117,12 @@ def packed_checkpoint(cfg: Config) -> Path:
 
 
 def packed_transformer(cfg: Config, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The workdir's packed 1.58-bit transformer (``packed_checkpoint``), in the config's activation mode."""
-    return load_quantized_transformer(packed_checkpoint(cfg), cfg.model, cfg.quantization.activations, device)
+    """The workdir's packed 1.58-bit transformer (``packed_checkpoint``), in the config's activation
+    mode, its Q/K/V projections fused when ``model.fuse_projections`` says so."""
+    transformer = load_quantized_transformer(packed_checkpoint(cfg), cfg.model, cfg.quantization.activations, device)
+    if cfg.model.fuse_projections:
+        fuse_projections(transformer)
+    return transformer
 
 
 @contextmanager

@@ -18,25 +18,7 @@ from bitflux_cli.bench.memory import dummy_inputs
 from bitflux_cli.config import load_config
 from bitflux_cli.models.source import load_fp_transformer
 from bitflux_cli.ternary import TernaryLinear, quantize_transformer
-
-
-def _compile_one_graph(model, backend, *args, **kwargs):
-    """Run ``model`` compiled with ``fullgraph=True`` (a graph break raises); assert Dynamo made one
-    graph whose ternary linears are all ``torch.ops.bitflux`` calls. Returns the compiled output."""
-    torch._dynamo.reset()
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
-
-    with torch.no_grad():
-        out = torch.compile(model, fullgraph=True, backend=record)(*args, **kwargs)
-    assert len(graphs) == 1
-    calls = [n for n in graphs[0].graph.nodes if n.op == "call_function" and "bitflux" in str(n.target)]
-    layers = [m for m in model.modules() if isinstance(m, TernaryLinear)] if isinstance(model, nn.Module) else []
-    assert len(calls) == max(1, len(layers))
-    return out
+from compiled import compile_one_graph
 
 
 def _rel(y, ref):
@@ -56,7 +38,7 @@ def test_embedded_transformer_is_one_graph_and_matches_eager(tiny_ternary):
     assert {m.backend for m in t.modules() if isinstance(m, TernaryLinear)} == {"torch"}
     with torch.no_grad():
         ref = t(**inputs)[0]
-    assert _rel(_compile_one_graph(t, "aot_eager", **inputs)[0], ref) < 1e-5
+    assert _rel(compile_one_graph(t, "aot_eager", **inputs)[0], ref) < 1e-5
 
 
 @pytest.mark.skipif(os.environ.get("BITFLUX_SLOW_TESTS") != "1", reason="inductor over the whole model: ~1-2 min of C++ builds; BITFLUX_SLOW_TESTS=1")
@@ -65,7 +47,7 @@ def test_embedded_transformer_inductor(tiny_ternary):
     t, inputs = tiny_ternary
     with torch.no_grad():
         ref = t(**inputs)[0]
-    assert _rel(_compile_one_graph(t, "inductor", **inputs)[0], ref) < 1e-5
+    assert _rel(compile_one_graph(t, "inductor", **inputs)[0], ref) < 1e-5
 
 
 def test_full_width_flux_single_block_bf16():
@@ -87,7 +69,7 @@ def test_full_width_flux_single_block_bf16():
     args = (hidden, context, temb)
     with torch.no_grad():
         ref = block(*args)
-    out = _compile_one_graph(block, "aot_eager", *args)
+    out = compile_one_graph(block, "aot_eager", *args)
     for y, r in zip(out, ref):
         assert not torch.isnan(y).any() and _rel(y, r) < 1e-2  # bf16: fusion may round intermediates differently
 
@@ -108,4 +90,4 @@ def test_inductor_compiles_ternary_linear_with_ops_around_it(monkeypatch, backen
 
     with torch.no_grad():
         ref = fn(x)
-    assert _rel(_compile_one_graph(fn, "inductor", x), ref) < 1e-5
+    assert _rel(compile_one_graph(fn, "inductor", x), ref) < 1e-5
