@@ -135,18 +135,19 @@ def report_path(checkpoint: Path, key: str | None = None) -> Path:
     return Path(checkpoint).with_name(f"fidelity-{(key or _tensors_key(checkpoint))[:16]}.json")
 
 
-def record_report(measured: Path, report: dict, checkpoint: Path) -> None:
+def record_report(measured: Path, report: dict, checkpoint: Path) -> Path:
     """Write ``report``, measured on the file ``measured``, beside ``checkpoint`` (where ``measured``
-    is about to be renamed), atomically, for ``pack`` to record."""
+    is about to be renamed), atomically, for ``pack`` to record; returns the report's path."""
     key = _tensors_key(measured)
-    with atomic_file(report_path(checkpoint, key)) as tmp:
+    path = report_path(checkpoint, key)
+    with atomic_file(path) as tmp:
         tmp.write_text(json.dumps({"checkpoint_tensors_sha256": key, "report": report}, sort_keys=True) + "\n")
+    return path
 
 
-def forget_other_reports(checkpoint: Path) -> None:
-    """Remove the reports beside ``checkpoint`` that measured other tensors (earlier checkpoints)."""
-    keep = report_path(checkpoint)
-    for other in Path(checkpoint).parent.glob("fidelity-*.json"):
+def forget_other_reports(keep: Path) -> None:
+    """Remove the reports beside ``keep`` but it (they measured earlier checkpoints)."""
+    for other in keep.parent.glob("fidelity-*.json"):
         if other != keep:
             other.unlink(missing_ok=True)
 

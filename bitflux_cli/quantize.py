@@ -128,8 +128,8 @@ def quantize(cfg: Config) -> dict:
         })
         info("measuring fidelity against the full-precision teacher")
         report = probe.report(skeleton, pipe, load_quantized_transformer(joined, device=device), embeds)
-        record_report(joined, report, path)  # pack puts it in the packed file's metadata (the model card shows it)
+        recorded = record_report(joined, report, path)  # pack puts it in the packed file's metadata (the model card shows it)
         os.replace(joined, path)
-    forget_other_reports(path)
+    forget_other_reports(recorded)
     return {"stage": "quantize", "path": str(path), "bytes": size, "method": name,
             "activations": cfg.quantization.activations, **counts, "fidelity": report}
