@@ -28,29 +28,35 @@ def evaluate(cfg: Config, full_precision: bool = False) -> dict:
         raise UsageError("--limit (eval.limit) is for the geneval and t2i-compbench suites; the mini suite's size is eval.per_category")
     if cfg.model.source != EMBEDDED:
         raise UsageError(f"the mini suite scores the embedded mini model; {cfg.model.source} has no programmatic scorer")
-    label = "full-precision" if full_precision else "1.58-bit"
+    with pipeline_for(cfg, full_precision) as (pipe, _):
+        summary = score_pipeline(cfg, pipe, "fp" if full_precision else "ternary")
+        # what was scored: the checkpoint's own record, not this run's config
+        ckpt = None if full_precision else CheckpointFile(artifact_path(cfg.workdir, "pack"))
+    return {"stage": "eval", "suite": "mini", "model": "full-precision" if full_precision else "1.58-bit",
+            "base_model": model_id(cfg.model), "method": ckpt and ckpt.meta["inputs"].get("method"),
+            "codec": ckpt and ckpt.codec, "activations": ckpt and ckpt.meta.get("activations")} | summary
+
+
+def score_pipeline(cfg: Config, pipe, sheet_name: str) -> dict:
+    """The mini suite's score of any pipeline of the embedded model (the packed one, FP, or a peer's
+    quantization in ``benchmarks/peers.py``); its contact sheet goes to ``<workdir>/eval/mini-<sheet_name>.png``."""
     specs = balanced_prompts(cfg.eval.split, cfg.eval.seed, cfg.eval.per_category)
     k, n = cfg.eval.images_per_prompt, len(specs)
     captions = [s.caption for s in specs] * k  # flat index j * n + i
     images = []
-    with pipeline_for(cfg, full_precision) as (pipe, _):
-        pipe.set_progress_bar_config(disable=True)
-        for start in range(0, len(captions), cfg.eval.batch):
-            chunk = captions[start:start + cfg.eval.batch]
-            images += list(run_pipeline(pipe, chunk, cfg.generate, cfg.eval.seed + start))  # [B] of [H, W, 3] in [0, 1]
-        # what was scored: the checkpoint's own record, not this run's config
-        ckpt = None if full_precision else CheckpointFile(artifact_path(cfg.workdir, "pack"))
+    pipe.set_progress_bar_config(disable=True)
+    for start in range(0, len(captions), cfg.eval.batch):
+        chunk = captions[start:start + cfg.eval.batch]
+        images += list(run_pipeline(pipe, chunk, cfg.generate, cfg.eval.seed + start))  # [B] of [H, W, 3] in [0, 1]
     images = [to_uint8(im) for im in images]
     per_prompt = [(spec, [images[j * n + i] for j in range(k)]) for i, spec in enumerate(specs)]
     summary = score_images(per_prompt)
 
-    sheet_path = artifact_path(cfg.workdir, "eval") / f"mini-{'fp' if full_precision else 'ternary'}.png"
+    sheet_path = artifact_path(cfg.workdir, "eval") / f"mini-{sheet_name}.png"
     marks = [f"{'ok' if check(imgs[0], spec).ok else 'X'} {spec.caption}" for spec, imgs in per_prompt]
     with atomic_file(sheet_path) as tmp:
         contact_sheet([imgs[0] for _, imgs in per_prompt], marks, cols=12).save(tmp, format="PNG")
-    return {"stage": "eval", "suite": "mini", "model": label, "base_model": model_id(cfg.model),
-            "method": ckpt and ckpt.meta["inputs"].get("method"), "codec": ckpt and ckpt.codec,
-            "activations": ckpt and ckpt.meta.get("activations"), "overall": summary["overall"],
-            "categories": summary["categories"], "split": cfg.eval.split, "prompts": n, "distinct_prompts": len(set(specs)),
-            "images_per_prompt": k, "seeds": [cfg.eval.seed, cfg.eval.seed + k * n - 1],
-            "steps": cfg.generate.steps, "guidance": cfg.generate.guidance, "sheet": str(sheet_path)}
+    return {"overall": summary["overall"], "overall_stderr": summary["overall_stderr"], "categories": summary["categories"],
+            "split": cfg.eval.split, "prompts": n, "distinct_prompts": len(set(specs)), "images_per_prompt": k,
+            "seeds": [cfg.eval.seed, cfg.eval.seed + k * n - 1], "steps": cfg.generate.steps,
+            "guidance": cfg.generate.guidance, "sheet": str(sheet_path), "per_prompt": summary["per_prompt"]}

@@ -160,3 +160,17 @@ def test_contact_sheet_layout():
     assert (arr[side + 4:, :side + 8] < 100).all(-1).any()  # caption text under the first image
     with pytest.raises(ValueError):
         contact_sheet(images, ["one"], cols=3)
+
+
+def test_standard_error_is_over_prompts_within_categories():
+    # two categories of two prompts: variances 0.5 and 0 over prompts -> sqrt(0.5/2 + 0)/2
+    assert s.overall_stderr({"a": [0.0, 1.0], "b": [0.5, 0.5]}) == pytest.approx(0.25)
+    specs = w.balanced_prompts(per_category=4)
+    blank = np.full((48, 48, 3), 255, np.uint8)
+    rendered = {spec: imgs for spec, imgs in _renders(specs, np.random.default_rng(2), k=2)}
+    result = s.evaluate([(spec, rendered[spec] if i % 2 else [blank, blank]) for i, spec in enumerate(specs)])
+    by_category = {}
+    for spec, p in zip(specs, result["per_prompt"]):
+        by_category.setdefault(spec.category, []).append(p)
+    assert result["overall_stderr"] == pytest.approx(s.overall_stderr(by_category)) and result["overall_stderr"] > 0
+    assert sorted(set(result["per_prompt"])) == [0.0, 1.0]

@@ -16,7 +16,7 @@ for ``position`` every found first object has the relation to every found second
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -170,13 +170,22 @@ def evaluate(images_by_prompt: Mapping[PromptSpec, list[np.ndarray]]
     """GenEval-style summary over (spec, images) pairs (a repeated spec may appear more than once).
 
     A category's score is the mean correctness of its images; ``overall`` is the mean of the
-    category scores.
+    category scores. ``overall_stderr`` is its standard error over prompts (a prompt's images are
+    one sample: they share its difficulty), ``per_prompt`` each prompt's fraction correct, in order.
     """
     pairs = list(images_by_prompt.items() if isinstance(images_by_prompt, Mapping) else images_by_prompt)
-    per_category: dict[str, list[bool]] = {}
-    for spec, images in pairs:
-        per_category.setdefault(spec.category, []).extend(score(img, spec) for img in images)
+    per_prompt = [float(np.mean([score(img, spec) for img in images])) for spec, images in pairs]
+    per_category: dict[str, list[float]] = {}
+    for (spec, _), p in zip(pairs, per_prompt):
+        per_category.setdefault(spec.category, []).append(p)
     categories = {c: float(np.mean(v)) for c, v in per_category.items()}
-    n_images = sum(len(v) for v in per_category.values())
-    return {"overall": float(np.mean(list(categories.values()))), "categories": categories,
-            "prompts": len(pairs), "images_per_prompt": n_images / len(pairs)}
+    return {"overall": float(np.mean(list(categories.values()))), "overall_stderr": overall_stderr(per_category),
+            "categories": categories, "prompts": len(pairs),
+            "images_per_prompt": sum(len(images) for _, images in pairs) / len(pairs), "per_prompt": per_prompt}
+
+
+def overall_stderr(per_category: Mapping[str, Sequence[float]]) -> float:
+    """Standard error of the mean of category means, from per-prompt scores (or per-prompt differences
+    of two models on the same prompts and seeds: the paired error of a difference)."""
+    variances = [np.var(v, ddof=1) / len(v) if len(v) > 1 else 0.0 for v in per_category.values()]
+    return float(np.sqrt(np.sum(variances)) / len(variances))
