@@ -1,14 +1,16 @@
 """The bitflux checkpoint: a ternary transformer in one self-describing safetensors file.
 
 Specified in docs/FORMAT.md. Tensors, for every quantized linear ``<m>`` (full module path):
-``<m>.codes`` (codec-encoded ternary codes), ``<m>.scale`` [N] fp32 and ``<m>.bias`` [N] if any;
-every other transformer tensor under its state-dict name, in the model dtype. Metadata (strings):
+``<m>.codes`` (codec-encoded ternary codes), ``<m>.scale`` [N] fp32 and ``<m>.bias`` [N] if any, and in
+files with a low-rank residual (format version 2) ``<m>.residual_up`` [N, r] and ``<m>.residual_down``
+[r, K] bf16; every other transformer tensor under its state-dict name, in the model dtype. Metadata (strings):
 ``format``, ``format_version``, ``codec``, ``base_model``, ``revision``, ``stage``,
 ``tool_version``, ``activations``, ``quantized_modules`` (JSON {name: [N, K]}), ``config``
 (resolved config, JSON), ``inputs`` (JSON), ``architecture`` (the transformer's constructor
 arguments, JSON), ``source`` (the base model's hub id and revision or local path, and the sha256 of
-its transformer weight files, JSON), ``checksums`` (JSON {tensor: sha256}) and, in packed files whose
-ternary checkpoint had one, ``fidelity`` (quantize's fidelity report, JSON). Written and read one
+its transformer weight files, JSON), ``checksums`` (JSON {tensor: sha256}), ``residual_rank`` (r, in
+version-2 files only) and, in packed files whose ternary checkpoint had one, ``fidelity`` (quantize's
+fidelity report, JSON). Written and read one
 tensor at a time (``tensorfile``): a FLUX.1-dev checkpoint is never whole in memory.
 """
 
@@ -25,7 +27,8 @@ from .errors import ArtifactError
 from .tensorfile import Spec, TensorFile, specs_of, tensor_sha256, write_tensorfile
 
 FORMAT = "bitflux.ternary"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this bitflux reads and writes: 2 adds the residual; files without one stay 1
+RESIDUAL = ("residual_up", "residual_down")  # <m>.residual_up [N, r], <m>.residual_down [r, K], bf16
 CODECS = ("int8", "2bit", "base3")  # int8: one code per byte (the quantize stage's output)
 TOOL_VERSION = "0.1.0"
 
@@ -86,20 +89,45 @@ def ternary_specs(module: str, shape: tuple[int, int], codec: str, codes, scale)
             f"{module}.scale": (torch.float32, (n,), lambda: scale().detach().float().cpu())}
 
 
+def format_version(residual_rank: int) -> int:
+    """The format version of a file: 1 without a residual (unchanged bytes), 2 with one."""
+    return 2 if residual_rank else 1
+
+
+def residual_rank(modules: dict, specs: dict[str, Spec]) -> int:
+    """The rank r of the residual tensors among ``specs`` (0: none), checked against ``modules`` {m: [N, K]}:
+    every module has both, up [N, r] and down [r, K] bf16, or none has any."""
+    found = {name for name in specs if name.rpartition(".")[2] in RESIDUAL and name.rpartition(".")[0] in modules}
+    if not found:
+        return 0
+    first = f"{next(iter(modules))}.residual_up"
+    rank = specs[first][1][1] if first in specs else 0
+    for m, (n, k) in modules.items():
+        for leaf, shape in zip(RESIDUAL, ((n, rank), (rank, k))):
+            spec = specs.get(f"{m}.{leaf}")
+            if rank == 0 or spec is None or tuple(spec[1]) != shape or spec[0] != torch.bfloat16:
+                raise ValueError(f"{m}.{leaf}: every quantized module needs residual_up [N, r] and residual_down "
+                                 f"[r, K] bf16 of one rank r, or none")
+    return rank
+
+
 def write_checkpoint(path: Path, modules: dict[str, list[int]], specs: dict[str, Spec], codec: str, meta: dict) -> int:
     """Write a checkpoint from tensor specs made one at a time (``tensorfile``); returns its size.
 
     meta: base_model, revision, stage, activations, config, inputs, and ``architecture`` (the
     transformer's constructor arguments) and ``source`` (provenance of the base model), so the file
-    loads without the base model at hand; optionally ``fidelity`` (quantize's report, JSON).
+    loads without the base model at hand; optionally ``fidelity`` (quantize's report, JSON). The
+    residual rank and the format version follow from the residual tensors among ``specs``.
     """
+    rank = residual_rank(modules, specs)
     header = {
-        "format": FORMAT, "format_version": str(FORMAT_VERSION), "codec": codec, "tool_version": TOOL_VERSION,
+        "format": FORMAT, "format_version": str(format_version(rank)), "codec": codec, "tool_version": TOOL_VERSION,
         "base_model": str(meta["base_model"]), "revision": str(meta.get("revision") or ""),
         "stage": meta["stage"], "activations": meta.get("activations", "none"),
         "quantized_modules": json.dumps(modules, sort_keys=True),
         **{k: json.dumps(meta.get(k, {}), sort_keys=True) for k in ("config", "inputs", "architecture", "source")},
         **({"fidelity": json.dumps(meta["fidelity"], sort_keys=True)} if meta.get("fidelity") else {}),
+        **({"residual_rank": str(rank)} if rank else {}),
     }
     return write_tensorfile(path, specs, header)
 
@@ -120,8 +148,9 @@ class CheckpointFile:
         raw = self.file.metadata
         if raw.get("format") != FORMAT:
             raise ArtifactError(f"{path}: not a bitflux checkpoint (format {raw.get('format')!r}, expected {FORMAT!r})")
-        if raw.get("format_version") != str(FORMAT_VERSION):
-            raise ArtifactError(f"{path}: format version {raw.get('format_version')!r} is not supported (this bitflux reads {FORMAT_VERSION})")
+        if raw.get("format_version") not in [str(v) for v in range(1, FORMAT_VERSION + 1)]:
+            raise ArtifactError(f"{path}: format version {raw.get('format_version')!r} is not supported "
+                                f"(this bitflux reads 1 to {FORMAT_VERSION})")
         if raw.get("codec") not in CODECS:
             raise ArtifactError(f"{path}: unknown codec {raw.get('codec')!r}")
         meta = dict(raw)
@@ -139,20 +168,32 @@ class CheckpointFile:
             raise ArtifactError(f"{path}: metadata field quantized_modules is not {{module: [N, K]}}") from None
         if not self.modules:
             raise ArtifactError(f"{path}: no quantized modules")
+        rank = raw.get("residual_rank", "0")
+        if not (rank.isascii() and rank.isdigit() and str(int(rank)) == rank) \
+                or raw["format_version"] != str(format_version(int(rank))):
+            raise ArtifactError(f"{path}: residual_rank {rank!r} does not fit format version {raw['format_version']} "
+                                "(version 1: no residual; version 2: a rank > 0)")
+        self.residual_rank = int(rank)
         sums = meta["checksums"]
         if set(self.file.entries) != set(sums):
             diff = sorted(set(self.file.entries) ^ set(sums))
             raise ArtifactError(f"{path}: tensor list does not match its checksums ({len(diff)} differ, e.g. {diff[0]})")
+        r = self.residual_rank
         for m, (n, k) in self.modules.items():
-            for suffix, dtype, shape in (("codes", _CODES_DTYPE[self.codec], _expected_shape(self.codec, n, k)),
-                                         ("scale", torch.float32, (n,))):
+            expected = (("codes", _CODES_DTYPE[self.codec], _expected_shape(self.codec, n, k)),
+                        ("scale", torch.float32, (n,)))
+            expected += tuple(zip(RESIDUAL, (torch.bfloat16,) * 2, ((n, r), (r, k)))) if r else ()
+            for suffix, dtype, shape in expected:
                 e = self.file.entries.get(f"{m}.{suffix}")
                 if e is None or e.shape != shape or e.dtype != dtype:
                     raise ArtifactError(f"{path}: {m}.{suffix} is missing or is not {str(dtype).removeprefix('torch.')} "
                                         f"{list(shape)}")
 
-        owned = {f"{m}.{leaf}" for m in self.modules for leaf in ("codes", "scale")}
+        owned = {f"{m}.{leaf}" for m in self.modules for leaf in ("codes", "scale") + (RESIDUAL if r else ())}
         for name, e in self.file.entries.items():
+            module, _, leaf = name.rpartition(".")
+            if not r and leaf in RESIDUAL and module in self.modules:
+                raise ArtifactError(f"{path}: tensor {name} is a residual, but the file records no residual_rank")
             if name not in owned and not e.dtype.is_floating_point:  # every other transformer tensor is a float
                 raise ArtifactError(f"{path}: tensor {name} is {str(e.dtype).removeprefix('torch.')}, expected a float dtype")
 
@@ -170,6 +211,8 @@ class CheckpointFile:
             raise ArtifactError(f"{self.path}: {name} holds a NaN, infinite or non-positive scale")
         if module in self.modules and leaf == "codes" and not _valid_codes(t, self.codec):
             raise ArtifactError(f"{self.path}: {name} holds codes outside {{-1, 0, 1}}")
+        if module in self.modules and leaf in RESIDUAL and not bool(torch.isfinite(t).all()):
+            raise ArtifactError(f"{self.path}: {name} holds a NaN or infinite value")
         return t
 
     def codes(self, module: str) -> torch.Tensor:

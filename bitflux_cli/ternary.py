@@ -49,8 +49,10 @@ def ternarize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class TernaryLinear(nn.Module):
     """A linear layer whose weight is ternary codes in the 2-bit runtime layout times a per-row scale.
 
-    Holds only buffers: ``packed`` [N, Kp/4] uint8, ``scale`` [N] fp32 and ``bias`` [N] (or no bias).
-    ``activations`` selects W2A16 ("none") or per-token int8 activations ("int8").
+    Holds only buffers: ``packed`` [N, Kp/4] uint8, ``scale`` [N] fp32 and ``bias`` [N] (or no bias);
+    with ``residual_rank`` r > 0 also ``residual_up`` [N, r] and ``residual_down`` [r, K] bf16, a
+    low-rank correction (``residual``) added as ``(x @ down^T) @ up^T`` in x's dtype: one more small
+    GEMM pair in plain torch. ``activations`` selects W2A16 ("none") or per-token int8 activations ("int8").
 
     ``backend`` ("reference", "torch" or "triton", see ``bitflux_kernels.select_backend``) is
     resolved when the layer is built on, moved to (``.to``, ``.cuda``, ``to_empty``) or loaded onto
@@ -58,12 +60,18 @@ class TernaryLinear(nn.Module):
     so ``torch.compile(fullgraph=True)`` traces it. It may also be set by hand.
     """
 
-    def __init__(self, in_features, out_features, bias=True, activations="none", device=None, dtype=None):
+    def __init__(self, in_features, out_features, bias=True, activations="none", device=None, dtype=None,
+                 residual_rank=0):
         super().__init__()
         self.in_features, self.out_features, self.activations = in_features, out_features, activations
         self.register_buffer("packed", torch.empty(out_features, padded_k(in_features) // 4, dtype=torch.uint8, device=device))
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+        up, down = ((torch.empty(out_features, residual_rank, dtype=torch.bfloat16, device=device),
+                     torch.empty(residual_rank, in_features, dtype=torch.bfloat16, device=device))
+                    if residual_rank else (None, None))
+        self.register_buffer("residual_up", up)  # [N, r]
+        self.register_buffer("residual_down", down)  # [r, K]
         self.backend = None
         self._resolve_backend()
         # load_state_dict(assign=True) swaps the buffers without ``_apply``: resolve again afterwards
@@ -79,25 +87,34 @@ class TernaryLinear(nn.Module):
         return self
 
     @classmethod
-    def from_codes(cls, codes, scale, bias=None, activations="none"):
-        """Build from codes [N, K] int8, scale [N] and an optional bias [N]."""
+    def from_codes(cls, codes, scale, bias=None, activations="none", residual=None):
+        """Build from codes [N, K] int8, scale [N], an optional bias [N] and an optional residual
+        (up [N, r], down [r, K])."""
         n, k = codes.shape
-        layer = cls(k, n, bias is not None, activations, device=codes.device, dtype=None if bias is None else bias.dtype)
+        layer = cls(k, n, bias is not None, activations, device=codes.device, dtype=None if bias is None else bias.dtype,
+                    residual_rank=0 if residual is None else residual[0].shape[1])
         layer.packed.copy_(bitflux_kernels.pack_2bit(codes))
         layer.scale.copy_(scale.float())
         if bias is not None:
             layer.bias.copy_(bias)
+        if residual is not None:
+            layer.residual_up.copy_(residual[0])
+            layer.residual_down.copy_(residual[1])
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
         if self.backend is None:
             raise RuntimeError("TernaryLinear is on the meta device: load or move it to a device first")
         op = torch.ops.bitflux.w2a8 if self.activations == "int8" else torch.ops.bitflux.w2a16
-        return op(x, self.packed, self.scale, self.bias, self.in_features, self.backend)
+        y = op(x, self.packed, self.scale, self.bias, self.in_features, self.backend)
+        if self.residual_up is None:
+            return y
+        return y + (x @ self.residual_down.to(x.dtype).T) @ self.residual_up.to(x.dtype).T  # [..., r] -> [..., N]
 
     def extra_repr(self) -> str:
+        rank = "" if self.residual_up is None else f", residual_rank={self.residual_up.shape[1]}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"activations={self.activations}, backend={self.backend}")
+                f"activations={self.activations}, backend={self.backend}{rank}")
 
 
 def _resolve_after_load(module: TernaryLinear, incompatible_keys) -> None:
@@ -123,13 +140,13 @@ def enable_lora() -> None:
                       stacklevel=2)
 
 
-def replace_with_ternary(model: nn.Module, names: list[str], activations: str = "none") -> None:
+def replace_with_ternary(model: nn.Module, names: list[str], activations: str = "none", residual_rank: int = 0) -> None:
     """Swap the named linears for empty ``TernaryLinear`` shells on the same device (meta works)."""
     enable_lora()
     for name in names:
         lin = model.get_submodule(name)
         shell = TernaryLinear(lin.in_features, lin.out_features, lin.bias is not None, activations,
-                              device=lin.weight.device, dtype=lin.weight.dtype)
+                              device=lin.weight.device, dtype=lin.weight.dtype, residual_rank=residual_rank)
         _set_submodule(model, name, shell)
 
 

@@ -69,3 +69,39 @@ def test_bad_codes_are_refused():
         pack(torch.zeros(2, 2))
     with pytest.raises(ValueError, match="does not match K"):
         unpack(pack(pattern(2, 130)), (2, 300))
+
+
+def _golden_checkpoint(path, codec, rank=0):
+    """A small checkpoint of fixed tensors and metadata (two modules, one with K padded), rank-``rank`` residual."""
+    from bitflux_cli.checkpoint import save_checkpoint
+
+    codes = {"blocks.0.a": pattern(5, 130), "blocks.0.b": pattern(3, 7)}
+    ternary = {m: (c, torch.arange(1, c.shape[0] + 1, dtype=torch.float32) / 8) for m, c in codes.items()}
+    dense = {"blocks.0.a.bias": torch.arange(5, dtype=torch.bfloat16), "norm.weight": torch.ones(4, dtype=torch.bfloat16)}
+    for m, c in codes.items() if rank else ():
+        n, k = c.shape
+        dense[f"{m}.residual_up"] = (torch.arange(n * rank) % 7 - 3).to(torch.bfloat16).view(n, rank) / 16
+        dense[f"{m}.residual_down"] = (torch.arange(rank * k) % 5 - 2).to(torch.bfloat16).view(rank, k) / 32
+    save_checkpoint(path, ternary, dense, codec, {"base_model": "golden", "revision": "r", "stage": "pack",
+                                                  "config": {"k": 1}, "inputs": {}, "architecture": {}, "source": {}})
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# r = 0: the bytes bitflux wrote before the residual existed (computed at 6af8dbe), format version 1;
+# r = 2: format version 2 with residual_up/residual_down (docs/FORMAT.md)
+GOLDEN_FILES = {
+    ("int8", 0): "34c6e92f49aaf1a0612748efe12603e5d55ae43612909bdca41f5242671a079b",
+    ("2bit", 0): "3e22c50e73747c3a293ed2b7030052ee2ab9e86d5a99d906dc687dc4f60aa465",
+    ("base3", 0): "4cd382e3faa52313ab4da5ff78e0b7c6906f8ba465afd94f248039e025527b86",
+    ("2bit", 2): "26b9472495c278e3b03265634b3e84bc60ec010fddc7e2e00224f763230e6247",
+    ("base3", 2): "efd342098d6fcb573a68fe2891dc7b2d07a1782ac27906ce92d04543c81bc9e3",
+}
+
+
+@pytest.mark.parametrize("codec, rank", list(GOLDEN_FILES))
+def test_golden_checkpoint_files(tmp_path, codec, rank):
+    from bitflux_cli.checkpoint import read_metadata
+
+    assert _golden_checkpoint(tmp_path / "g.safetensors", codec, rank) == GOLDEN_FILES[codec, rank]
+    meta = read_metadata(tmp_path / "g.safetensors")
+    assert meta["format_version"] == ("2" if rank else "1") and meta.get("residual_rank") == (str(rank) if rank else None)

@@ -20,8 +20,9 @@ Loading (diffusers' ``ModelMixin.from_pretrained`` calls these hooks in this ord
 - ``maybe_update_state_dict`` replaces diffusers' state dict by the file's tensors read one at a
   time through ``CheckpointFile.read`` (sha256, ternary codes, positive finite scales), codes in the
   2-bit runtime layout (``loader.runtime_tensors``).
-- ``create_quantized_param`` puts each layer's ``packed`` and ``scale`` in place as stored (uint8,
-  fp32); everything else (biases included) is diffusers' and follows ``torch_dtype``.
+- ``create_quantized_param`` puts each layer's ``packed`` and ``scale`` (and ``residual_up`` /
+  ``residual_down``, if the file has a residual) in place as stored (uint8, fp32, bf16); everything
+  else (biases included) is diffusers' and follows ``torch_dtype``.
 - ``_process_model_after_weight_loading`` refuses a load in which any of that did not happen.
 
 Saving: ``get_state_dict_and_metadata`` turns the runtime tensors back into the checkpoint's
@@ -165,12 +166,12 @@ class BitfluxQuantizer(DiffusersQuantizer):
 
     def check_if_quantized_param(self, model, param_value, param_name: str, state_dict, **kwargs) -> bool:
         module, _, leaf = param_name.rpartition(".")
-        return self.checkpoint is not None and leaf in ("packed", "scale") and module in self.checkpoint.modules
+        return self.checkpoint is not None and leaf in _stored_leaves(self.checkpoint) and module in self.checkpoint.modules
 
     def create_quantized_param(self, model, param_value, param_name: str, target_device, state_dict=None,
                                unexpected_keys=None, **kwargs):
-        """``packed`` (uint8) and ``scale`` (fp32) as stored: diffusers casts float tensors to the model
-        dtype before this call, so the value is taken from the state dict, not from ``param_value``."""
+        """``packed`` (uint8), ``scale`` (fp32) and a residual (bf16) as stored: diffusers casts float tensors
+        to the model dtype before this call, so the value is taken from the state dict, not from ``param_value``."""
         module, _, leaf = param_name.rpartition(".")
         stored = (state_dict or {}).get(param_name, param_value)
         model.get_submodule(module)._buffers[leaf] = stored.to(target_device)
@@ -180,7 +181,7 @@ class BitfluxQuantizer(DiffusersQuantizer):
         from ..ternary import TernaryLinear
 
         ckpt = self._require_checkpoint()
-        expected = {f"{m}.{leaf}" for m in ckpt.modules for leaf in ("packed", "scale")}
+        expected = {f"{m}.{leaf}" for m in ckpt.modules for leaf in _stored_leaves(ckpt)}
         if self._state is None or expected - self._placed:
             raise DiffusersVersionError(_version_message("from_pretrained loaded a bitflux checkpoint without passing "
                                                          "its tensors through the bitflux quantizer's hooks"))
@@ -239,6 +240,13 @@ class BitfluxQuantizer(DiffusersQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
+
+
+def _stored_leaves(ckpt) -> tuple[str, ...]:
+    """The buffers of a ternary layer that keep their stored dtype, whatever ``torch_dtype`` says."""
+    from ..checkpoint import RESIDUAL
+
+    return ("packed", "scale") + (RESIDUAL if ckpt.residual_rank else ())
 
 
 def _runtime_name(name: str, modules: dict) -> str:
