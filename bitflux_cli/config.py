@@ -84,6 +84,11 @@ class QuantizationConfig(_Section):
     # host memory for the activations that walk the blocks with the student (block-recon's recorded
     # calls); past it, block-recon uses the first calls that fit and says so
     activation_budget_gb: float = Field(default=16.0, gt=0)
+    # optional quality knob, off by default: per linear a rank-r bf16 correction up [N, r] @ down [r, K]
+    # of the ternary weight (SVD of its error, residual.py), stored beside it and run as one more small
+    # GEMM pair; costs 2 r (N + K) bytes a linear. Recorded in the config only when set, so r = 0 files
+    # keep their bytes
+    residual_rank: StrictInt = Field(default=0, ge=0, exclude_if=lambda r: r == 0)
     act_aware: ActAwareConfig = Field(default_factory=ActAwareConfig)
     block_recon: BlockReconConfig = Field(default_factory=BlockReconConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)

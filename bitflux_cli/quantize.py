@@ -24,25 +24,29 @@ from .fidelity import REPORT_PROMPTS, FidelityProbe, forget_other_reports, recor
 from .loader import load_quantized_transformer
 from .methods import BLOCK_METHODS, METHODS, NEEDS_CALIBRATION
 from .models import build_meta_transformer, provenance, resolve_device, transformer_config
+from .residual import block_residuals, check_rank
 from .streaming import BLOCK_LISTS, block_names, load_block, materialise
 from .teacher import encode, fp_pipeline, free_text_encoders
 from .tensorfile import TensorFile
 from .ternary import TernaryLinear, _set_submodule, block_linears, parameter_counts
 
 
-def _to_ternary(block: torch.nn.Module, codes: dict, activations: str) -> torch.nn.Module:
-    """``block`` with its linears replaced in place by ``TernaryLinear``s of {linear: (codes, scale)}."""
+def _to_ternary(block: torch.nn.Module, codes: dict, activations: str, residuals: dict) -> torch.nn.Module:
+    """``block`` with its linears replaced in place by ``TernaryLinear``s of {linear: (codes, scale)}
+    and {linear: (up, down)} (empty: no residual)."""
     for sub, lin in block_linears(block):
-        _set_submodule(block, sub, TernaryLinear.from_codes(*codes[sub], lin.bias, activations))
+        _set_submodule(block, sub, TernaryLinear.from_codes(*codes[sub], lin.bias, activations, residuals.get(sub)))
     return block
 
 
-def _write_part(file: Path, name: str, block: torch.nn.Module, codes: dict) -> None:
-    """One block's codes, scales and remaining tensors (norms, biases), full names, in a part file."""
+def _write_part(file: Path, name: str, block: torch.nn.Module, codes: dict, residuals: dict) -> None:
+    """One block's codes, scales, residuals and remaining tensors (norms, biases), full names, in a part file."""
     quantized = {f"{sub}.weight" for sub in codes}
     tensors = {f"{name}.{k}": v for k, v in block.state_dict().items() if k not in quantized}
     for sub, (c, s) in codes.items():
         tensors |= {f"{name}.{sub}.codes": c.cpu().contiguous(), f"{name}.{sub}.scale": s.detach().float().cpu()}
+    for sub, (up, down) in residuals.items():
+        tensors |= {f"{name}.{sub}.residual_up": up, f"{name}.{sub}.residual_down": down}
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(file))
 
 
@@ -65,11 +69,15 @@ def quantize(cfg: Config) -> dict:
 
     Inputs (model files, prompt files, calibration) are checked before any weight is read.
     Calibration runs first when the method needs it and the workdir has none. Under torchrun every
-    rank runs distill (it shards its training); rank 0 alone writes and reports.
+    rank runs distill (it shards its training); rank 0 alone writes and reports. With
+    ``quantization.residual_rank`` > 0 each linear also gets its low-rank residual (``residual``),
+    weighted by the calibration's input statistics when the method has them.
     """
     rank, world = init_distributed()
-    name = cfg.quantization.method
-    counts = parameter_counts(build_meta_transformer(cfg.model))
+    name, residual_rank = cfg.quantization.method, cfg.quantization.residual_rank
+    meta_model = build_meta_transformer(cfg.model)
+    check_rank(meta_model, residual_rank)
+    counts = parameter_counts(meta_model)
     source = provenance(cfg.model)  # refuses a missing model before anything loads
     calib = load_calibration(cfg) if name in NEEDS_CALIBRATION else None
     if rank != 0 and name in BLOCK_METHODS:
@@ -107,12 +115,13 @@ def quantize(cfg: Config) -> dict:
             for block_name in names:
                 block = load_block(skeleton, weights, block_name, device)
                 codes = quantize_block(block_name, block)
+                residuals = block_residuals(block_name, block, codes, residual_rank, calib)
                 probe.fp_step(block_name, block)
                 parts.append(Path(tmp) / f"{len(parts):03d}.safetensors")
-                _write_part(parts[-1], block_name, block, codes)
-                probe.q_step(block_name, _to_ternary(block, codes, cfg.quantization.activations))
+                _write_part(parts[-1], block_name, block, codes, residuals)
+                probe.q_step(block_name, _to_ternary(block, codes, cfg.quantization.activations, residuals))
                 modules |= {f"{block_name}.{sub}": tuple(c.shape) for sub, (c, _) in codes.items()}
-                del block, codes
+                del block, codes, residuals
                 block_done()
         inside = tuple(f"{lst}." for lst in BLOCK_LISTS)
         outside = {k: v for k, v in skeleton.state_dict().items() if not k.startswith(inside)}
@@ -132,4 +141,4 @@ def quantize(cfg: Config) -> dict:
         os.replace(joined, path)
     forget_other_reports(recorded)
     return {"stage": "quantize", "path": str(path), "bytes": size, "method": name,
-            "activations": cfg.quantization.activations, **counts, "fidelity": report}
+            "activations": cfg.quantization.activations, "residual_rank": residual_rank, **counts, "fidelity": report}
