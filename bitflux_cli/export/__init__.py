@@ -9,7 +9,9 @@
 
 Every format reads the checkpoint one tensor at a time (``CheckpointFile``) and records where it
 came from (``provenance``): base model, its revision and weight hashes, method, codec, the packed
-file's sha256.
+file's sha256. A low-rank residual (``quantization.residual_rank``) is folded into the dequantized
+``bfl`` weights and carried as is by ``diffusers``; ``gguf`` and ``bfl --ternary`` have no place for it
+and refuse such a checkpoint.
 """
 
 import json
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..artifacts import check_output_file, check_writable_dir, file_sha256, require
-from ..checkpoint import TOOL_VERSION, CheckpointFile
+from ..checkpoint import RESIDUAL, TOOL_VERSION, CheckpointFile
 from ..config import Config
 from ..errors import UsageError
 from .keys import Entry, swap_halves
@@ -46,13 +48,18 @@ def provenance(ckpt: CheckpointFile, fmt: str) -> dict[str, str]:
 
 
 def dequantized(ckpt: CheckpointFile, module: str, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """The weight [N, K] of a quantized module in ``dtype``: codes x per-row scale.
+    """The weight [N, K] of a quantized module in ``dtype``: codes x per-row scale, plus ``up @ down``
+    when the checkpoint has a residual.
 
-    A code is -1, 0 or 1, so ``code * dtype(scale)`` is exactly ``dtype(code * scale)``: the product
-    is formed in ``dtype`` directly, without an fp32 copy of the weight.
+    A code is -1, 0 or 1, so ``code * dtype(scale)`` is exactly ``dtype(code * scale)``: without a
+    residual the product is formed in ``dtype`` directly, without an fp32 copy of the weight; with
+    one, the sum is formed in fp32 and rounded to ``dtype`` once.
     """
     scale = ckpt.read(f"{module}.scale")  # [N] fp32
-    return ckpt.codes(module).to(dtype) * scale.to(dtype)[:, None]
+    if not ckpt.residual_rank:
+        return ckpt.codes(module).to(dtype) * scale.to(dtype)[:, None]
+    up, down = (ckpt.read(f"{module}.{leaf}").float() for leaf in RESIDUAL)  # [N, r], [r, K]
+    return (ckpt.codes(module).float() * scale[:, None] + up @ down).to(dtype)
 
 
 def bfl_tensor(ckpt: CheckpointFile, entry: Entry, dtype: torch.dtype | None = torch.bfloat16) -> torch.Tensor:
@@ -88,6 +95,11 @@ def export(cfg: Config, fmt: str, out: Path, codec: str | None = None, ternary: 
     else:
         check_output_file(out, "OUT")  # before reading a 3 GB checkpoint
     ckpt = packed_checkpoint(cfg)
+    if ckpt.residual_rank and (fmt == "gguf" or ternary):
+        raise UsageError(f"{ckpt.path} has a rank-{ckpt.residual_rank} low-rank residual "
+                         f"(quantization.residual_rank), which {'--format gguf' if fmt == 'gguf' else '--format bfl --ternary'} "
+                         "cannot carry: export it with --format bfl (the residual folded into bf16 weights) or "
+                         "--format diffusers, or quantize with quantization.residual_rank=0")
     if fmt == "gguf":
         try:
             from .gguf import write_gguf

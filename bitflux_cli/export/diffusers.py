@@ -20,7 +20,7 @@ from pathlib import Path
 import diffusers
 
 from ..artifacts import atomic_dir
-from ..checkpoint import FORMAT, FORMAT_VERSION, CheckpointFile
+from ..checkpoint import FORMAT, RESIDUAL, CheckpointFile
 from ..ternary import parameter_counts
 from ..models import build_meta_transformer
 from . import method_of
@@ -30,15 +30,15 @@ QUANT_METHOD = "bitflux"
 
 
 def model_dtype(ckpt: CheckpointFile) -> str:
-    """The dtype the checkpoint stores its float tensors besides scales in (the model's), e.g. "bfloat16"."""
-    dtypes = [e.dtype for n, e in ckpt.file.entries.items() if not n.endswith((".codes", ".scale"))]
+    """The dtype the checkpoint stores its float tensors besides scales and residuals in (the model's), e.g. "bfloat16"."""
+    dtypes = [e.dtype for n, e in ckpt.file.entries.items() if not n.endswith((".codes", ".scale", *(f".{r}" for r in RESIDUAL)))]
     return str(max(set(dtypes), key=dtypes.count)).removeprefix("torch.")
 
 
 def quantization_config(ckpt: CheckpointFile) -> dict:
     """The ``quantization_config`` entry of config.json for a checkpoint (``BitfluxConfig``'s fields)."""
     meta = ckpt.meta
-    return {"quant_method": QUANT_METHOD, "format": FORMAT, "format_version": FORMAT_VERSION, "codec": meta["codec"],
+    return {"quant_method": QUANT_METHOD, "format": FORMAT, "format_version": int(meta["format_version"]), "codec": meta["codec"],
             "activations": meta["activations"], "method": method_of(meta), "dtype": model_dtype(ckpt)}
 
 
@@ -113,7 +113,9 @@ def model_card(meta: dict, size: int) -> str:
         f"| method | `{method}` |",
         f"| calibration | {calibration} |",
         f"| activations | `{meta['activations']}` ({'W2A16' if meta['activations'] == 'none' else 'W2A8'}) |",
-        f"| codec | `{meta['codec']}` ({FORMAT} v{FORMAT_VERSION}) |",
+        f"| codec | `{meta['codec']}` ({FORMAT} v{meta['format_version']}) |",
+        *([f"| residual | rank {meta['residual_rank']} bf16 low-rank correction beside each ternary weight "
+           "(`quantization.residual_rank`): not pure ternary |"] if meta.get("residual_rank") else []),
         f"| quantized | {counts['quantized_modules']} linears, {100 * counts['fraction']:.2f}% of "
         f"{counts['total_params'] / 1e9:.3g}B parameters |",
         f"| file | {WEIGHTS}, {size / 2**20:.1f} MiB |",
