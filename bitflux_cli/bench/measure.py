@@ -31,16 +31,18 @@ ACTIVATIONS = {"w2a16": "none", "w2a8": "int8"}
 INIT_STD = 0.02
 
 
-def random_transformer(model: ModelConfig, mode: str, device: torch.device | str, seed: int = 0) -> nn.Module:
+def random_transformer(model: ModelConfig, mode: str, device: torch.device | str, seed: int = 0,
+                       residual_rank: int = 0) -> nn.Module:
     """The configured architecture with random weights made on ``device``, no FP model built.
 
     Float parameters are ``normal * 0.02`` in the model dtype (never zero); for "w2a16"/"w2a8"
     every in-scope linear is a ``TernaryLinear`` with random codes in {-1, 0, 1} packed by
-    ``pack_2bit``, random positive scales and random biases.
+    ``pack_2bit``, random positive scales, random biases and (``residual_rank`` > 0) random
+    residual factors.
     """
     net = build_meta_transformer(model).to(torch_dtype(model))  # meta: free
     if mode != "bf16":
-        replace_with_ternary(net, [name for name, _ in scoped_linears(net)], ACTIVATIONS[mode])
+        replace_with_ternary(net, [name for name, _ in scoped_linears(net)], ACTIVATIONS[mode], residual_rank)
     net.to_empty(device=device)
     gen = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
@@ -54,6 +56,9 @@ def random_transformer(model: ModelConfig, mode: str, device: torch.device | str
                 mod.scale.uniform_(0.5 * INIT_STD, 1.5 * INIT_STD, generator=gen)  # [N] fp32, > 0
                 if mod.bias is not None:
                     mod.bias.normal_(0.0, INIT_STD, generator=gen)
+                if mod.residual_up is not None:
+                    mod.residual_up.normal_(0.0, INIT_STD, generator=gen)
+                    mod.residual_down.normal_(0.0, INIT_STD, generator=gen)
     return net.eval()
 
 
@@ -108,7 +113,7 @@ def _images(net: nn.Module, cfg: Config, device: torch.device, per_res: dict) ->
 
 def _model(cfg: Config, mode: str, device: torch.device, random_weights: bool) -> nn.Module:
     if random_weights:
-        return random_transformer(cfg.model, mode, device)
+        return random_transformer(cfg.model, mode, device, residual_rank=cfg.quantization.residual_rank)
     if mode == "bf16":
         return load_fp_transformer(cfg.model).to(device).eval()
     return load_quantized_transformer(require(cfg.workdir, "pack"), cfg.model, ACTIVATIONS[mode], device)

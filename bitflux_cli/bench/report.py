@@ -12,7 +12,8 @@ from .memory import MODES, memory_projection
 from .profiles import PROFILES, gpu_profile, profile_for_device
 from .roofline import latency_projection
 
-STORAGE_LABEL = "tensor data of the checkpoint (codes, fp32 scales, dense bf16); safetensors header not counted"
+STORAGE_LABEL = ("tensor data of the checkpoint (codes, fp32 scales, bf16 low-rank residual if any, dense bf16); "
+                 "safetensors header not counted")
 
 
 def _notes(cuda: bool, device: str, profile: dict | None, present: str | None, random_weights: bool, batch: int) -> list[str]:
@@ -37,10 +38,12 @@ def _notes(cuda: bool, device: str, profile: dict | None, present: str | None, r
 def run_bench(cfg: Config, gpu: str | None, random_weights: bool, plot: Path | None) -> dict:
     """Benchmark the configured transformer; returns the JSON report (see the keys below).
 
-    Storage and memory always come from shapes on the meta device. Latency is projected (roofline)
+    Storage and memory always come from shapes on the meta device, with the residual of
+    ``quantization.residual_rank`` (0: pure ternary) counted in storage, memory and latency. Latency is projected (roofline)
     for the GPU profile ``gpu`` (else ``bench.gpu``, else the present CUDA device's profile) and
     measured when CUDA is present (``random_weights``: random full-size weights, no download).
-    Keys: model, storage {bf16_bytes, codecs {2bit, base3} {bytes, ratio, ...}}, params, memory,
+    Keys: model, storage {bf16_bytes, codecs {2bit, base3} {bytes, ratio, bits_per_weight, ...}, residual
+    {rank, bytes, bytes_per_rank}}, params, memory,
     latency {projected, measured}, measured, device, gpu_profile, notes, plot.
     """
     gpu = gpu or cfg.bench.gpu
@@ -53,17 +56,18 @@ def run_bench(cfg: Config, gpu: str | None, random_weights: bool, plot: Path | N
 
     model = build_meta_transformer(cfg.model)
     text_tokens, res, batch = cfg.generate.max_sequence_length, cfg.bench.resolutions, cfg.bench.batch
-    st = storage(model)
+    rank = cfg.quantization.residual_rank
+    st = storage(model, rank)
     latency = {"projected": None, "measured": None}
     if profile is not None:
-        latency["projected"] = latency_projection(model, profile, res, batch, text_tokens, cfg.generate.steps)
+        latency["projected"] = latency_projection(model, profile, res, batch, text_tokens, cfg.generate.steps, rank)
     if cuda:
         from .measure import measure  # CUDA-only path
 
         latency["measured"] = measure(cfg, random_weights)
     report = {
         "model": model_id(cfg.model),
-        "storage": {"label": STORAGE_LABEL, "bf16_bytes": st["bf16_bytes"], "codecs": st["codecs"]},
+        "storage": {"label": STORAGE_LABEL, "bf16_bytes": st["bf16_bytes"], "codecs": st["codecs"], "residual": st["residual"]},
         "params": st["params"],
         "memory": memory_projection(model, st, res, batch, text_tokens),
         "latency": latency,
@@ -100,6 +104,10 @@ def render_table(report: dict) -> Table:
     st, c = report["storage"], report["storage"]["codecs"]
     table.add_row("storage (GB)", _gb(st["bf16_bytes"]), _gb(c["2bit"]["bytes"]), _gb(c["base3"]["bytes"]),
                   f"{c['2bit']['ratio']:.2f}x | {c['base3']['ratio']:.2f}x")
+    table.add_row("bits per ternary weight", "16", f"{c['2bit']['bits_per_weight']:.3f}", f"{c['base3']['bits_per_weight']:.3f}", "")
+    if st["residual"]["rank"]:
+        table.add_row(f"of which residual r={st['residual']['rank']} (GB)", "", _gb(st["residual"]["bytes"]),
+                      _gb(st["residual"]["bytes"]), "")
     profile = report["gpu_profile"]
     for r, mem in report["memory"]["per_resolution"].items():
         table.add_row(f"peak @{r} (GB, projected)", *(_gb(mem[m]["peak"]) for m in MODES), f"{mem['ratio']:.2f}x")

@@ -5,7 +5,9 @@ M is right per layer: image, text or joint tokens, or one row for the AdaLN modu
 Per linear, time = max(2 M N K / rate, bytes / bandwidth), with bytes = weights + bf16 input and
 output activations. bf16: bf16 weights at the 16-bit tensor rate; W2A16: in-scope linears read the
 2-bit codes + fp32 scales at the 16-bit rate; W2A8: the same bytes at the int8 rate (``None`` on
-GPUs without int8 tensor cores). Linears outside the scope stay bf16 in every mode. Attention adds
+GPUs without int8 tensor cores). With a low-rank residual of rank r, each in-scope linear adds its
+GEMM pair at the 16-bit rate: 2 M r (N + K) flops against the bf16 factors, the input, the [M, r]
+intermediate (written and read) and the output. Linears outside the scope stay bf16 in every mode. Attention adds
 4 * B * S^2 * D flops per block (QK^T and PV) against reading q, k, v and writing the output.
 Norms, activations, RoPE and kernel launch gaps are not counted: a lower bound on the step time.
 """
@@ -44,8 +46,10 @@ def _time(flops: float, nbytes: float, rate: float, profile: dict) -> float:
     return max(flops / rate, nbytes / (profile["bandwidth_gbs"] * 1e9))
 
 
-def step_seconds(model: nn.Module, shapes: list[dict], tokens: int, batch: int, profile: dict) -> dict:
-    """Roofline seconds of one transformer step per mode ("bf16", "w2a16", "w2a8")."""
+def step_seconds(model: nn.Module, shapes: list[dict], tokens: int, batch: int, profile: dict,
+                 residual_rank: int = 0) -> dict:
+    """Roofline seconds of one transformer step per mode ("bf16", "w2a16", "w2a8"), the ternary modes
+    with a residual GEMM pair of ``residual_rank`` per in-scope linear."""
     bf16_rate = profile["bf16_tflops"] * 1e12
     int8_rate = profile["int8_tops"] * 1e12 if profile["int8_tops"] else None
     d, layers = model.inner_dim, len(model.transformer_blocks) + len(model.single_transformer_blocks)
@@ -61,17 +65,21 @@ def step_seconds(model: nn.Module, shapes: list[dict], tokens: int, batch: int, 
             ternary = r["scoped"] and mode != "bf16"
             weights = packed_2bit_bytes(n, k) + 4 * n if ternary else n * k * BF16
             total += _time(2 * m * n * k, weights + (m * k + m * n) * BF16, rate if ternary else bf16_rate, profile)
+            if ternary and residual_rank:
+                r = residual_rank
+                total += _time(2 * m * r * (n + k), (r * (n + k) + m * k + 2 * m * r + m * n) * BF16, bf16_rate, profile)
         out[mode] = total
     return out
 
 
 def latency_projection(model: nn.Module, profile: dict, resolutions: list[int], batch: int,
-                       text_tokens: int, steps: int) -> dict:
+                       text_tokens: int, steps: int, residual_rank: int = 0) -> dict:
     """Per resolution and mode: projected step time (ms) and transformer time per image (s)."""
     per_res = {}
     for res in resolutions:
         t = token_counts(res, text_tokens)
-        secs = step_seconds(model, linear_shapes(model, batch, res, text_tokens), t["image"] + t["text"], batch, profile)
+        secs = step_seconds(model, linear_shapes(model, batch, res, text_tokens), t["image"] + t["text"], batch, profile,
+                            residual_rank)
         per_res[str(res)] = {mode: None if s is None else {"step_ms": s * 1e3, "image_s": s * steps, "source": LABEL}
                              for mode, s in secs.items()}
     return {"label": f"{LABEL} for {profile['name']}: transformer only, {steps} steps per image, batch {batch}",
