@@ -1,4 +1,4 @@
-"""Loading a 1.58-bit transformer: built on the meta device, packed buffers assigned in place."""
+"""Loading a 1.58-bit transformer: built on the meta device, packed weights assigned in place."""
 
 from contextlib import contextmanager
 from pathlib import Path

@@ -49,7 +49,9 @@ def ternarize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class TernaryLinear(nn.Module):
     """A linear layer whose weight is ternary codes in the 2-bit runtime layout times a per-row scale.
 
-    Holds only buffers: ``packed`` [N, Kp/4] uint8, ``scale`` [N] fp32 and ``bias`` [N] (or no bias);
+    Holds frozen parameters (``requires_grad=False``, as bitsandbytes' and torchao's quantized weights
+    are, so accelerate's and diffusers' offload hooks move them like any weight): ``packed`` [N, Kp/4]
+    uint8, ``scale`` [N] fp32 and ``bias`` [N] (or no bias);
     with ``residual_rank`` r > 0 also ``residual_up`` [N, r] and ``residual_down`` [r, K] bf16, a
     low-rank correction (``residual``) added as ``(x @ down^T) @ up^T`` in x's dtype: one more small
     GEMM pair in plain torch. ``activations`` selects W2A16 ("none") or per-token int8 activations ("int8").
@@ -64,17 +66,17 @@ class TernaryLinear(nn.Module):
                  residual_rank=0):
         super().__init__()
         self.in_features, self.out_features, self.activations = in_features, out_features, activations
-        self.register_buffer("packed", torch.empty(out_features, padded_k(in_features) // 4, dtype=torch.uint8, device=device))
-        self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32, device=device))
-        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+        self.packed = _frozen(torch.empty(out_features, padded_k(in_features) // 4, dtype=torch.uint8, device=device))
+        self.scale = _frozen(torch.empty(out_features, dtype=torch.float32, device=device))
+        self.bias = _frozen(torch.empty(out_features, dtype=dtype, device=device) if bias else None)
         up, down = ((torch.empty(out_features, residual_rank, dtype=torch.bfloat16, device=device),
                      torch.empty(residual_rank, in_features, dtype=torch.bfloat16, device=device))
                     if residual_rank else (None, None))
-        self.register_buffer("residual_up", up)  # [N, r]
-        self.register_buffer("residual_down", down)  # [r, K]
+        self.residual_up = _frozen(up)  # [N, r]
+        self.residual_down = _frozen(down)  # [r, K]
         self.backend = None
         self._resolve_backend()
-        # load_state_dict(assign=True) swaps the buffers without ``_apply``: resolve again afterwards
+        # load_state_dict(assign=True) swaps the tensors without ``_apply``: resolve again afterwards
         self.register_load_state_dict_post_hook(_resolve_after_load)
 
     def _resolve_backend(self) -> None:
@@ -115,6 +117,10 @@ class TernaryLinear(nn.Module):
         rank = "" if self.residual_up is None else f", residual_rank={self.residual_up.shape[1]}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"activations={self.activations}, backend={self.backend}{rank}")
+
+
+def _frozen(t: torch.Tensor | None) -> nn.Parameter | None:
+    return None if t is None else nn.Parameter(t, requires_grad=False)
 
 
 def _resolve_after_load(module: TernaryLinear, incompatible_keys) -> None:

@@ -27,9 +27,9 @@ def test_offload_modes_draw_the_same_image(tiny_chain, tmp_path, full_precision)
 @pytest.mark.parametrize("offload_buffers", [False, True])
 def test_accelerate_leaf_offload_of_the_ternary_transformer(tiny_chain, offload_buffers):
     """``pipe.enable_sequential_cpu_offload()`` hooks each component with accelerate's ``cpu_offload``
-    and ``offload_buffers=len(model._parameters) > 0``: False for a FLUX transformer (its parameters all
-    sit in submodules), so the packed weights, which are buffers, stay on the execution device. With
-    ``offload_buffers=True`` they leave it between calls. Either way the output is unchanged."""
+    and ``offload_buffers=len(model._parameters) > 0``: False for a FLUX transformer. The packed
+    weights are frozen parameters, not buffers, so they leave the execution device between calls
+    either way, and the output is unchanged."""
     from accelerate import cpu_offload
 
     t = load_quantized_transformer(tiny_chain["pack"]["path"])
@@ -38,6 +38,8 @@ def test_accelerate_leaf_offload_of_the_ternary_transformer(tiny_chain, offload_
         ref = t(**inputs)[0]
         assert len(t._parameters) == 0  # what makes diffusers pass offload_buffers=False
         cpu_offload(t, "cpu", offload_buffers=offload_buffers)
-        packed = t.transformer_blocks[0].attn.to_q.packed
-        assert packed.device.type == ("meta" if offload_buffers else "cpu")
+        layer = t.transformer_blocks[0].attn.to_q
+        assert layer.packed.device.type == "meta" and layer.scale.device.type == "meta"
         assert torch.equal(t(**inputs)[0], ref)
+        assert layer.packed.device.type == "meta"  # back off the device after the call
+

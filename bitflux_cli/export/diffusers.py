@@ -7,7 +7,7 @@
 It is written by diffusers' own ``FluxTransformer2DModel.from_pretrained`` of the packed checkpoint and
 ``save_pretrained`` (``integrations.diffusers_quantizer``), so it is what any later ``save_pretrained``
 or ``push_to_hub`` of the loaded model writes. With bitflux imported, diffusers loads it (packed
-buffers, no FP weights); without, diffusers stops at the unknown ``quant_method`` "bitflux" instead
+weights, no FP weights); without, diffusers stops at the unknown ``quant_method`` "bitflux" instead
 of loading random weights.
 """
 
@@ -123,7 +123,7 @@ def model_card(meta: dict, size: int) -> str:
         "", "## Fidelity", "", *fidelity, "",
         "## Use", "", "```python", "import torch", "import bitflux_cli  # registers quant_method \"bitflux\" with diffusers",
         "from diffusers import FluxPipeline, FluxTransformer2DModel", "",
-        "transformer = FluxTransformer2DModel.from_pretrained(\"THIS_DIRECTORY_OR_REPO\")  # packed 2-bit buffers, no FP weights",
+        "transformer = FluxTransformer2DModel.from_pretrained(\"THIS_DIRECTORY_OR_REPO\")  # packed 2-bit weights, no FP copies",
         f"pipe = FluxPipeline.from_pretrained(\"{base if hub_id else 'black-forest-labs/FLUX.1-dev'}\", "
         "transformer=transformer, torch_dtype=torch.bfloat16)", "```", "",
         "`save_pretrained` and `push_to_hub` of the loaded transformer write this directory again. Without bitflux, "

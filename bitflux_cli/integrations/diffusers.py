@@ -6,7 +6,7 @@
 
 A thin wrapper of diffusers' own ``FluxTransformer2DModel.from_pretrained``, which after ``import
 bitflux_cli`` loads these directories itself through ``diffusers_quantizer.BitfluxQuantizer``: built on
-the meta device with ``TernaryLinear`` shells and the packed buffers assigned, no full-precision
+the meta device with ``TernaryLinear`` shells and the packed weights assigned, no full-precision
 weight is materialised. The wrapper adds a one-line refusal of a directory that is not bitflux's, an
 early check of a local weights file's header, a device and an activation-mode override.
 """

@@ -119,7 +119,7 @@ class BitfluxQuantizer(DiffusersQuantizer):
     def validate_environment(self, *args, **kwargs):
         device_map = kwargs.get("device_map")
         if isinstance(device_map, dict) and "disk" in map(str, device_map.values()):
-            raise UsageError("a bitflux transformer cannot be offloaded to disk by device_map (its packed buffers "
+            raise UsageError("a bitflux transformer cannot be offloaded to disk by device_map (its packed weights "
                              "would bypass the quantizer); use enable_model_cpu_offload or group offload instead")
 
     def update_torch_dtype(self, torch_dtype):
@@ -174,7 +174,7 @@ class BitfluxQuantizer(DiffusersQuantizer):
         to the model dtype before this call, so the value is taken from the state dict, not from ``param_value``."""
         module, _, leaf = param_name.rpartition(".")
         stored = (state_dict or {}).get(param_name, param_value)
-        model.get_submodule(module)._buffers[leaf] = stored.to(target_device)
+        model.get_submodule(module)._parameters[leaf] = torch.nn.Parameter(stored.to(target_device), requires_grad=False)
         self._placed.add(param_name)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -190,7 +190,7 @@ class BitfluxQuantizer(DiffusersQuantizer):
             raise ArtifactError(f"{ckpt.path}: tensor {on_meta[0]} was not loaded ({len(on_meta)} not loaded)")
         for layer in model.modules():
             if isinstance(layer, TernaryLinear):
-                layer._resolve_backend()  # its buffers were assigned directly, not through _apply
+                layer._resolve_backend()  # its parameters were assigned directly, not through _apply
         self._state, self._placed = None, set()
         model.save_pretrained = types.MethodType(_save_pretrained, model)
         model._upload_folder = types.MethodType(_upload_folder, model)
@@ -243,7 +243,7 @@ class BitfluxQuantizer(DiffusersQuantizer):
 
 
 def _stored_leaves(ckpt) -> tuple[str, ...]:
-    """The buffers of a ternary layer that keep their stored dtype, whatever ``torch_dtype`` says."""
+    """The tensors of a ternary layer that keep their stored dtype, whatever ``torch_dtype`` says."""
     from ..checkpoint import RESIDUAL
 
     return ("packed", "scale") + (RESIDUAL if ckpt.residual_rank else ())

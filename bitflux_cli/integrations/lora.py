@@ -98,7 +98,7 @@ def _register_on_every_config(post_init):
 
 def _replace_without_weight(replace):
     # peft moves a new LoRA layer to the device of the wrapped layer's weight, else of its first
-    # parameter; a TernaryLinear has buffers only. update_layer has already put the adapter there.
+    # parameter; a TernaryLinear has no weight. update_layer has already put the adapter there.
     @functools.wraps(replace)
     def _replace_module(self, parent, child_name, new_module, child):
         if isinstance(new_module, TernaryLoraLinear):
