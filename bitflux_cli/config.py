@@ -58,11 +58,6 @@ class BlockReconConfig(_Section):
     batch: int = Field(default=8, ge=1)  # recorded teacher calls per step
     scale_lr: float = Field(default=1e-3, gt=0)  # relative to each scale (scales are trained in log space)
     weight_lr: float = Field(default=1e-4, ge=0)  # latent weights through the STE; 0 learns the scales only
-    init: Literal["act-aware", "gptq"] = "act-aware"  # codes to start from: act-aware's, or GPTQ's on the ternary grid (act-aware scales)
-    train_bias: bool = False  # EXPERIMENT
-    loss_norm: Literal["global", "per-call"] = "global"  # output error relative to all calls' mean square, or to each call's own
-    noise_power: float = Field(default=0.0, ge=0)  # a call's loss weighted by sigma**p (sigma 1 = pure noise, where the layout is decided)
-    schedule: Literal["constant", "cosine"] = "constant"  # learning rates held, or decayed to 0 over a block's steps
     context_weight: float = Field(default=1.0, ge=0)  # text-stream output loss (vs the FP block on the same inputs); 0: image stream only
     inputs: Literal["quantized", "fp"] = "quantized"  # a block's inputs: the quantized chain's activations, or the FP chain's
     seed: int = 0

@@ -13,7 +13,6 @@ optimizer state, its targets and the student activations of the recorded calls a
 """
 
 import copy
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +24,6 @@ from ..console import info, progress
 from ..streaming import advance, block_names, blocks, prelude, run_block
 from ..ternary import block_linears
 from .act_aware import alphas, search
-from .gptq import input_grams, ternary_gptq
 from .ste import STELinear, attach_ste, optimizer
 
 
@@ -58,7 +56,6 @@ class BlockRecon:
         self.state = {k: torch.cat([p[k].cpu() for p in parts]) for k in ("hidden_states", "encoder_hidden_states", "temb")}
         self.state["image_rotary_emb"] = tuple(r.cpu() for r in parts[0]["image_rotary_emb"])
         self.token_idx = records["calls.token_idx"][:self.calls].to(self.device)  # [C, tokens]
-        self.sigma = records["calls.timestep"][:self.calls].float().to(self.device)  # [C]: 1 = pure noise
         self.last = block_names(transformer)[-1]
         self.gen = torch.Generator().manual_seed(rc.seed)
 
@@ -67,49 +64,27 @@ class BlockRecon:
         block = copy.deepcopy(fp_block)  # one block: the student's, with STE linears
         init = {sub: search(lin.weight, self.calib.second_moment(f"{name}.{sub}"), alphas(self.cfg))
                 for sub, lin in block_linears(block)}
-        latents = {}
-        if rc.init == "gptq":
-            linears = dict(block_linears(block))
-            grams = input_grams(block, linears, self.state, rc.batch, device)
-            latents = {sub: ternary_gptq(lin.weight, grams[sub], init[sub][1]) for sub, lin in linears.items()}
-            init = {sub: (s / 2, s) for sub, (_, s) in init.items()}  # the threshold that rounds to GPTQ's codes
         ste = attach_ste(block, init, rc.weight_lr > 0)
-        for sub, w in latents.items():
-            ste[sub].weight.data.copy_(w)
         opt = optimizer(ste, rc.weight_lr, rc.scale_lr)
-        if rc.train_bias:  # EXPERIMENT
-            for m in ste.values():
-                m.bias = torch.nn.Parameter(m.bias.detach().float().clone())
-            opt.add_param_group({"params": [m.bias for m in ste.values()], "lr": rc.weight_lr})
-        decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 if rc.schedule == "constant" else 0.5 * (1 + math.cos(math.pi * i / rc.steps)))
         key = f"blocks.{name}"
         target = self.calib.records(lambda k: k == key)[key][:n].to(device).float()  # [C, tokens, D]
-        per_call = rc.loss_norm == "per-call"
-        norm = target.square().mean((1, 2)) if per_call else target.square().mean().expand(n)  # [C]
-        weight = self.sigma ** rc.noise_power
-        weight = weight / weight.mean()  # [C]
+        norm = target.square().mean()
         context_weight = rc.context_weight if name != self.last else 0.0  # the last text output is unused
         with progress(f"block-recon {name}", rc.steps, "steps") as step_done:
             for _ in range(rc.steps):
                 idx = torch.randint(n, (min(rc.batch, n),), generator=self.gen)
                 context, hidden = run_block(block, self.state, idx, device)  # [B, T, D], [B, L, D]
                 pred = _gather(hidden, self.token_idx[idx]).float()
-                loss = (weight[idx] * (pred - target[idx]).square().mean((1, 2)) / norm[idx]).mean()
+                loss = (pred - target[idx]).square().mean() / norm
                 if context_weight:
                     with torch.no_grad():
                         fp_context = run_block(fp_block, self.state, idx, device)[0].float()
-                    fp_norm = fp_context.square().mean((1, 2)) if per_call else fp_context.square().mean()
-                    loss = loss + context_weight * (weight[idx] * (context.float() - fp_context).square().mean((1, 2)) / fp_norm).mean()
+                    loss = loss + context_weight * (context.float() - fp_context).square().mean() / fp_context.square().mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                decay.step()
                 step_done()
         out = {sub: self.keep(m) for sub, m in ste.items()}
-        if rc.train_bias:  # EXPERIMENT: the trained biases go into the written block
-            with torch.no_grad():
-                for sub, m in ste.items():
-                    fp_block.get_submodule(sub).bias.copy_(m.bias)
         self.state = advance(block if rc.inputs == "quantized" else fp_block, self.state, rc.batch, device)
         return out
 
