@@ -15,13 +15,11 @@ from bitflux_cli.checkpoint import read_metadata
 from bitflux_cli.cli import app
 from bitflux_cli.models.source import KNOWN_ARCHITECTURES
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # the stand-in itself: conftest's ``standin``
-
 SMALL = ["generate.height=32", "generate.width=32", "generate.steps=2", "generate.max_sequence_length=8",
          "quantization.eval_prompts=1", "model.device=cpu", "calibration.prompts.sets=[mini]",
          "calibration.prompts.limit=2", "calibration.steps=2", "calibration.timesteps=1", "calibration.tokens=4",
          "calibration.shard_size=2", "calibration.record_every=1", "quantization.block_recon.steps=1",
-         "quantization.block_recon.batch=2", "quantization.act_aware.thresholds=3",
+         "quantization.block_recon.batch=2", "quantization.act_aware.thresholds=2",
          "quantization.distill.mode=blockwise", "quantization.distill.block_steps=1", "quantization.distill.save_every=1"]
 
 
