@@ -4,9 +4,14 @@ Each kernel is compiled with ``triton.compile`` for ``GPUTarget("cuda", arch, 32
 argument is the warp size), Triton's bundled ptxas builds the cubin and its bundled ``cuobjdump``
 lists the SASS. A kernel with a K loop is judged by its hottest loop (the backward branch whose
 body holds the most instructions, i.e. the K loop after unrolling, or the decode's word loop); a
-loop-free kernel (the int32 epilogue) by its whole body. Compiled with the specialization the JIT
-gives a FLUX-shaped launch (``aligned``), or no load or store would vectorize. Thread-instructions per weight = SASS instructions x 32 x num_warps / weights
-one program handles per loop trip (or in total). An H100 issues about 31e12 thread-instructions/s
+loop-free kernel (the int32 epilogue) by its whole body. Each kernel is compiled as Triton's JIT
+compiles it for one FLUX-shaped launch (``specialize``: the row's runtime integers, tensors 16-byte
+aligned): every pointer and every integer divisible by 16 gets ``tt.divisibility = 16`` and an
+integer equal to 1 (a unit stride) becomes a constant. Without that no load or store vectorizes;
+with only part of it (pointers and row strides, as this script did before) the compiler picks
+16-byte layouts it then cannot load as vectors, and the count describes a kernel no launch runs.
+Thread-instructions per weight = SASS instructions x 32 x num_warps / weights one program handles
+per loop trip (or in total). An H100 issues about 31e12 thread-instructions/s
 (132 SMs x 4 schedulers x 32 lanes x 1.83 GHz); at 3.35 TB/s that allows about 2.3 per weight for
 a kernel that reads only the 2-bit weights, and about 20 (bf16 out) / 11 (int8 out) for a decode
 that writes 2 / 1 bytes a weight.
@@ -30,7 +35,9 @@ os.environ["TRITON_INTERPRET"] = "0"  # before triton defines the kernels
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from triton._C.libtriton import native_specialize_impl  # noqa: E402  the JIT's own argument specialization
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -50,44 +57,70 @@ def _sig(fn, ptrs, consts):
 
 
 def specs():
-    """(name, kernel, signature, constexprs, options, weights per loop trip or per program, looped)."""
+    """(name, kernel, signature, constexprs, options, weights per loop trip or per program, looped, runtime ints).
+
+    The runtime integers are one FLUX.1-dev launch of the path the kernel serves: the GEMMs at
+    M = 256 (4 < M < 512; N = K = 3072), the GEMV at M = 1 on ``norm1.linear`` (N = 18432,
+    K = 3072: 192 words a row, 2 splits of 96), the decodes and the int32 epilogue on a
+    3072 x 3072 weight at M = 4608. All row-major and contiguous.
+    """
     rows = []
     tile = {"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}
     c = {"HAS_BIAS": True, "DOT": tl.bfloat16, "PRECISION": "tf32", "BLOCK_KQ": 32, **tile}
     p = {"x_ptr": "*bf16", "w_ptr": "*u8", "scale_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
+    gemm = {"M": 256, "N": 3072, "K": 3072, "KQ": 768, "stride_xm": 3072, "stride_xk": 1, "stride_qm": 3072,
+            "stride_wn": 768, "stride_ym": 3072, "stride_yn": 1, "M_BUCKET": 256}
     rows.append(("w2a16 GEMM 128x128x(4x32), 8 warps", w2a16_kernel, _sig(w2a16_kernel, p, c), c,
-                 {"num_warps": 8, "num_stages": 3}, 128 * 32 * 4, True))
+                 {"num_warps": 8, "num_stages": 3}, 128 * 32 * 4, True, gemm))
     c = {"HAS_BIAS": True, "BLOCK_KQ": 64, **tile}
     p = {"q_ptr": "*i8", "sx_ptr": "*fp32", "w_ptr": "*u8", "scale_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
     rows.append(("w2a8 GEMM 128x128x(4x64), 8 warps", w2a8_kernel, _sig(w2a8_kernel, p, c), c,
-                 {"num_warps": 8, "num_stages": 3}, 128 * 64 * 4, True))
+                 {"num_warps": 8, "num_stages": 3}, 128 * 64 * 4, True, gemm))
+    gemv = {"M": 1, "N": 18432, "KW": 192, "WPS": 96, "stride_wn": 192, "stride_ym": 18432}
     for has_sx, name in ((False, "W2A16"), (True, "W2A8")):
         for bn, bw, warps, stages in ((128, 8, 4, 4), (128, 16, 4, 3)):
             c = {"ONE_SPLIT": False, "HAS_XSCALE": has_sx, "HAS_BIAS": True, "PATTERN": tl.bfloat16, "DOT": tl.bfloat16,
                  "PRECISION": "tf32", "BLOCK_N": bn, "BLOCK_W": bw}
             p = {"xp_ptr": "*bf16", "w_ptr": "*u8", "part_ptr": "*fp32", "sx_ptr": "*fp32", "scale_ptr": "*fp32",
                  "bias_ptr": "*bf16", "y_ptr": "*bf16"}
-            rows.append((f"GEMV {name} M<=16, {bn}x({bw}x16), {warps} warps, split-K", gemv_kernel, _sig(gemv_kernel, p, c),
-                         c, {"num_warps": warps, "num_stages": stages}, bn * bw * 16, True))
+            rows.append((f"GEMV {name} M=1, {bn}x({bw}x16), {warps} warps, split-K", gemv_kernel, _sig(gemv_kernel, p, c),
+                         c, {"num_warps": warps, "num_stages": stages}, bn * bw * 16, True, gemv))
+    dec = {"N": 3072, "ROWS": 3072, "KW": 192, "stride_wn": 192}  # strides in 32-bit words
     c = {k: v for k, v in INT8_META.items() if k != "num_warps"}
     rows.append(("decode -> int8 codes", decode_int8_kernel, _sig(decode_int8_kernel, {"w_ptr": "*u8", "out_ptr": "*i8"}, c),
-                 c, {"num_warps": INT8_META["num_warps"]}, c["BLOCK_N"] * c["BLOCK_W"] * 16 * c["UNROLL"], True))
-    c = {**{k: v for k, v in HALF_META.items() if k != "num_warps"}, "HAS_SCALE": True, "INTERPRET": False}
+                 c, {"num_warps": INT8_META["num_warps"]}, c["BLOCK_N"] * c["BLOCK_W"] * 16 * c["UNROLL"], True,
+                 {**dec, "stride_on": 768}))
+    c = {**{k: v for k, v in HALF_META.items() if k != "num_warps"}, "HAS_SCALE": True, "INTERPRET": False, "EVEN": True}
     p = {"w_ptr": "*u8", "scale_ptr": "*fp32", "out_ptr": "*bf16"}
     rows.append(("decode -> bf16 codes x scale", decode_half_kernel, _sig(decode_half_kernel, p, c), c,
-                 {"num_warps": HALF_META["num_warps"]}, c["BLOCK_N"] * c["BLOCK_W"] * 16 * c["UNROLL"], True))
+                 {"num_warps": HALF_META["num_warps"]}, c["BLOCK_N"] * c["BLOCK_W"] * 16 * c["UNROLL"], True,
+                 {**dec, "stride_on": 1536}))
     c = {**{k: v for k, v in EPILOGUE_META.items() if k != "num_warps"}, "HAS_BIAS": True}
     p = {"acc_ptr": "*i32", "sx_ptr": "*fp32", "scale_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
     rows.append(("int32 epilogue (per output, not weight)", int_epilogue_kernel, _sig(int_epilogue_kernel, p, c), c,
-                 {"num_warps": EPILOGUE_META["num_warps"]}, c["BLOCK_M"] * c["BLOCK_N"], False))
+                 {"num_warps": EPILOGUE_META["num_warps"]}, c["BLOCK_M"] * c["BLOCK_N"], False,
+                 {"M": 4608, "N": 3072, "stride_am": 3072, "stride_ym": 3072}))
     return rows
 
 
-def aligned(fn, signature) -> dict:
-    """What Triton's JIT specializes at a FLUX-shaped launch: pointers 16-byte aligned and row
-    strides multiples of 16 (``tt.divisibility``), so vector loads and stores are allowed."""
-    return {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-            if signature[a].startswith("*") or (a.startswith("stride_") and not a.endswith(("k", "yn")))}
+def specialize(fn, signature: dict, consts: dict, ints: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) as Triton's JIT builds them for a launch with the runtime
+    integers ``ints`` (every integer argument must be given) and 16-byte-aligned tensors (torch's
+    allocations): integers go through the JIT's own ``native_specialize_impl`` (1 -> constexpr,
+    a multiple of 16 -> ``tt.divisibility``), pointers get ``tt.divisibility`` 16."""
+    signature, consts, attrs = dict(signature), dict(consts), {}
+    for i, a in enumerate(fn.arg_names):
+        if signature[a] == "constexpr":
+            continue
+        if signature[a].startswith("*"):
+            attrs[(i,)] = CUDABackend.parse_attr("D")
+            continue
+        kind, spec = native_specialize_impl(CUDABackend, ints[a], False, True, True)
+        if kind == "constexpr":
+            signature[a], consts[a] = "constexpr", ints[a]
+        else:
+            signature[a], attrs[(i,)] = kind, CUDABackend.parse_attr(spec)
+    return signature, consts, attrs
 
 
 def sass(cubin: bytes) -> list[str]:
@@ -113,15 +146,16 @@ def hottest_loop(code: list) -> list[str]:
 
 def measure(arch: int) -> list[dict]:
     out = []
-    for name, fn, signature, consts, options, weights, looped in specs():
-        k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=aligned(fn, signature)),
+    for name, fn, signature, consts, options, weights, looped, ints in specs():
+        signature, consts, attrs = specialize(fn, signature, consts, ints)
+        k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
                            target=GPUTarget("cuda", arch, 32), options=options)
         code = [(a, ins) for a, ins in sass(k.asm["cubin"]) if not ins.startswith("NOP")]
         body = hottest_loop(code) if looped else [ins for _, ins in code]
         ops = Counter(ins.split()[1 if ins.startswith("@") else 0].split(".")[0] for ins in body)  # "@P0 STG.E ..." -> STG
         threads = 32 * options["num_warps"]
         out.append({"kernel": name, "arch": f"sm{arch}", "num_warps": options["num_warps"], "region": "K loop" if looped else "whole kernel",
-                    "sass_instructions": len(body), "weights": weights,
+                    "launch": ints, "sass_instructions": len(body), "weights": weights,
                     "thread_instructions_per_weight": round(len(body) * threads / weights, 3),
                     "top_opcodes": dict(ops.most_common(8))})
     return out

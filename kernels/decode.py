@@ -113,12 +113,16 @@ def _mul_pairs(r, mult, mult_f32, DT: tl.constexpr, INTERPRET: tl.constexpr):
 
 @triton.jit
 def decode_half_kernel(w_ptr, scale_ptr, out_ptr, N, ROWS, KW, stride_wn, stride_on, HAS_SCALE: tl.constexpr,
-                       INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, UNROLL: tl.constexpr):
+                       INTERPRET: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                       UNROLL: tl.constexpr):
     """w: [N, 4 KW] uint8 -> out: [ROWS, 16 KW] bf16/fp16 ``(u - 1) * scale[n]`` (scale 1 without HAS_SCALE).
 
     Written as uint32 pairs: word column wc, plane p, lanes (2h, 2h + 1) land at pair column
     ``64 (wc // 8) + 16 p + 2 (wc % 8) + h``. Strides in 32-bit words. Grid (cdiv(ROWS, BLOCK_N),),
-    BLOCK_W words (a multiple of 8 dividing KW) a trip.
+    BLOCK_W words (a multiple of 8 dividing KW) a trip. EVEN: BLOCK_N divides ROWS, so no store
+    needs a mask. (With ROWS a multiple of 16, as the JIT sees every FLUX N, a masked store's
+    predicate is uniform per program and ptxas wraps each plane's stores in a branch: +27 SASS
+    instructions a trip, 1.83 -> 2.04 a weight on sm90.)
     """
     DT: tl.constexpr = out_ptr.dtype.element_ty
     n, c, load_mask, mask = _tile(N, ROWS, BLOCK_N, BLOCK_W, True)
@@ -138,7 +142,10 @@ def decode_half_kernel(w_ptr, scale_ptr, out_ptr, N, ROWS, KW, stride_wn, stride
             lanes01 = _mul_pairs(~(y << (6 - 2 * p)) & 0xC000C000, mult, half, DT, INTERPRET)  # [BLOCK_N, BLOCK_W]
             lanes23 = _mul_pairs(~(y << (14 - 2 * p)) & 0xC000C000, mult, half, DT, INTERPRET)
             pairs = tl.reshape(tl.join(lanes01, lanes23), (BLOCK_N, 2 * BLOCK_W))  # column 2 wc + h
-            tl.store(dst + 16 * p, pairs, mask=mask)
+            if EVEN:
+                tl.store(dst + 16 * p, pairs)
+            else:
+                tl.store(dst + 16 * p, pairs, mask=mask)
         src += BLOCK_W
         dst += 8 * BLOCK_W
 
@@ -214,5 +221,5 @@ def decode(packed: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None 
     meta = _fit(HALF_META, kw)
     grid = (triton.cdiv(rows, meta["BLOCK_N"]),)
     launch_fixed(decode_half_kernel, grid, meta, packed, scale, out, n, rows, kw, packed.stride(0) // 4,
-                 out.stride(0) // 2, HAS_SCALE=scale is not None, INTERPRET=interpreting())
+                 out.stride(0) // 2, HAS_SCALE=scale is not None, INTERPRET=interpreting(), EVEN=rows % meta["BLOCK_N"] == 0)
     return out

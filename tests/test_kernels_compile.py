@@ -59,7 +59,7 @@ def _specs():
     yield decode_int8_kernel, sig(decode_int8_kernel, {"w_ptr": "*u8", "out_ptr": "*i8"}, consts), consts, options
     for dt in ("bf16", "fp16"):
         consts, options = fixed(HALF_META)
-        consts.update(HAS_SCALE=True, INTERPRET=False)
+        consts.update(HAS_SCALE=True, INTERPRET=False, EVEN=dt == "bf16")  # both store paths
         ptrs = {"w_ptr": "*u8", "scale_ptr": "*fp32", "out_ptr": f"*{dt}"}
         yield decode_half_kernel, sig(decode_half_kernel, ptrs, consts), consts, options
     consts, options = fixed(FLOAT_META)
