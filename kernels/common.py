@@ -117,7 +117,10 @@ def keep_fitting(configs, n: int, kq: int, m_cap: int):
 
 def output_for(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                in_features: int, out: torch.Tensor | None) -> torch.Tensor:
-    """Check a launcher's operands (x2: [M, K], packed: [N, Kp/4] uint8) and return y: [M, N] in x's dtype."""
+    """Check a launcher's operands (x2: [M, K], packed: [N, Kp/4] uint8) and return y: [M, N] in x's dtype.
+
+    ``out`` may have any row stride but must be unit-stride along N (what every launcher writes).
+    """
     m, k = x2.shape
     n, kq = packed.shape
     if k != in_features or kq * 4 != -(-k // GROUP) * GROUP or packed.dtype != torch.uint8 or packed.stride(1) != 1:
@@ -131,6 +134,8 @@ def output_for(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias
         return torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     if out.shape != (m, n) or out.dtype != x2.dtype:
         raise ValueError(f"out must be [{m}, {n}] {x2.dtype}")
+    if n > 1 and out.stride(1) != 1:  # the GEMV and int32 epilogues write row + n: a strided N would go astray
+        raise ValueError(f"out must have unit stride along N, got strides {tuple(out.stride())}")
     return out
 
 

@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 
 from bitflux_kernels.common import interpreting
 from bitflux_kernels.layout import pack_2bit, padded_k
-from bitflux_kernels.reference import quantize_activations_int8
+from bitflux_kernels.reference import quantize_activations_int8, ternary_linear_reference
 
 # interpreter on CPU by default; with TRITON_INTERPRET=0 on a GPU machine the same tests run compiled
 if not interpreting() and not torch.cuda.is_available():
@@ -71,3 +71,23 @@ def test_m_bucket_and_pruner_keep_a_config_for_every_flux_shape():
             for bucket in (1, 16, 4096):
                 kept = keep_fitting(mod.SPACE.configs(), n, padded_k(k) // 4, max(16, bucket))
                 assert kept and all(n % c.kwargs["BLOCK_N"] == 0 for c in kept)
+
+
+@pytest.mark.parametrize("launcher", ["gemv", "w2a16", "w2a8", "w2a16_cublas", "w2a8_cublas"])
+def test_every_launcher_writes_a_row_strided_out_and_refuses_a_strided_n(launcher):
+    """The GEMV and int32 epilogues write ``out + m * stride_m + n``: a transposed ``out`` kept NaNs, an
+    expanded one (stride 0 along N) was written past its storage. A padded row stride is fine."""
+    from bitflux_kernels import gemv, large_m, w2a8, w2a16
+
+    fn = {"gemv": gemv.gemv, "w2a16": w2a16.w2a16, "w2a8": w2a8.w2a8,
+          "w2a16_cublas": large_m.w2a16_cublas, "w2a8_cublas": large_m.w2a8_cublas}[launcher]
+    mode = "int8" if "a8" in launcher else "none"
+    x, packed, scale, bias, _ = case(3, 37, 97, torch.float32)
+    wide = torch.full((3, 40), float("nan"), device=DEVICE)  # rows of 40, out is their first 37 columns
+    y = fn(x, packed, scale, bias, 97, out=wide[:, :37]) if launcher != "gemv" else \
+        fn(x, packed, scale, bias, 97, out=wide[:, :37], activations=mode)
+    assert rel_err(y, ternary_linear_reference(x, packed, scale, bias, 97, mode)) < TOL[torch.float32]
+    assert wide[:, 37:].isnan().all()  # nothing written past N
+    for bad in (torch.empty(37, 3, device=DEVICE).t(), torch.empty(3, 1, device=DEVICE).expand(3, 37)):
+        with pytest.raises(ValueError, match="unit stride along N"):
+            fn(x, packed, scale, bias, 97, out=bad)
