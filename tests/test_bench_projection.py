@@ -73,7 +73,7 @@ def test_random_transformer_is_ternary_and_never_zero():
             codes = unpack_2bit(m.packed, m.in_features)  # [N, K] int8
             assert set(codes.unique().tolist()) == {-1, 0, 1}
             assert (m.scale > 0).all() and m.scale.dtype == torch.float32 and m.activations == activations
-        assert all((p != 0).all() for p in net.parameters())
+        assert all((p != 0).all() for p in net.parameters() if p.is_floating_point())  # packed bytes may be 0
         assert all((m.bias != 0).all() for m in shells if m.bias is not None)
         with torch.inference_mode():
             out = net(**dummy_inputs(net, 1, 64, 24, "cpu"))[0]  # [1, 16, 64]

@@ -47,7 +47,8 @@ def random_transformer(model: ModelConfig, mode: str, device: torch.device | str
     gen = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
         for p in net.parameters():
-            p.normal_(0.0, INIT_STD, generator=gen)
+            if p.is_floating_point():  # a ternary layer's packed codes (uint8) are drawn below
+                p.normal_(0.0, INIT_STD, generator=gen)
         for mod in net.modules():
             if isinstance(mod, TernaryLinear):
                 codes = torch.randint(-1, 2, (mod.out_features, mod.in_features), generator=gen,
