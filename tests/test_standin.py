@@ -46,7 +46,8 @@ def test_standin_has_the_hub_layout_at_full_width(standin):
 def chain(standin, tmp_path_factory):
     wd = tmp_path_factory.mktemp("standin-run")
     calib = bitflux(standin, wd, "calibrate")
-    quantized = {m: bitflux(standin, wd, "quantize", "--method", m) for m in ("absmean", "act-aware", "block-recon", "distill")}
+    # act-aware runs inside block-recon (its start), at full width; alone it is tested on the tiny model
+    quantized = {m: bitflux(standin, wd, "quantize", "--method", m) for m in ("absmean", "block-recon", "distill")}
     return wd, calib, quantized, bitflux(standin, wd, "pack")
 
 
