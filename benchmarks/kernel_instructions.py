@@ -11,7 +11,10 @@ integer equal to 1 (a unit stride) becomes a constant. Without that no load or s
 with only part of it (pointers and row strides, as this script did before) the compiler picks
 16-byte layouts it then cannot load as vectors, and the count describes a kernel no launch runs.
 Thread-instructions per weight = SASS instructions x 32 x num_warps / weights one program handles
-per loop trip (or in total). An H100 issues about 31e12 thread-instructions/s
+per loop trip (or in total). For the decodes the weights of a trip are counted from the loop's own
+global loads (4 weights a byte, every thread): LLVM may unroll the word loop further than its
+``loop_unroll_factor`` (the raw-fields decode's body holds four chunks, not two), and a count from
+the tile sizes would then charge one trip's instructions to half its weights. An H100 issues about 31e12 thread-instructions/s
 (132 SMs x 4 schedulers x 32 lanes x 1.83 GHz); at 3.35 TB/s that allows about 2.3 per weight for
 a kernel that reads only the 2-bit weights, and about 20 (bf16 out) / 11 (int8 out) for a decode
 that writes 2 / 1 bytes a weight.
@@ -41,7 +44,7 @@ from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bitflux_kernels.decode import HALF_META, INT8_META, decode_half_kernel, decode_int8_kernel  # noqa: E402
+from bitflux_kernels.decode import FIELDS_META, HALF_META, decode_fields_kernel, decode_half_kernel  # noqa: E402
 from bitflux_kernels.gemv import gemv_kernel  # noqa: E402
 from bitflux_kernels.large_m import EPILOGUE_META, int_epilogue_kernel  # noqa: E402
 from bitflux_kernels.w2a8 import w2a8_kernel  # noqa: E402
@@ -57,7 +60,8 @@ def _sig(fn, ptrs, consts):
 
 
 def specs():
-    """(name, kernel, signature, constexprs, options, weights per loop trip or per program, looped, runtime ints).
+    """(name, kernel, signature, constexprs, options, weights per loop trip or per program (None: counted
+    from the loop's global loads), looped, runtime ints).
 
     The runtime integers are one FLUX.1-dev launch of the path the kernel serves: the GEMMs at
     M = 256 (4 < M < 512; N = K = 3072), the GEMV at M = 1 on ``norm1.linear`` (N = 18432,
@@ -86,17 +90,19 @@ def specs():
             rows.append((f"GEMV {name} M=1, {bn}x({bw}x16), {warps} warps, split-K", gemv_kernel, _sig(gemv_kernel, p, c),
                          c, {"num_warps": warps, "num_stages": stages}, bn * bw * 16, True, gemv))
     dec = {"N": 3072, "ROWS": 3072, "KW": 192, "stride_wn": 192}  # strides in 32-bit words
-    c = {k: v for k, v in INT8_META.items() if k != "num_warps"}
-    rows.append(("decode -> int8 codes", decode_int8_kernel, _sig(decode_int8_kernel, {"w_ptr": "*u8", "out_ptr": "*i8"}, c),
-                 c, {"num_warps": INT8_META["num_warps"]}, c["BLOCK_N"] * c["BLOCK_W"] * 16 * c["UNROLL"], True,
+    c = {**{k: v for k, v in FIELDS_META.items() if k != "num_warps"}, "EVEN": True}
+    p = {"w_ptr": "*u8", "out_ptr": "*u8"}
+    rows.append(("decode -> raw fields u (W2A8)", decode_fields_kernel, _sig(decode_fields_kernel, p, c), c,
+                 {"num_warps": FIELDS_META["num_warps"]}, None, True,
                  {**dec, "stride_on": 768}))
     c = {**{k: v for k, v in HALF_META.items() if k != "num_warps"}, "HAS_SCALE": True, "INTERPRET": False, "EVEN": True}
     p = {"w_ptr": "*u8", "scale_ptr": "*fp32", "out_ptr": "*bf16"}
     rows.append(("decode -> bf16 codes x scale", decode_half_kernel, _sig(decode_half_kernel, p, c), c,
-                 {"num_warps": HALF_META["num_warps"]}, c["BLOCK_N"] * c["BLOCK_W"] * 16 * c["UNROLL"], True,
+                 {"num_warps": HALF_META["num_warps"]}, None, True,
                  {**dec, "stride_on": 1536}))
     c = {**{k: v for k, v in EPILOGUE_META.items() if k != "num_warps"}, "HAS_BIAS": True}
-    p = {"acc_ptr": "*i32", "sx_ptr": "*fp32", "scale_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
+    p = {"acc_ptr": "*i32", "qsum_ptr": "*i32", "sx_ptr": "*fp32", "scale_ptr": "*fp32", "bias_ptr": "*bf16",
+         "y_ptr": "*bf16"}
     rows.append(("int32 epilogue (per output, not weight)", int_epilogue_kernel, _sig(int_epilogue_kernel, p, c), c,
                  {"num_warps": EPILOGUE_META["num_warps"]}, c["BLOCK_M"] * c["BLOCK_N"], False,
                  {"M": 4608, "N": 3072, "stride_am": 3072, "stride_ym": 3072}))
@@ -144,6 +150,20 @@ def hottest_loop(code: list) -> list[str]:
     return best
 
 
+LOAD_BYTES = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
+
+
+def opcode(ins: str) -> list[str]:
+    """"@P0 STG.E.128 [R2], R4" -> ["STG", "E", "128"]."""
+    return ins.split()[1 if ins.startswith("@") else 0].split(".")
+
+
+def loaded_weights(body: list[str], threads: int) -> int:
+    """Packed weights the global loads of ``body`` bring in: 4 a byte, for every thread."""
+    loads = [op for op in map(opcode, body) if op[0] == "LDG"]
+    return 4 * threads * sum(next((LOAD_BYTES[m] for m in op if m in LOAD_BYTES), 4) for op in loads)
+
+
 def measure(arch: int) -> list[dict]:
     out = []
     for name, fn, signature, consts, options, weights, looped, ints in specs():
@@ -152,8 +172,9 @@ def measure(arch: int) -> list[dict]:
                            target=GPUTarget("cuda", arch, 32), options=options)
         code = [(a, ins) for a, ins in sass(k.asm["cubin"]) if not ins.startswith("NOP")]
         body = hottest_loop(code) if looped else [ins for _, ins in code]
-        ops = Counter(ins.split()[1 if ins.startswith("@") else 0].split(".")[0] for ins in body)  # "@P0 STG.E ..." -> STG
+        ops = Counter(opcode(ins)[0] for ins in body)
         threads = 32 * options["num_warps"]
+        weights = weights or loaded_weights(body, threads)
         out.append({"kernel": name, "arch": f"sm{arch}", "num_warps": options["num_warps"], "region": "K loop" if looped else "whole kernel",
                     "launch": ints, "sass_instructions": len(body), "weights": weights,
                     "thread_instructions_per_weight": round(len(body) * threads / weights, 3),

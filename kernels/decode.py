@@ -6,9 +6,10 @@ word ``l = wc % 8``) holds bytes ``b0..b3`` = lanes ``4 l .. 4 l + 3`` of group 
 the four planes at shifts 0, 2, 4, 6. A program loads [BLOCK_N, BLOCK_G, 8] words (128-bit
 loads) and writes each plane's outputs as contiguous 16-byte vectors.
 
-- **int8 codes** (W2A8): for plane p, ``((w >> 2p) & 0x03030303) + 0x7F7F7F7F`` puts ``u + 127`` in
-  each byte (no carry: u <= 2) and ``^ 0x80808080`` turns it into ``u - 1``: four weights per
-  shift, and, add, xor, landing at int8 word ``32 g + 8 p + l``.
+- **raw fields** (W2A8): for plane p, ``(w >> 2p) & 0x03030303`` is four fields ``u`` in {0, 1, 2},
+  one a byte (a shift and an ``and`` for four weights), landing at byte word ``32 g + 8 p + l``. The
+  GEMM then runs on ``u = codes + 1`` and its epilogue subtracts the per-token sum of q
+  (large_m.py): ``q @ u^T = q @ codes^T + sum_k q``.
 - **bf16 / fp16** (W2A16), the sign-bit trick: with u's two bits at bits 15:14 of a 16-bit half,
   ``~bits & 0xC000`` is 0xC000 (u = 0: -2.0), 0x8000 (u = 1: -0.0) or 0x4000 (u = 2: +2.0), the
   same patterns in bf16 and fp16. One byte permute puts lanes (0, 1) in bytes 1, 3 and lanes
@@ -20,8 +21,9 @@ loads) and writes each plane's outputs as contiguous 16-byte vectors.
   integer and fp32 ops (same bits); the shifts and masks are the same code.
 - **fp32** (rare at large M): per byte and plane ``(u - 1) * scale`` in fp32.
 
-Rows past N (``rows`` > N, e.g. padding N to a multiple of 8 for ``torch._int_mm``) and the K
-padding decode to 0.
+The K padding decodes to 0 (bf16/fp16) or to the field of a zero code, u = 1 (raw fields). Rows past N
+(``rows`` > N, raw fields only: N rounded up to 8 for ``torch._int_mm``) repeat rows ``n % N``; the
+GEMM's columns past N are never read.
 """
 
 import torch
@@ -31,16 +33,15 @@ import triton.language as tl
 from .common import interpreting, launch_fixed
 
 ZERO_BYTE = tl.constexpr(0x55)  # four fields of u = 1: four zero weights
-ZERO_WORD = tl.constexpr(0x55555555)
 # a trip: 8 rows x 64 words (8 groups: 8k weights, 64 a thread), unrolled twice; every FLUX Kp/16 is a multiple of 64
-INT8_META = {"BLOCK_N": 8, "BLOCK_W": 64, "UNROLL": 2, "num_warps": 4}
+FIELDS_META = {"BLOCK_N": 8, "BLOCK_W": 64, "UNROLL": 2, "num_warps": 4}
 HALF_META = {"BLOCK_N": 8, "BLOCK_W": 64, "UNROLL": 2, "num_warps": 4}
 FLOAT_META = {"BLOCK_N": 32, "BLOCK_KQ": 128, "num_warps": 4}
 
 
 @triton.jit
 def _tile(N, ROWS, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PAIRS: tl.constexpr):
-    """(rows [BLOCK_N, 1] int64, word columns [1, BLOCK_W] of the first chunk, load mask, store mask).
+    """(rows [BLOCK_N, 1] int64, word columns [1, BLOCK_W] of the first chunk, mask of rows < N, store mask).
 
     With PAIRS the columns are written ``c // 2 * 2 + c % 2`` (the same numbers) so that the
     compiler sees runs of 2 contiguous words: each thread then holds 2 words, and the bf16
@@ -55,29 +56,32 @@ def _tile(N, ROWS, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PAIRS: tl.const
 
 @triton.jit
 def _src(w_ptr, n, c, N, ROWS, stride_wn):
-    """Word pointers [BLOCK_N, BLOCK_W] of the first chunk. When ROWS == N rows past N wrap
-    around (their stores are masked), so the loads need no mask; else (int8 rows padded with
-    zeros) the caller masks them."""
+    """Word pointers [BLOCK_N, BLOCK_W] of the first chunk. Rows past N wrap around (to rows their
+    stores mask or nobody reads), so the loads need no mask."""
     return w_ptr.to(tl.pointer_type(tl.uint32)) + (n % N) * stride_wn + c
 
 
 @triton.jit
-def decode_int8_kernel(w_ptr, out_ptr, N, ROWS, KW, stride_wn, stride_on,
-                       BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, UNROLL: tl.constexpr):
-    """w: [N, 4 KW] uint8 read as [N, KW] uint32 -> out: [ROWS, 16 KW] int8 written as uint32 words.
+def decode_fields_kernel(w_ptr, out_ptr, N, ROWS, KW, stride_wn, stride_on, EVEN: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, UNROLL: tl.constexpr):
+    """w: [N, 4 KW] uint8 read as [N, KW] uint32 -> out: [ROWS, 16 KW] uint8 fields u, written as uint32 words.
 
-    Word column wc, plane p lands at int8 word ``32 (wc // 8) + 8 p + wc % 8``. Strides in 32-bit
+    Word column wc, plane p lands at byte word ``32 (wc // 8) + 8 p + wc % 8``. Strides in 32-bit
     words. Grid (cdiv(ROWS, BLOCK_N),): a program walks its rows' words BLOCK_W (a multiple of 8
-    dividing KW) at a time, so addresses and masks are computed once.
+    dividing KW) at a time, so addresses are computed once. Rows past N read row ``n % N`` (no load
+    mask); EVEN: BLOCK_N divides ROWS, so no store needs a mask.
     """
-    n, c, load_mask, mask = _tile(N, ROWS, BLOCK_N, BLOCK_W, False)
+    n, c, _, mask = _tile(N, ROWS, BLOCK_N, BLOCK_W, False)
     src = _src(w_ptr, n, c, N, ROWS, stride_wn)  # [BLOCK_N, BLOCK_W]
     dst = out_ptr.to(tl.pointer_type(tl.uint32)) + n * stride_on + (c // 8 * 32 + c % 8)
     for _ in tl.range(0, KW, BLOCK_W, loop_unroll_factor=UNROLL):
-        words = tl.load(src, mask=load_mask, other=ZERO_WORD)
+        words = tl.load(src)
         for p in tl.static_range(4):
-            codes = (((words >> (2 * p)) & 0x03030303) + 0x7F7F7F7F) ^ 0x80808080  # four int8 u - 1
-            tl.store(dst + 8 * p, codes, mask=mask)
+            fields = (words >> (2 * p)) & 0x03030303  # four u in {0, 1, 2}, one a byte
+            if EVEN:
+                tl.store(dst + 8 * p, fields)
+            else:
+                tl.store(dst + 8 * p, fields, mask=mask)
         src += BLOCK_W
         dst += 4 * BLOCK_W
 
@@ -184,10 +188,10 @@ def decode(packed: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None 
            rows: int | None = None) -> torch.Tensor:
     """Dense weight [rows, Kp] in ``dtype`` from packed [N, Kp/4] uint8 (rows >= N, default N).
 
-    int8: the codes ``u - 1``. float dtypes: ``(u - 1) * scale`` (scale: [N] fp32, optional), the
-    same numbers as ``(codes * scale)`` in fp32 rounded once to ``dtype``. Rows past N and columns
-    past K are zeros (bf16/fp16 write -0.0 for zero codes). Allocated with ``torch.empty`` on every
-    call (see docs/KERNELS.md, "Scratch").
+    uint8: the raw fields ``u = codes + 1`` in {0, 1, 2} (1 past K; rows past N repeat rows ``n % N``).
+    float dtypes: ``(u - 1) * scale`` (scale: [N] fp32, optional), the same numbers as
+    ``(codes * scale)`` in fp32 rounded once to ``dtype``; columns past K are zeros (bf16/fp16 write
+    -0.0 for zero codes). Allocated with ``torch.empty`` on every call (see docs/KERNELS.md, "Scratch").
     """
     n, kq = packed.shape
     rows = n if rows is None else rows
@@ -197,7 +201,7 @@ def decode(packed: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None 
     out = torch.empty(rows, 4 * kq, dtype=dtype, device=packed.device)  # [rows, Kp]
     if rows == 0 or kq == 0:
         return out
-    if scale is not None and dtype != torch.int8 and (
+    if scale is not None and dtype != torch.uint8 and (
             scale.shape != (n,) or scale.dtype != torch.float32 or not scale.is_contiguous()):
         raise ValueError("scale must be a contiguous [N] float32 tensor")
     if dtype == torch.float32:
@@ -209,15 +213,16 @@ def decode(packed: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None 
     if packed.stride(0) % 4 or packed.data_ptr() % 4:
         raise ValueError("the decode reads 32-bit words: packed rows must be 4-byte aligned")
     kw = kq // 4  # words a row, a multiple of 8
-    if dtype == torch.int8:
+    if dtype == torch.uint8:
         if scale is not None:
-            raise ValueError("int8 decode yields the codes; apply the scale in the GEMM's epilogue")
-        meta = _fit(INT8_META, kw)
+            raise ValueError("the uint8 decode yields the raw fields; apply the scale in the GEMM's epilogue")
+        meta = _fit(FIELDS_META, kw)
         grid = (triton.cdiv(rows, meta["BLOCK_N"]),)
-        launch_fixed(decode_int8_kernel, grid, meta, packed, out, n, rows, kw, packed.stride(0) // 4, out.stride(0) // 4)
+        launch_fixed(decode_fields_kernel, grid, meta, packed, out, n, rows, kw, packed.stride(0) // 4,
+                     out.stride(0) // 4, EVEN=rows % meta["BLOCK_N"] == 0)
         return out
     if dtype not in (torch.bfloat16, torch.float16) or rows != n:
-        raise ValueError(f"decode: unsupported dtype {dtype} (or rows != N, which only int8 takes)")
+        raise ValueError(f"decode: unsupported dtype {dtype} (or rows != N, which only uint8 takes)")
     meta = _fit(HALF_META, kw)
     grid = (triton.cdiv(rows, meta["BLOCK_N"]),)
     launch_fixed(decode_half_kernel, grid, meta, packed, scale, out, n, rows, kw, packed.stride(0) // 4,

@@ -50,11 +50,14 @@ def test_act_quant_matches_reference_bit_exactly(m, k, dtype):
     x, *_ = case(m, 8, k, dtype)
     x[0, :4] = torch.tensor([127.0, 63.5, -2.5, 0.5])  # scale 1: exact ties, which round half to even
     x[-1] = 0.0  # an all-zero token takes the 1e-12 floor
-    q, s = act_quant(x, padded_k(k))
+    sums = torch.full((m,), -7, dtype=torch.int32, device=x.device)
+    q, s = act_quant(x, padded_k(k), sums)
     q_ref, s_ref = quantize_activations_int8(x)
     assert torch.equal(s, s_ref)
     assert torch.equal(q[:, :k], q_ref)
     assert not q[:, k:].any()  # K padding is zeros
+    assert torch.equal(sums, q_ref.sum(1, dtype=torch.int32))
+    assert torch.equal(act_quant(x, padded_k(k))[0], q)  # without sums: the same q
 
 
 def test_m_bucket_and_pruner_keep_a_config_for_every_flux_shape():

@@ -20,7 +20,7 @@ def _specs():
     import triton.language as tl
 
     from bitflux_kernels.act_quant import act_quant_kernel
-    from bitflux_kernels.decode import FLOAT_META, HALF_META, INT8_META, decode_float_kernel, decode_half_kernel, decode_int8_kernel
+    from bitflux_kernels.decode import FIELDS_META, FLOAT_META, HALF_META, decode_fields_kernel, decode_float_kernel, decode_half_kernel
     from bitflux_kernels.large_m import EPILOGUE_META, int_epilogue_kernel
     from bitflux_kernels.gemv import PERMUTE_META, REDUCE_META, gemv_kernel, permute_x_kernel, reduce_kernel
     from bitflux_kernels.w2a8 import w2a8_kernel
@@ -51,12 +51,14 @@ def _specs():
     yield reduce_kernel, sig(reduce_kernel, ptrs, consts), consts, {"num_warps": REDUCE_META["num_warps"]}
     consts = {"BLOCK": PERMUTE_META["BLOCK"]}
     yield permute_x_kernel, sig(permute_x_kernel, {"x_ptr": "*i8", "xp_ptr": "*bf16"}, consts), consts, {"num_warps": 4}
-    consts = {"ROWS": 4, "BLOCK_K": 1024}
-    ptrs = {"x_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32"}
+    consts = {"ROWS": 4, "BLOCK_K": 1024, "HAS_SUM": True}
+    ptrs = {"x_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "sum_ptr": "*i32"}
     yield act_quant_kernel, sig(act_quant_kernel, ptrs, consts), consts, {"num_warps": 4}
     fixed = lambda meta: ({k: v for k, v in meta.items() if k != "num_warps"}, {"num_warps": meta["num_warps"]})  # noqa: E731
-    consts, options = fixed(INT8_META)
-    yield decode_int8_kernel, sig(decode_int8_kernel, {"w_ptr": "*u8", "out_ptr": "*i8"}, consts), consts, options
+    for even in (True, False):
+        consts, options = fixed(FIELDS_META)
+        consts["EVEN"] = even
+        yield decode_fields_kernel, sig(decode_fields_kernel, {"w_ptr": "*u8", "out_ptr": "*u8"}, consts), consts, options
     for dt in ("bf16", "fp16"):
         consts, options = fixed(HALF_META)
         consts.update(HAS_SCALE=True, INTERPRET=False, EVEN=dt == "bf16")  # both store paths
@@ -68,7 +70,8 @@ def _specs():
     yield decode_float_kernel, sig(decode_float_kernel, ptrs, consts), consts, options
     consts, options = fixed(EPILOGUE_META)
     consts["HAS_BIAS"] = True
-    ptrs = {"acc_ptr": "*i32", "sx_ptr": "*fp32", "scale_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
+    ptrs = {"acc_ptr": "*i32", "qsum_ptr": "*i32", "sx_ptr": "*fp32", "scale_ptr": "*fp32", "bias_ptr": "*bf16",
+            "y_ptr": "*bf16"}
     yield int_epilogue_kernel, sig(int_epilogue_kernel, ptrs, consts), consts, options
 
 

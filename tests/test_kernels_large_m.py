@@ -16,14 +16,16 @@ def _codes(n, k, seed=0):
 
 @pytest.mark.parametrize("n,k", [(37, 97), (64, 200), (8, 128), (96, 480), (5, 1)])
 @pytest.mark.parametrize("extra_rows", [0, 3])
-def test_decode_int8_is_unpack_2bit_exactly(n, k, extra_rows):
+def test_decode_fields_is_unpack_2bit_plus_one_exactly(n, k, extra_rows):
     from bitflux_kernels.decode import decode
 
     codes, packed, _ = _codes(n, k)
-    out = decode(packed, torch.int8, rows=n + extra_rows).cpu()  # [rows, Kp]
-    assert out.shape == (n + extra_rows, padded_k(k))
-    assert torch.equal(out[:n, :k], unpack_2bit(packed.cpu(), k)) and torch.equal(out[:n, :k], codes)
-    assert not out[:, k:].any() and not out[n:].any()  # K padding and padded rows decode to 0
+    out = decode(packed, torch.uint8, rows=n + extra_rows).cpu()  # [rows, Kp]
+    assert out.shape == (n + extra_rows, padded_k(k)) and out.dtype == torch.uint8
+    assert torch.equal(out[:n, :k].to(torch.int8) - 1, unpack_2bit(packed.cpu(), k))
+    assert torch.equal(out[:n, :k].to(torch.int8) - 1, codes)
+    assert (out[:n, k:] == 1).all()  # K padding: the field of a zero code
+    assert torch.equal(out[n:], out[torch.arange(n, n + extra_rows) % n])  # rows past N repeat rows n % N
 
 
 @pytest.mark.parametrize("n,k", [(37, 97), (64, 200), (96, 480)])
@@ -47,11 +49,13 @@ def test_decode_rejects_what_it_cannot_read():
 
     _, packed, _ = _codes(8, 200)
     with pytest.raises(ValueError, match="rows >= N"):
-        decode(packed, torch.int8, rows=4)
+        decode(packed, torch.uint8, rows=4)
     with pytest.raises(ValueError, match="epilogue"):
-        decode(packed, torch.int8, scale=torch.ones(8, device=DEVICE))
+        decode(packed, torch.uint8, scale=torch.ones(8, device=DEVICE))
     with pytest.raises(ValueError, match="Kp/4"):
-        decode(packed[:, :40], torch.int8)
+        decode(packed[:, :40], torch.uint8)
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        decode(packed, torch.int8)
 
 
 @pytest.mark.parametrize("n,k", SHAPES)
