@@ -45,10 +45,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bitflux_kernels.decode import FIELDS_META, HALF_META, decode_fields_kernel, decode_half_kernel  # noqa: E402
-from bitflux_kernels.gemv import gemv_kernel  # noqa: E402
+from bitflux_kernels.packed import GEMM_CONFIGS, packed_kernel  # noqa: E402
 from bitflux_kernels.large_m import EPILOGUE_META, int_epilogue_kernel  # noqa: E402
-from bitflux_kernels.w2a8 import w2a8_kernel  # noqa: E402
-from bitflux_kernels.w2a16 import w2a16_kernel  # noqa: E402
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 # a SASS line: "        /*0130*/                   LDG.E.U8 R2, desc[UR4][R2.64] ;"
@@ -63,31 +61,30 @@ def specs():
     """(name, kernel, signature, constexprs, options, weights per loop trip or per program (None: counted
     from the loop's global loads), looped, runtime ints).
 
-    The runtime integers are one FLUX.1-dev launch of the path the kernel serves: the GEMMs at
-    M = 256 (4 < M < 512; N = K = 3072), the GEMV at M = 1 on ``norm1.linear`` (N = 18432,
+    The runtime integers are one FLUX.1-dev launch of the path the kernel serves: the packed kernel
+    as a GEMM at M = 256 (128 tokens a program, N = K = 3072, 6 splits of 32 words), as a GEMV at
+    M = 1 on ``norm1.linear`` (N = 18432,
     K = 3072: 192 words a row, 2 splits of 96), the decodes and the int32 epilogue on a
     3072 x 3072 weight at M = 4608. All row-major and contiguous.
     """
     rows = []
-    tile = {"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}
-    c = {"HAS_BIAS": True, "DOT": tl.bfloat16, "PRECISION": "tf32", "BLOCK_KQ": 32, **tile}
-    p = {"x_ptr": "*bf16", "w_ptr": "*u8", "scale_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
-    gemm = {"M": 256, "N": 3072, "K": 3072, "KQ": 768, "stride_xm": 3072, "stride_xk": 1, "stride_qm": 3072,
-            "stride_wn": 768, "stride_ym": 3072, "stride_yn": 1, "M_BUCKET": 256}
-    rows.append(("w2a16 GEMM 128x128x(4x32), 8 warps", w2a16_kernel, _sig(w2a16_kernel, p, c), c,
-                 {"num_warps": 8, "num_stages": 3}, 128 * 32 * 4, True, gemm))
-    c = {"HAS_BIAS": True, "BLOCK_KQ": 64, **tile}
-    p = {"q_ptr": "*i8", "sx_ptr": "*fp32", "w_ptr": "*u8", "scale_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
-    rows.append(("w2a8 GEMM 128x128x(4x64), 8 warps", w2a8_kernel, _sig(w2a8_kernel, p, c), c,
-                 {"num_warps": 8, "num_stages": 3}, 128 * 64 * 4, True, gemm))
+    gemm = {"M": 256, "N": 3072, "KW": 192, "WPS": 32, "stride_wn": 192, "stride_ym": 3072}  # split_count: 6 splits
+    for has_sx, name, (bn, bw, warps, stages) in ((False, "W2A16", GEMM_CONFIGS[2]), (False, "W2A16", GEMM_CONFIGS[1]),
+                                                  (True, "W2A8", GEMM_CONFIGS[2])):
+        c = {"ONE_SPLIT": False, "HAS_XSCALE": has_sx, "HAS_BIAS": True, "PATTERN": tl.bfloat16, "DOT": tl.bfloat16,
+             "PRECISION": "tf32", "BLOCK_N": bn, "BLOCK_W": bw, "TOKENS": 128}
+        p = {"xp_ptr": "*bf16", "w_ptr": "*u8", "part_ptr": "*fp32", "sx_ptr": "*fp32", "scale_ptr": "*fp32",
+             "bias_ptr": "*bf16", "y_ptr": "*bf16"}
+        rows.append((f"GEMM {name} M=256, {bn}x({bw}x16) x 128 tokens, {warps} warps, split-K", packed_kernel,
+                     _sig(packed_kernel, p, c), c, {"num_warps": warps, "num_stages": stages}, bn * bw * 16, True, gemm))
     gemv = {"M": 1, "N": 18432, "KW": 192, "WPS": 96, "stride_wn": 192, "stride_ym": 18432}
     for has_sx, name in ((False, "W2A16"), (True, "W2A8")):
         for bn, bw, warps, stages in ((128, 8, 4, 4), (128, 16, 4, 3)):
             c = {"ONE_SPLIT": False, "HAS_XSCALE": has_sx, "HAS_BIAS": True, "PATTERN": tl.bfloat16, "DOT": tl.bfloat16,
-                 "PRECISION": "tf32", "BLOCK_N": bn, "BLOCK_W": bw}
+                 "PRECISION": "tf32", "BLOCK_N": bn, "BLOCK_W": bw, "TOKENS": 16}
             p = {"xp_ptr": "*bf16", "w_ptr": "*u8", "part_ptr": "*fp32", "sx_ptr": "*fp32", "scale_ptr": "*fp32",
                  "bias_ptr": "*bf16", "y_ptr": "*bf16"}
-            rows.append((f"GEMV {name} M=1, {bn}x({bw}x16), {warps} warps, split-K", gemv_kernel, _sig(gemv_kernel, p, c),
+            rows.append((f"GEMV {name} M=1, {bn}x({bw}x16), {warps} warps, split-K", packed_kernel, _sig(packed_kernel, p, c),
                          c, {"num_warps": warps, "num_stages": stages}, bn * bw * 16, True, gemv))
     dec = {"N": 3072, "ROWS": 3072, "KW": 192, "stride_wn": 192}  # strides in 32-bit words
     c = {**{k: v for k, v in FIELDS_META.items() if k != "num_warps"}, "EVEN": True}

@@ -6,9 +6,9 @@ it supports: "torch" (decode by lookup + one matmul) and "reference" (float64) o
 "triton" on CUDA or in Triton's CPU interpreter. The fake impls make ``torch.compile``
 (``fullgraph=True``, inductor) treat the ops as opaque calls without a graph break.
 
-The triton route picks a kernel by M = tokens: M <= ``GEMV_MAX_M`` the packed GEMV;
-M >= ``DECODE_MIN_M`` decode the weight into scratch, then cuBLAS (large_m.py); in between the
-decode-in-register tensor-core GEMMs. Kernel modules are imported on first use, because Triton
+The triton route picks a kernel by M = tokens: M < ``DECODE_MIN_M`` the packed split-K kernel
+(packed.py: a GEMV at a few tokens, a skinny tensor-core GEMM of up to 128 tokens a program above);
+M >= ``DECODE_MIN_M`` decode the weight into scratch, then cuBLAS (large_m.py). Kernel modules are imported on first use, because Triton
 decides between compiling and interpreting when a kernel is defined. Every buffer is made with
 ``torch.empty`` inside the op (capture-safe); autotuning is not: run each shape once before a
 CUDA graph capture.
@@ -20,32 +20,25 @@ from .reference import ternary_linear_reference, ternary_linear_torch
 
 
 def route(m: int) -> str:
-    """The kernel that serves ``m`` rows: "gemv" (M <= GEMV_MAX_M), "cublas" (decode + cuBLAS,
-    M >= DECODE_MIN_M) or "gemm" (the decode-in-register tensor-core GEMM)."""
-    from .gemv import GEMV_MAX_M
+    """The kernel that serves ``m`` rows: "packed" (packed.py, M < DECODE_MIN_M) or "cublas" (decode + cuBLAS)."""
     from .large_m import DECODE_MIN_M
 
-    return "gemv" if m <= GEMV_MAX_M else "cublas" if m >= DECODE_MIN_M else "gemm"
+    return "cublas" if m >= DECODE_MIN_M else "packed"
 
 
 def _triton(x, packed, scale, bias, in_features, activations):
-    from .gemv import gemv
+    from .packed import packed_gemm
     from .large_m import w2a8_cublas, w2a16_cublas
-    from .w2a8 import w2a8 as w2a8_gemm
-    from .w2a16 import w2a16 as w2a16_gemm
 
     x2 = x.reshape(-1, in_features)  # [M, K]
     m, n = x2.shape[0], packed.shape[0]
     y = x.new_empty(*x.shape[:-1], n)  # [..., N]
     y2 = y.view(-1, n)  # [M, N]
     scale = scale.float()
-    kernel = route(m)
-    if kernel == "gemv":
-        gemv(x2, packed, scale, bias, in_features, out=y2, activations=activations)
-    elif kernel == "cublas":
+    if route(m) == "cublas":
         (w2a8_cublas if activations == "int8" else w2a16_cublas)(x2, packed, scale, bias, in_features, out=y2)
     else:
-        (w2a8_gemm if activations == "int8" else w2a16_gemm)(x2, packed, scale, bias, in_features, out=y2)
+        packed_gemm(x2, packed, scale, bias, in_features, out=y2, activations=activations)
     return y
 
 

@@ -1,6 +1,7 @@
 """Helpers shared by the kernel tests (Triton interpreter on CPU), and tests of the shared pieces."""
 
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -61,34 +62,31 @@ def test_act_quant_matches_reference_bit_exactly(m, k, dtype):
 
 
 def test_m_bucket_and_pruner_keep_a_config_for_every_flux_shape():
-    from bitflux_kernels import gemv, w2a8, w2a16
-    from bitflux_kernels.common import keep_fitting, m_bucket
+    from bitflux_kernels import packed
+    from bitflux_kernels.common import m_bucket
 
     assert [m_bucket(m) for m in (1, 3, 16, 17, 4608, 10**6)] == [1, 4, 16, 32, 8192, 16384]
-    flux = [(3072, 3072), (9216, 3072), (12288, 3072), (18432, 3072), (3072, 12288), (3072, 15360)]
-    for n, _ in flux:  # the GEMV tiles N only (K is split by the launcher)
-        kept = gemv._prune(gemv.SPACE.configs(), {"N": n})
-        assert kept and all(n % c.kwargs["BLOCK_N"] == 0 for c in kept)
-    for mod in (w2a16, w2a8):
-        for n, k in flux:
-            for bucket in (1, 16, 4096):
-                kept = keep_fitting(mod.SPACE.configs(), n, padded_k(k) // 4, max(16, bucket))
-                assert kept and all(n % c.kwargs["BLOCK_N"] == 0 for c in kept)
+    flux_n = (3072, 9216, 12288, 18432)
+    for n in flux_n:  # the packed kernel tiles N and tokens (K is split by the launcher)
+        for tokens, own in ((16, packed.GEMV_CONFIGS), (32, packed.GEMV_CONFIGS), (128, packed.GEMM_CONFIGS)):
+            kept = packed._prune(packed.SPACE.configs(), {"N": n}, TOKENS=tokens)
+            assert kept and all(n % c.kwargs["BLOCK_N"] == 0 for c in kept)
+            assert {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_W"], c.num_warps, c.num_stages) for c in kept} <= set(own)
 
 
-@pytest.mark.parametrize("launcher", ["gemv", "w2a16", "w2a8", "w2a16_cublas", "w2a8_cublas"])
+@pytest.mark.parametrize("launcher", ["packed", "packed_int8", "w2a16_cublas", "w2a8_cublas"])
 def test_every_launcher_writes_a_row_strided_out_and_refuses_a_strided_n(launcher):
     """The GEMV and int32 epilogues write ``out + m * stride_m + n``: a transposed ``out`` kept NaNs, an
     expanded one (stride 0 along N) was written past its storage. A padded row stride is fine."""
-    from bitflux_kernels import gemv, large_m, w2a8, w2a16
+    from bitflux_kernels import large_m
+    from bitflux_kernels.packed import packed_gemm
 
-    fn = {"gemv": gemv.gemv, "w2a16": w2a16.w2a16, "w2a8": w2a8.w2a8,
+    fn = {"packed": packed_gemm, "packed_int8": partial(packed_gemm, activations="int8"),
           "w2a16_cublas": large_m.w2a16_cublas, "w2a8_cublas": large_m.w2a8_cublas}[launcher]
-    mode = "int8" if "a8" in launcher else "none"
+    mode = "int8" if launcher in ("packed_int8", "w2a8_cublas") else "none"
     x, packed, scale, bias, _ = case(3, 37, 97, torch.float32)
     wide = torch.full((3, 40), float("nan"), device=DEVICE)  # rows of 40, out is their first 37 columns
-    y = fn(x, packed, scale, bias, 97, out=wide[:, :37]) if launcher != "gemv" else \
-        fn(x, packed, scale, bias, 97, out=wide[:, :37], activations=mode)
+    y = fn(x, packed, scale, bias, 97, out=wide[:, :37])
     assert rel_err(y, ternary_linear_reference(x, packed, scale, bias, 97, mode)) < TOL[torch.float32]
     assert wide[:, 37:].isnan().all()  # nothing written past N
     for bad in (torch.empty(37, 3, device=DEVICE).t(), torch.empty(3, 1, device=DEVICE).expand(3, 37)):

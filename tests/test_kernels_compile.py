@@ -22,30 +22,22 @@ def _specs():
     from bitflux_kernels.act_quant import act_quant_kernel
     from bitflux_kernels.decode import FIELDS_META, FLOAT_META, HALF_META, decode_fields_kernel, decode_float_kernel, decode_half_kernel
     from bitflux_kernels.large_m import EPILOGUE_META, int_epilogue_kernel
-    from bitflux_kernels.gemv import PERMUTE_META, REDUCE_META, gemv_kernel, permute_x_kernel, reduce_kernel
-    from bitflux_kernels.w2a8 import w2a8_kernel
-    from bitflux_kernels.w2a16 import w2a16_kernel
+    from bitflux_kernels.packed import (GEMM_CONFIGS, GEMV_CONFIGS, PERMUTE_META, REDUCE_META, packed_kernel,
+                                        permute_x_kernel, reduce_kernel)
 
     def sig(fn, ptrs, consts):
         return {a: ptrs.get(a, C if a in consts else I32) for a in fn.arg_names}
 
-    tile = {"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}
-    big = {"num_warps": 8, "num_stages": 3}
-    for dt, dot, prec in (("bf16", tl.bfloat16, "tf32"), ("fp16", tl.float16, "tf32"), ("fp32", tl.float32, "ieee")):
-        consts = {"HAS_BIAS": True, "DOT": dot, "PRECISION": prec, "BLOCK_KQ": 32, **tile}
-        ptrs = {"x_ptr": f"*{dt}", "w_ptr": "*u8", "scale_ptr": "*fp32", "bias_ptr": f"*{dt}", "y_ptr": f"*{dt}"}
-        yield w2a16_kernel, sig(w2a16_kernel, ptrs, consts), consts, big
-    consts = {"HAS_BIAS": True, "BLOCK_KQ": 64, **tile}
-    ptrs = {"q_ptr": "*i8", "sx_ptr": "*fp32", "w_ptr": "*u8", "scale_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
-    yield w2a8_kernel, sig(w2a8_kernel, ptrs, consts), consts, big
-    gemv_ptrs = {"w_ptr": "*u8", "part_ptr": "*fp32", "sx_ptr": "*fp32", "scale_ptr": "*fp32"}
-    for xdt, pattern, dot, prec, has_sx, one in (("bf16", tl.bfloat16, tl.bfloat16, "tf32", True, False),
-                                                 ("fp16", tl.float16, tl.float16, "tf32", False, True),
-                                                 ("fp32", tl.bfloat16, tl.float32, "ieee", False, False)):
+    base = {"w_ptr": "*u8", "part_ptr": "*fp32", "sx_ptr": "*fp32", "scale_ptr": "*fp32"}
+    for xdt, pattern, dot, prec, has_sx, one, (bn, bw, warps, stages), tokens in (
+            ("bf16", tl.bfloat16, tl.bfloat16, "tf32", True, False, GEMV_CONFIGS[0], 16),
+            ("fp16", tl.float16, tl.float16, "tf32", False, True, GEMV_CONFIGS[1], 32),
+            ("fp32", tl.bfloat16, tl.float32, "ieee", False, False, GEMM_CONFIGS[0], 64),
+            ("bf16", tl.bfloat16, tl.bfloat16, "tf32", True, True, GEMM_CONFIGS[2], 128)):
         consts = {"ONE_SPLIT": one, "HAS_XSCALE": has_sx, "HAS_BIAS": True, "PATTERN": pattern, "DOT": dot,
-                  "PRECISION": prec, "BLOCK_N": 128, "BLOCK_W": 8}
-        ptrs = {**gemv_ptrs, "xp_ptr": f"*{xdt}", "bias_ptr": f"*{xdt}", "y_ptr": f"*{xdt}"}
-        yield gemv_kernel, sig(gemv_kernel, ptrs, consts), consts, {"num_warps": 4, "num_stages": 4}
+                  "PRECISION": prec, "BLOCK_N": bn, "BLOCK_W": bw, "TOKENS": tokens}
+        ptrs = {**base, "xp_ptr": f"*{xdt}", "bias_ptr": f"*{xdt}", "y_ptr": f"*{xdt}"}
+        yield packed_kernel, sig(packed_kernel, ptrs, consts), consts, {"num_warps": warps, "num_stages": stages}
     consts = {"HAS_XSCALE": True, "HAS_BIAS": True, "BLOCK_N": REDUCE_META["BLOCK_N"]}
     ptrs = {"part_ptr": "*fp32", "sx_ptr": "*fp32", "scale_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
     yield reduce_kernel, sig(reduce_kernel, ptrs, consts), consts, {"num_warps": REDUCE_META["num_warps"]}

@@ -77,7 +77,7 @@ def test_custom_op_opcheck_and_fullgraph_compile(op, backend):
 
 @pytest.mark.parametrize("activations", ["none", "int8"])
 def test_triton_op_routes_by_m(activations):
-    """M <= GEMV_MAX_M: GEMV; M >= DECODE_MIN_M: decode + cuBLAS; between: the tensor-core GEMM. All match.
+    """M < DECODE_MIN_M: the packed kernel (GEMV / skinny GEMM); M >= DECODE_MIN_M: decode + cuBLAS. All match.
 
     Run in a fresh interpreter: late in a full CPU run (never alone, nor after any subset of the files
     before it that was tried) this test's first decode under TRITON_INTERPRET=1 died with
@@ -90,10 +90,10 @@ def test_triton_op_routes_by_m(activations):
                                env=os.environ | {"BITFLUX_ROUTES_CHILD": "1"}, capture_output=True, text=True)
         assert child.returncode == 0, child.stdout[-3000:]
         return
-    from bitflux_kernels import gemv, large_m, ops
+    from bitflux_kernels import large_m, ops
 
     op = ops.w2a8 if activations == "int8" else ops.w2a16
-    for m, route in ((gemv.GEMV_MAX_M, "gemv"), (gemv.GEMV_MAX_M + 1, "gemm"), (large_m.DECODE_MIN_M, "cublas")):
+    for m, route in ((4, "packed"), (large_m.DECODE_MIN_M - 1, "packed"), (large_m.DECODE_MIN_M, "cublas")):
         assert ops.route(m) == route
         x, packed, scale, bias, _ = case(m, 37, 97, torch.bfloat16)
         y = op(x.view(1, m, 97), packed, scale, bias, 97, "triton")  # [batch, tokens, K]

@@ -1,9 +1,12 @@
-"""Small-M path (M <= GEMV_MAX_M): split-K over the packed weights, tensor cores, one reduction.
+"""The packed split-K GEMV, and the skinny GEMM it becomes with more tokens a program.
 
-At a few tokens the linear is memory bound: the kernel must touch each 2-bit weight with as few
-instructions as it can. It computes ``Y^T = W X^T`` with ``tl.dot`` (tokens padded to 16 columns):
-the multiply-adds cost a fraction of an instruction per weight and the reduction over K happens
-inside the MMA accumulators, never as shuffles. What is left per weight is the decode:
+Serves every M below ``DECODE_MIN_M`` (ops.route), W2A16 and W2A8. At a few tokens the linear is memory bound: the kernel must touch each 2-bit weight with as few
+instructions as it can. It computes ``Y^T = W X^T`` with ``tl.dot`` (tokens padded to ``TOKENS``
+columns, 16 to 128 by M: ``tokens_per_program``): the multiply-adds cost a fraction of an
+instruction per weight and the reduction over K happens inside the MMA accumulators, never as
+shuffles. One dot a K step: a program's weight tile is decoded once for all its TOKENS tokens
+(the in-register GEMMs it replaced chained four dots a K step, one per bit plane, and on sm80
+decoded the tile in every warp; W2A8 loses their int8 MMAs, see docs/KERNELS.md). What is left per weight is the decode:
 
 - **Sign-bit decode.** A packed word holds 16 fields u (byte b = lane 4 l + b, plane p at bit
   ``8 b + 2 p``). ``r_s = ~(w << 2 s) & 0xC000C000`` puts fields ``7 - s`` and ``15 - s`` at bits
@@ -26,27 +29,34 @@ import triton
 import triton.language as tl
 
 from .act_quant import act_quant
-from .common import Space, interpreting, keep_fitting, launch, launch_fixed, output_for
+from .common import Space, interpreting, launch, launch_fixed, output_for
 
-GEMV_MAX_M = 4  # above this, the tensor-core GEMMs win (to be confirmed by bench on a GPU)
 SPLIT_GRAIN = 16  # words: every split but the last covers a multiple of this (and of any BLOCK_W)
 REDUCE_META = {"BLOCK_N": 256, "num_warps": 4}
 PERMUTE_META = {"BLOCK": 1024, "num_warps": 4}
 
 
+GEMV_CONFIGS = ((128, 8, 4, 4), (128, 16, 4, 3), (64, 16, 4, 4), (256, 8, 8, 3))  # TOKENS = 16, 32
+GEMM_CONFIGS = ((128, 4, 4, 3), (128, 8, 8, 3), (256, 4, 8, 3), (128, 2, 4, 4))  # TOKENS = 64, 128: a K step of 64/128 weights
+
+
 def _configs():
-    """(BLOCK_N, BLOCK_W words a row a step, num_warps, num_stages)."""
+    """(BLOCK_N, BLOCK_W words a row a step, num_warps, num_stages), the GEMV's and the GEMM's."""
     return [triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w, num_stages=s)
-            for bn, bw, w, s in ((128, 8, 4, 4), (128, 16, 4, 3), (64, 16, 4, 4), (256, 8, 8, 3))]
+            for bn, bw, w, s in GEMV_CONFIGS + GEMM_CONFIGS]
 
 
 def _prune(configs, named_args, **kwargs):
-    fit = [c for c in configs if c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(named_args["N"]))]
+    """The GEMV's configs at TOKENS <= 32, the GEMM's above; row tiles that fit N, dividing it if any do."""
+    tokens = kwargs.get("TOKENS", named_args.get("TOKENS"))
+    shape = {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_W"], c.num_warps, c.num_stages): c for c in configs}
+    mine = [shape[t] for t in (GEMV_CONFIGS if tokens <= 32 else GEMM_CONFIGS) if t in shape] or configs
+    fit = [c for c in mine if c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(named_args["N"]))]
     even = [c for c in fit if named_args["N"] % c.kwargs["BLOCK_N"] == 0]
-    return even or fit or configs[:1]
+    return even or fit or mine[:1]
 
 
-SPACE = Space(_configs, _prune, key=("N", "KW", "WPS"), interp={"BLOCK_N": 16, "BLOCK_W": 8})
+SPACE = Space(_configs, _prune, key=("N", "KW", "WPS", "TOKENS"), interp={"BLOCK_N": 16, "BLOCK_W": 8})
 
 
 @triton.jit
@@ -65,35 +75,35 @@ def _epilogue(acc, offs_m, offs_n, M, N, sx_ptr, scale_ptr, bias_ptr, y_ptr, str
 
 
 @triton.jit
-def gemv_kernel(xp_ptr, w_ptr, part_ptr, sx_ptr, scale_ptr, bias_ptr, y_ptr, M, N, KW, WPS, stride_wn, stride_ym,
+def packed_kernel(xp_ptr, w_ptr, part_ptr, sx_ptr, scale_ptr, bias_ptr, y_ptr, M, N, KW, WPS, stride_wn, stride_ym,
                 ONE_SPLIT: tl.constexpr, HAS_XSCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
                 PATTERN: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, TOKENS: tl.constexpr):
     """Row tile ``pid 0`` of Y^T over the words [pid1 * WPS, + WPS) of split ``pid 1``.
 
     xp: [M, 16 KW] permuted x (permute_x); w: [N, 4 KW] uint8 read as uint32 words; part:
     [SPLIT, M, N] fp32 (not ONE_SPLIT) or y: [M, N] with the epilogue (ONE_SPLIT). PATTERN is
     the 16-bit float type of the ±2 patterns (bf16 or fp16), DOT the dot operand type.
-    Grid (cdiv(N, BLOCK_N), SPLIT, cdiv(M, 16)).
+    Grid (cdiv(N, BLOCK_N), SPLIT, cdiv(M, TOKENS)).
     """
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     start = tl.program_id(1) * WPS
     end = tl.minimum(start + WPS, KW)
     offs_w = tl.arange(0, BLOCK_W)
     offs_t = tl.arange(0, 16 * BLOCK_W)
-    offs_m = tl.program_id(2) * 16 + tl.arange(0, 16)  # tokens: 16 a program (GEMV_MAX_M <= 16)
+    offs_m = tl.program_id(2) * TOKENS + tl.arange(0, TOKENS)
     w_ptrs = w_ptr.to(tl.pointer_type(tl.uint32)) + (offs_n % N)[:, None].to(tl.int64) * stride_wn + offs_w[None, :]
-    x_ptrs = xp_ptr + offs_m[None, :] * (16 * KW) + offs_t[:, None]  # [16 BLOCK_W, 16]: x^T
+    x_ptrs = xp_ptr + offs_m[None, :] * (16 * KW) + offs_t[:, None]  # [16 BLOCK_W, TOKENS]: x^T
     shifts = tl.reshape(2 * tl.arange(0, 8), (1, 1, 8))  # fields 7 - s and 15 - s to bits 15:14 and 31:30
-    acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, TOKENS), dtype=tl.float32)
     for w0 in range(start, end, BLOCK_W):
         words = tl.load(w_ptrs + w0, mask=(w0 + offs_w < end)[None, :], other=0x55555555)  # [BLOCK_N, BLOCK_W]
         r = ~(tl.expand_dims(words, 2) << shifts) & 0xC000C000  # [BLOCK_N, BLOCK_W, 8]: weight pairs (s, h)
         halves = tl.join((r & 0xFFFF).to(tl.uint16), (r >> 16).to(tl.uint16))  # [BLOCK_N, BLOCK_W, 8, 2]
         wt = tl.reshape(halves, (BLOCK_N, 16 * BLOCK_W)).to(PATTERN, bitcast=True).to(DOT)
         xt = tl.load(x_ptrs + 16 * w0, mask=(offs_m < M)[None, :] & (16 * w0 + offs_t < 16 * end)[:, None], other=0.0)
-        acc = tl.dot(wt, xt.to(DOT), acc, input_precision=PRECISION)  # [BLOCK_N, 16]
-    acc = tl.trans(acc)  # [16, BLOCK_N]: tokens x rows
+        acc = tl.dot(wt, xt.to(DOT), acc, input_precision=PRECISION)  # [BLOCK_N, TOKENS]
+    acc = tl.trans(acc)  # [TOKENS, BLOCK_N]: tokens x rows
     if ONE_SPLIT:
         _epilogue(acc, offs_m, offs_n, M, N, sx_ptr, scale_ptr, bias_ptr, y_ptr, stride_ym, HAS_XSCALE, HAS_BIAS)
     else:
@@ -134,12 +144,13 @@ def _dot_types(dtype: torch.dtype):
         return torch.float16, tl.float16, tl.float32 if interpreting() else tl.float16, "tf32"
     if dtype == torch.float32:
         return torch.float32, tl.bfloat16, tl.float32, "ieee"
-    # bf16 x, or int8 q (exact in bf16); the interpreter multiplies raw bf16 bits in tl.dot (common.dot_dtype)
+    # bf16 x, or int8 q (exact in bf16); Triton 3.9's interpreter multiplies the raw bits of bf16
+    # operands in tl.dot, so there they are upcast to fp32 (bf16 x ±2 products are exact in fp32)
     return torch.bfloat16, tl.bfloat16, tl.float32 if interpreting() else tl.bfloat16, "tf32"
 
 
 def permute_x(x2: torch.Tensor, kp: int, dtype: torch.dtype) -> torch.Tensor:
-    """x2 [M, K] -> xp [M, kp] in ``dtype``, in the order gemv_kernel decodes a word's weights."""
+    """x2 [M, K] -> xp [M, kp] in ``dtype``, in the order packed_kernel decodes a word's weights."""
     m, k = x2.shape
     xp = torch.empty(m, kp, dtype=dtype, device=x2.device)
     launch_fixed(permute_x_kernel, (triton.cdiv(kp, PERMUTE_META["BLOCK"]), m), PERMUTE_META,
@@ -147,28 +158,33 @@ def permute_x(x2: torch.Tensor, kp: int, dtype: torch.dtype) -> torch.Tensor:
     return xp
 
 
-def split_count(n: int, kw: int, device: torch.device) -> int:
-    """Splits of K so that about two programs per SM run (fewer when N already has the tiles)."""
+def tokens_per_program(m: int) -> int:
+    """TOKENS for M rows: the next power of two from 16 (the MMA's narrowest) up to 128."""
+    return min(max(16, triton.next_power_of_2(m)), 128)
+
+
+def split_count(n: int, kw: int, device: torch.device, m: int = 1) -> int:
+    """Splits of K so that about two programs per SM run (fewer when the N x M tiles already fill it)."""
     programs = 2 * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132)
-    tiles = triton.cdiv(n, 128)
+    tiles = triton.cdiv(n, 128) * triton.cdiv(m, tokens_per_program(m))
     return max(1, min(kw // SPLIT_GRAIN, round(programs / tiles)))
 
 
-def gemv(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+def packed_gemm(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
          in_features: int, out: torch.Tensor | None = None, activations: str = "none",
          split: int | None = None) -> torch.Tensor:
-    """Small-M launcher: x2 [M, K] float, packed [N, Kp/4] uint8, scale [N] fp32 -> y [M, N] in x's dtype.
+    """x2 [M, K] float, packed [N, Kp/4] uint8, scale [N] fp32 -> y [M, N] in x's dtype.
 
     ``activations="int8"`` quantizes x2 per token first (act_quant.py), as the W2A8 GEMM does.
-    ``split`` forces the number of K splits (default: ``split_count``). Any M works (16 tokens a
-    program), but the op sends it M <= GEMV_MAX_M only.
+    ``split`` forces the number of K splits (default: ``split_count``). Any M works
+    (``tokens_per_program(M)`` tokens a program); the op sends it M < DECODE_MIN_M.
     """
     y = output_for(x2, packed, scale, bias, in_features, out)
     m, n = y.shape
     if m == 0:
         return y
     if packed.stride(0) % 4 or packed.data_ptr() % 4:
-        raise ValueError("gemv reads 32-bit words: packed rows must be 4-byte aligned")
+        raise ValueError("packed_gemm reads 32-bit words: packed rows must be 4-byte aligned")
     kq = packed.shape[1]
     kw = kq // 4
     sx = None
@@ -176,14 +192,15 @@ def gemv(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torc
         x2, sx = act_quant(x2, 4 * kq)  # x2: [M, Kp] int8 zero-padded, sx: [M] fp32
     xdtype, pattern, dot, precision = _dot_types(x2.dtype)
     xp = permute_x(x2, 4 * kq, xdtype)  # [M, Kp]
-    split = split_count(n, kw, y.device) if split is None else max(1, min(split, triton.cdiv(kw, 8)))
+    split = split_count(n, kw, y.device, m) if split is None else max(1, min(split, triton.cdiv(kw, 8)))
     wps = triton.cdiv(triton.cdiv(kw, split), SPLIT_GRAIN) * SPLIT_GRAIN if split > 1 else kw
     split = triton.cdiv(kw, wps)
     part = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=y.device)
     flags = {"HAS_XSCALE": sx is not None, "HAS_BIAS": bias is not None}
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split, triton.cdiv(m, 16))  # noqa: E731
-    launch(gemv_kernel, SPACE, grid, xp, packed, part, sx, scale, bias, y, m, n, kw, wps, packed.stride(0) // 4,
-           y.stride(0), ONE_SPLIT=split == 1, PATTERN=pattern, DOT=dot, PRECISION=precision, **flags)
+    tokens = tokens_per_program(m)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split, triton.cdiv(m, tokens))  # noqa: E731
+    launch(packed_kernel, SPACE, grid, xp, packed, part, sx, scale, bias, y, m, n, kw, wps, packed.stride(0) // 4,
+           y.stride(0), ONE_SPLIT=split == 1, PATTERN=pattern, DOT=dot, PRECISION=precision, TOKENS=tokens, **flags)
     if split > 1:
         launch_fixed(reduce_kernel, (m, triton.cdiv(n, REDUCE_META["BLOCK_N"])), REDUCE_META,
                      part, sx, scale, bias, y, m, n, split, y.stride(0), **flags)
