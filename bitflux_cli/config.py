@@ -25,8 +25,8 @@ class ModelConfig(_Section):
     # on the device at a time), sequential (one block/submodule at a time; the FP transformer is
     # streamed from its safetensors files)
     offload: Literal["none", "model", "sequential"] = "none"
-    # the packed transformer's Q/K/V projections as one GEMM each (``fusion.fuse_projections``);
-    # exact; inference only: LoRAs target the separate layers
+    # the packed transformer's Q/K/V projections as one GEMM each, a single block's with its MLP input
+    # (``fusion.fuse_projections``); exact; inference only: LoRAs target the separate layers
     fuse_projections: bool = False
 
 

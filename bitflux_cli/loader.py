@@ -119,7 +119,7 @@ def packed_checkpoint(cfg: Config) -> Path:
 
 def packed_transformer(cfg: Config, device: torch.device | str = "cpu") -> torch.nn.Module:
     """The workdir's packed 1.58-bit transformer (``packed_checkpoint``), in the config's activation
-    mode, its Q/K/V projections fused when ``model.fuse_projections`` says so."""
+    mode, its Q/K/V (and single blocks' MLP input) projections fused when ``model.fuse_projections`` says so."""
     transformer = load_quantized_transformer(packed_checkpoint(cfg), cfg.model, cfg.quantization.activations, device)
     if cfg.model.fuse_projections:
         fuse_projections(transformer)
