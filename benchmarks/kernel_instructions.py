@@ -45,7 +45,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bitflux_kernels.decode import FIELDS_META, HALF_META, decode_fields_kernel, decode_half_kernel  # noqa: E402
-from bitflux_kernels.packed import GEMM_CONFIGS, packed_kernel  # noqa: E402
+from bitflux_kernels.packed import GEMM_CONFIGS, GEMV_CONFIGS, packed_kernel  # noqa: E402
 from bitflux_kernels.large_m import EPILOGUE_META, int_epilogue_kernel  # noqa: E402
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -79,7 +79,7 @@ def specs():
                      _sig(packed_kernel, p, c), c, {"num_warps": warps, "num_stages": stages}, bn * bw * 16, True, gemm))
     gemv = {"M": 1, "N": 18432, "KW": 192, "WPS": 96, "stride_wn": 192, "stride_ym": 18432}
     for has_sx, name in ((False, "W2A16"), (True, "W2A8")):
-        for bn, bw, warps, stages in ((128, 8, 4, 4), (128, 16, 4, 3)):
+        for bn, bw, warps, stages in (GEMV_CONFIGS[0], GEMV_CONFIGS[3]):
             c = {"ONE_SPLIT": False, "HAS_XSCALE": has_sx, "HAS_BIAS": True, "PATTERN": tl.bfloat16, "DOT": tl.bfloat16,
                  "PRECISION": "tf32", "BLOCK_N": bn, "BLOCK_W": bw, "TOKENS": 16}
             p = {"xp_ptr": "*bf16", "w_ptr": "*u8", "part_ptr": "*fp32", "sx_ptr": "*fp32", "scale_ptr": "*fp32",
