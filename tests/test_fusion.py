@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from bitflux_cli.bench.measure import random_transformer
+from bitflux_cli.bench.measure import bench_model, random_transformer
 from bitflux_cli.bench.memory import dummy_inputs
 from bitflux_cli.config import ModelConfig, load_config
 from bitflux_cli.errors import UsageError
@@ -106,3 +106,13 @@ def test_generate_with_fused_projections_draws_the_same_image(tiny_chain, tmp_pa
         out = generate(cfg, "a red circle above a blue square", tmp_path / f"{fused}.png")
         images.append(np.asarray(Image.open(out["path"])))
     assert images[0].std() > 0 and np.array_equal(*images)
+
+
+@pytest.mark.parametrize("mode", ["bf16", "w2a16"])
+def test_bench_times_fused_models_when_the_config_fuses(mode):
+    cfg = load_config("tiny", assignments={"model.fuse_projections": True})
+    net = bench_model(cfg, mode, "cpu", random_weights=True)
+    attn = net.transformer_blocks[0].attn
+    assert attn.fused_projections and hasattr(attn, "to_qkv")  # diffusers' own fusion keeps to_q as well
+    assert isinstance(net.single_transformer_blocks[0].proj_mlp, Columns if mode == "w2a16" else nn.Linear)
+    assert any(isinstance(m, TernaryLinear) for m in net.modules()) == (mode == "w2a16")

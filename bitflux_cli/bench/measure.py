@@ -22,6 +22,7 @@ from bitflux_kernels import pack_2bit
 from ..artifacts import require
 from ..config import Config, ModelConfig
 from ..console import info
+from ..fusion import fuse_projections
 from ..loader import load_quantized_transformer
 from ..models import build_meta_transformer, load_fp_transformer, load_pipeline, torch_dtype
 from ..ternary import TernaryLinear, replace_with_ternary, scoped_linears
@@ -112,12 +113,19 @@ def _images(net: nn.Module, cfg: Config, device: torch.device, per_res: dict) ->
     del pipe
 
 
-def _model(cfg: Config, mode: str, device: torch.device, random_weights: bool) -> nn.Module:
+def bench_model(cfg: Config, mode: str, device: torch.device | str, random_weights: bool) -> nn.Module:
+    """The transformer ``bench`` times in ``mode``: random or the workdir's weights. With
+    ``model.fuse_projections`` the ternary modes are fused (``fusion.fuse_projections``) and the bf16
+    baseline gets diffusers' own ``fuse_qkv_projections``, so both sides run fused Q/K/V."""
     if random_weights:
-        return random_transformer(cfg.model, mode, device, residual_rank=cfg.quantization.residual_rank)
-    if mode == "bf16":
-        return load_fp_transformer(cfg.model).to(device).eval()
-    return load_quantized_transformer(require(cfg.workdir, "pack"), cfg.model, ACTIVATIONS[mode], device)
+        net = random_transformer(cfg.model, mode, device, residual_rank=cfg.quantization.residual_rank)
+    elif mode == "bf16":
+        net = load_fp_transformer(cfg.model).to(device).eval()
+    else:
+        net = load_quantized_transformer(require(cfg.workdir, "pack"), cfg.model, ACTIVATIONS[mode], device)
+    if cfg.model.fuse_projections:
+        net.fuse_qkv_projections() if mode == "bf16" else fuse_projections(net)
+    return net
 
 
 def measure(cfg: Config, random_weights: bool, device: torch.device | str = "cuda") -> dict:
@@ -129,7 +137,7 @@ def measure(cfg: Config, random_weights: bool, device: torch.device | str = "cud
     per_mode = {}
     for mode in MODES:
         info(f"bench: measuring {mode} ({'random weights' if random_weights else 'workdir weights'})")
-        net = _model(cfg, mode, device, random_weights)
+        net = bench_model(cfg, mode, device, random_weights)
         per_res = _steps(net, cfg, device)
         if random_weights:
             for r in per_res.values():
