@@ -273,6 +273,18 @@ def test_a_lora_of_the_wrong_width_is_refused_in_one_line(pipe, loras):
         pipe.load_lora_weights(bad, adapter_name="bad")
 
 
+def test_a_lora_on_fused_projections_is_refused_and_changes_nothing(tiny_chain, loras):
+    from bitflux_cli.errors import UsageError
+    from bitflux_cli.fusion import fuse_projections
+
+    transformer = load_quantized_transformer(tiny_chain["pack"]["path"])
+    fuse_projections(transformer)
+    fused = load_pipeline(tiny_chain["cfg"].model, transformer)
+    with pytest.raises(UsageError, match=r"attn\.to_[qkv], which model\.fuse_projections fused into one linear"):
+        fused.load_lora_weights(loras["files"]["up"], adapter_name="up")
+    assert not any(isinstance(m, TernaryLoraLinear) for m in transformer.modules())
+
+
 def test_a_ternary_layer_with_two_adapters_compiles_to_one_graph(pipe, loras):
     """``torch.compile(fullgraph=True)`` through peft's LoRA forward: one graph, the ternary matmul one
     ``torch.ops.bitflux`` call beside the low-rank branches, eager's output."""

@@ -28,7 +28,7 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraModel
 from peft.tuners.lora.layer import Linear as LoraLinear
 
-from ..errors import BitfluxError
+from ..errors import BitfluxError, UsageError
 from ..ternary import TernaryLinear
 
 
@@ -108,9 +108,25 @@ def _replace_without_weight(replace):
     return _replace_module
 
 
+def _fused_away(transformer: torch.nn.Module, module: str) -> bool:
+    """True when ``fusion.fuse_projections`` removed ``module`` (to_q, ..., add_v_proj) or made it a
+    column slice of a fused linear (a single block's proj_mlp)."""
+    from ..fusion import Columns
+
+    parent, _, _ = module.rpartition(".")
+    owner, layer = transformer.get_submodule(parent) if parent else transformer, None
+    try:
+        layer = transformer.get_submodule(module)
+    except AttributeError:
+        pass
+    return isinstance(layer, Columns) or (layer is None and getattr(owner, "fused_projections", False))
+
+
 def _expand_without_weight(expand):
     # diffusers zero-pads a FLUX LoRA's lora_A to its base layer's ``<name>.weight`` (Control LoRAs
     # widen x_embedder); a ternary layer has no such tensor and never widens: check, pass through.
+    # A LoRA naming a projection that model.fuse_projections fused away is refused (peft would skip
+    # a missing target without a word, and fail on a column slice with its own message).
     expand = expand.__func__
 
     @functools.wraps(expand)
@@ -118,6 +134,9 @@ def _expand_without_weight(expand):
         prefix, ternary, held = f"{cls.transformer_name}.", _ternary_names(transformer), {}
         for key in list(lora_state_dict):
             module = key.removeprefix(prefix).split(".lora_")[0] if key.startswith(prefix) else None
+            if module is not None and module not in ternary and _fused_away(transformer, module):
+                raise UsageError(f"the LoRA targets {module}, which model.fuse_projections fused into one linear "
+                                 "with its neighbours: load LoRAs on an unfused transformer (fuse_projections: false)")
             if module in ternary:
                 held[key] = lora_state_dict.pop(key)
                 if key.endswith(".lora_A.weight") and held[key].shape[1] != ternary[module].in_features:
