@@ -70,8 +70,9 @@ def quantize(cfg: Config) -> dict:
     Inputs (model files, prompt files, calibration) are checked before any weight is read.
     Calibration runs first when the method needs it and the workdir has none. Under torchrun every
     rank runs distill (it shards its training); rank 0 alone writes and reports. With
-    ``quantization.residual_rank`` > 0 each linear also gets its low-rank residual (``residual``),
-    weighted by the calibration's input statistics when the method has them.
+    ``quantization.residual_rank`` > 0 each linear also gets its low-rank residual (``residual``):
+    block-recon's, trained with its codes; for the other methods fitted after them, weighted by the
+    calibration's input statistics when the method has them.
     """
     rank, world = init_distributed()
     name, residual_rank = cfg.quantization.method, cfg.quantization.residual_rank
@@ -114,14 +115,16 @@ def quantize(cfg: Config) -> dict:
         with progress("quantize", len(names), "blocks") as block_done:
             for block_name in names:
                 block = load_block(skeleton, weights, block_name, device)
-                codes = quantize_block(block_name, block)
-                residuals = block_residuals(block_name, block, codes, residual_rank, calib)
+                trained = quantize_block(block_name, block)  # {linear: (codes, scale[, (up, down)])}
+                codes = {sub: v[:2] for sub, v in trained.items()}
+                residuals = ({sub: v[2] for sub, v in trained.items() if len(v) == 3}
+                             or block_residuals(block_name, block, codes, residual_rank, calib))
                 probe.fp_step(block_name, block)
                 parts.append(Path(tmp) / f"{len(parts):03d}.safetensors")
                 _write_part(parts[-1], block_name, block, codes, residuals)
                 probe.q_step(block_name, _to_ternary(block, codes, cfg.quantization.activations, residuals))
                 modules |= {f"{block_name}.{sub}": tuple(c.shape) for sub, (c, _) in codes.items()}
-                del block, codes, residuals
+                del block, trained, codes, residuals
                 block_done()
         inside = tuple(f"{lst}." for lst in BLOCK_LISTS)
         outside = {k: v for k, v in skeleton.state_dict().items() if not k.startswith(inside)}

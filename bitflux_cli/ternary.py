@@ -160,14 +160,14 @@ def quantize_transformer(model: nn.Module, codes: dict[str, tuple[torch.Tensor, 
                          activations: str = "none") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Replace every in-scope linear of ``model`` by a ``TernaryLinear``, in place.
 
-    ``codes`` maps full module names to (codes, scale) from any method; by default each layer is
-    ternarized with absmean. Returns the (codes, scale) used per module.
+    ``codes`` maps full module names to (codes, scale), or (codes, scale, (up, down)) with a residual,
+    from any method; by default each layer is ternarized with absmean. Returns the (codes, scale) used per module.
     """
     enable_lora()
     used = {}
     for name, lin in list(scoped_linears(model)):
-        c, s = codes[name] if codes is not None else ternarize(lin.weight)
-        _set_submodule(model, name, TernaryLinear.from_codes(c, s, lin.bias, activations))
+        c, s, *residual = codes[name] if codes is not None else ternarize(lin.weight)
+        _set_submodule(model, name, TernaryLinear.from_codes(c, s, lin.bias, activations, *residual))
         used[name] = (c, s)
     return used
 

@@ -1,6 +1,9 @@
 """The optional low-rank residual (``quantization.residual_rank``): its optimality, the format (version 2,
 validated on load), quantize -> pack -> load for both codecs, compile, fused Q/K/V, LoRA, exports and
-the storage accounting, on the embedded model (absmean codes: fast)."""
+the storage accounting, on the embedded model (absmean codes: fast); block-recon training it with the
+codes (a short run on an eight-prompt calibration)."""
+
+import copy
 
 import json
 import shutil
@@ -14,18 +17,25 @@ from bitflux_cli.bench.accounting import storage
 from bitflux_cli.bench.memory import dummy_inputs
 from bitflux_cli.checkpoint import RESIDUAL, CheckpointFile, read_checkpoint, save_checkpoint
 from bitflux_cli.cli import app
+from bitflux_cli.calibrate import load_calibration
 from bitflux_cli.config import load_config
 from bitflux_cli.errors import ArtifactError, UsageError
 from bitflux_cli.export import export
 from bitflux_cli.fusion import fuse_projections
+from bitflux_cli.fidelity import REPORT_PROMPTS
 from bitflux_cli.loader import load_quantized_transformer
-from bitflux_cli.models import build_meta_transformer, load_fp_transformer
+from bitflux_cli.methods.act_aware import search, threshold_codes
+from bitflux_cli.methods.block_recon import reconstruct
+from bitflux_cli.methods.ste import STELinear, optimizer
+from bitflux_cli.models import build_meta_transformer, load_fp_transformer, load_pipeline
 from bitflux_cli.packing import pack
 from bitflux_cli.quantize import quantize
 from bitflux_cli.residual import low_rank_residual
+from bitflux_cli.teacher import record_transformer_calls
 from bitflux_cli.tensorfile import CHECKSUMS, TensorFile, specs_of, write_tensorfile
-from bitflux_cli.ternary import TernaryLinear, scoped_linears, ternarize
+from bitflux_cli.ternary import TernaryLinear, _set_submodule, scoped_linears, ternarize
 from compiled import compile_one_graph
+from test_methods import block_error, tiny
 
 RANK = 4
 
@@ -72,6 +82,65 @@ def test_weighted_error_falls_with_the_rank_and_is_the_svd_tail():
     assert weighted_error(weight, codes, scale, plain, d) > 1.2 * errors[4]
     up, down = low_rank_residual(weight, codes, scale, 8, d)
     assert up.shape == (96, 8) and down.shape == (8, 160) and up.dtype == down.dtype == torch.bfloat16
+
+
+def test_ste_linear_trains_its_residual_and_exports_what_it_runs():
+    torch.manual_seed(0)
+    lin, d = torch.nn.Linear(40, 24), torch.rand(40) + 0.1  # [N=24, K=40], d [K]
+    threshold, scale = search(lin.weight, d, [0.5, 0.7])
+    start = low_rank_residual(lin.weight, threshold_codes(lin.weight.detach(), threshold), scale, RANK, d)
+    m = STELinear(lin, threshold, scale, True, start)
+    opt = optimizer({"lin": m}, 1e-4, 1e-3, 1e-3)
+    x, target = torch.randn(64, 40), torch.randn(64, 24)
+    for _ in range(5):
+        opt.zero_grad()
+        (m(x) - target).square().mean().backward()
+        opt.step()
+    codes, scale, (up, down) = m.export()
+    assert codes.dtype == torch.int8 and scale.dtype == torch.float32
+    assert up.dtype == down.dtype == torch.bfloat16 and up.shape == (24, RANK) and down.shape == (RANK, 40)
+    assert not torch.equal(up, start[0]) and not torch.equal(down, start[1])  # trained
+    with torch.no_grad():  # the STE forward uses the factors rounded as exported: the same layer
+        assert _rel(TernaryLinear.from_codes(codes, scale, lin.bias, "none", (up, down))(x), m(x)) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def recon(tmp_path_factory):
+    """block-recon's trained STE linears at ranks 0 and RANK (eight-prompt calibration, 10 steps a block),
+    and the RANK run again through quantize and pack."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same threads as the stage's run below: the same training, bit for bit
+    cfg = tiny(tmp_path_factory.mktemp("recon"), **{"quantization.method": "block-recon", "quantization.block_recon.steps": 10,
+                                                    "quantization.block_recon.batch": 4, "quantization.residual_rank": RANK})
+    pipe = load_pipeline(cfg.model)
+    pipe.set_progress_bar_config(disable=True)
+    calib = load_calibration(cfg)
+    ste = {r: reconstruct(cfg, pipe, calib, lambda m: m, r) for r in (0, RANK)}
+    held_out, _ = record_transformer_calls(pipe, REPORT_PROMPTS[:2], cfg.generate, seed=10_000, keep=4)
+    yield {"cfg": cfg, "pipe": pipe, "ste": ste, "held_out": held_out, "quantize": quantize(cfg), "pack": pack(cfg)}
+    torch.set_num_threads(n)
+
+
+def test_block_recon_with_a_residual_lowers_the_block_error(recon):
+    errors = {r: block_error(recon["pipe"], {name: m.export() for name, m in ste.items()}, recon["held_out"])
+              for r, ste in recon["ste"].items()}
+    assert errors[RANK] < 0.9 * errors[0], errors
+
+
+def test_block_recon_exports_its_trained_residual_and_packs_its_forward(recon):
+    ternary = read_checkpoint(recon["quantize"]["path"])
+    for name, m in recon["ste"][RANK].items():
+        codes, scale, (up, down) = m.export()
+        assert torch.equal(ternary.codes(name), codes) and torch.equal(ternary.tensors[f"{name}.scale"], scale)
+        assert torch.equal(ternary.tensors[f"{name}.residual_up"], up), name  # the trained one, not refitted after
+        assert torch.equal(ternary.tensors[f"{name}.residual_down"], down), name
+    student = copy.deepcopy(recon["pipe"].transformer)
+    for name, m in recon["ste"][RANK].items():
+        _set_submodule(student, name, m)
+    packed = load_quantized_transformer(recon["pack"]["path"])
+    inputs = dummy_inputs(packed, 1, 64, 8, "cpu", torch.float32)
+    with torch.no_grad():
+        assert _rel(packed(**inputs)[0], student(**inputs)[0]) < 1e-5
 
 
 def test_dead_input_channels_stay_finite():

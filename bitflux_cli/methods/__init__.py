@@ -3,7 +3,9 @@
 Block methods (``BLOCK_METHODS``) are streamed: ``METHODS[name](cfg, transformer, calib)`` returns
 a function ``(block name, FP block) -> {linear name inside the block: (codes [N, K] int8, scale [N] fp32)}``
 that quantize calls once per block, in execution order, with only that block materialised
-(``transformer`` is the skeleton of ``streaming``: embedders loaded, blocks empty). ``distill``
+(``transformer`` is the skeleton of ``streaming``: embedders loaded, blocks empty). block-recon with
+``quantization.residual_rank`` r > 0 adds a third element, the residual it trained with the codes,
+``(up [N, r], down [r, K])`` bf16; for the other methods quantize fits the residual after them. ``distill``
 trains the whole model end to end: ``distill(cfg, pipe, calib)`` gets a pipeline whose transformer
 is materialised, and returns {full module name: (codes, scale)}.
 

@@ -8,8 +8,11 @@ only its own error); the targets are the FP
 block's image-stream outputs that calibration recorded at a subsample of image tokens and
 (``block_recon.context_weight``) its text-stream output on the same student inputs. Each linear
 starts from act-aware codes and scales; Adam then trains the scales (log space) and, through the
-straight-through estimator, the latent weights. Only one FP block (streamed), its trained copy and
-optimizer state, its targets and the student activations of the recorded calls are held.
+straight-through estimator, the latent weights. With ``quantization.residual_rank`` r > 0 each linear
+also starts with its rank-r residual fitted to those act-aware codes (``residual.low_rank_residual``),
+which stays in the forward and trains with the rest, so the codes learn around it (a residual fitted
+after training would pull the trained codes back towards W). Only one FP block (streamed), its
+trained copy and optimizer state, its targets and the student activations of the recorded calls are held.
 """
 
 import copy
@@ -21,9 +24,10 @@ import torch
 from ..calibrate import Calibration, teacher_kwargs
 from ..config import Config
 from ..console import info, progress
+from ..residual import block_residuals
 from ..streaming import advance, block_names, blocks, prelude, run_block
 from ..ternary import block_linears
-from .act_aware import alphas, search
+from .act_aware import alphas, search, threshold_codes
 from .ste import STELinear, attach_ste, optimizer
 
 
@@ -33,14 +37,16 @@ def _gather(hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # [B, L, 
 
 class BlockRecon:
     """The block-recon method over a walk of the blocks: called with each FP block in execution
-    order, it trains that block's ternary copy and returns {linear: ``keep(STELinear)``}.
+    order, it trains that block's ternary copy (with a rank-``residual_rank`` residual in each linear
+    when > 0) and returns {linear: ``keep(STELinear)``}.
 
     It holds the student's activations of the recorded calls on the host, in the model dtype (the
     inputs of the next block): as many calls as ``quantization.activation_budget_gb`` allows.
     """
 
-    def __init__(self, cfg: Config, transformer, calib: Calibration, keep: Callable[[STELinear], Any] = STELinear.export):
-        self.cfg, self.calib, self.keep = cfg, calib, keep
+    def __init__(self, cfg: Config, transformer, calib: Calibration, keep: Callable[[STELinear], Any] = STELinear.export,
+                 residual_rank: int = 0):
+        self.cfg, self.calib, self.keep, self.residual_rank = cfg, calib, keep, residual_rank
         rc = cfg.quantization.block_recon
         records = calib.records(lambda k: k.startswith("calls.") and k != "calls.velocity")
         n = len(records["calls.step"])
@@ -64,8 +70,11 @@ class BlockRecon:
         block = copy.deepcopy(fp_block)  # one block: the student's, with STE linears
         init = {sub: search(lin.weight, self.calib.second_moment(f"{name}.{sub}"), alphas(self.cfg))
                 for sub, lin in block_linears(block)}
-        ste = attach_ste(block, init, rc.weight_lr > 0)
-        opt = optimizer(ste, rc.weight_lr, rc.scale_lr)
+        start = {sub: (threshold_codes(lin.weight.detach().float(), init[sub][0]), init[sub][1])
+                 for sub, lin in block_linears(block)}  # act-aware's codes, which the residual starts by correcting
+        residuals = block_residuals(name, block, start, self.residual_rank, self.calib)  # {} at rank 0
+        ste = attach_ste(block, init, rc.weight_lr > 0, residuals=residuals)
+        opt = optimizer(ste, rc.weight_lr, rc.scale_lr, rc.residual_lr)
         key = f"blocks.{name}"
         target = self.calib.records(lambda k: k == key)[key][:n].to(device).float()  # [C, tokens, D]
         norm = target.square().mean()
@@ -90,12 +99,15 @@ class BlockRecon:
 
 
 def block_recon(cfg: Config, transformer, calib: Calibration) -> BlockRecon:
-    """Act-aware start, then per-block Adam on scales and latent weights to match the FP block outputs."""
-    return BlockRecon(cfg, transformer, calib)
+    """Act-aware start, then per-block Adam on scales and latent weights (and the residual's factors
+    when ``quantization.residual_rank`` > 0) to match the FP block outputs."""
+    return BlockRecon(cfg, transformer, calib, residual_rank=cfg.quantization.residual_rank)
 
 
-def reconstruct(cfg: Config, pipe, calib: Calibration, keep: Callable[[STELinear], Any]) -> dict[str, Any]:
+def reconstruct(cfg: Config, pipe, calib: Calibration, keep: Callable[[STELinear], Any],
+                residual_rank: int = 0) -> dict[str, Any]:
     """{full module name: ``keep(m)``} for the trained ``STELinear`` m of every in-scope linear of the
-    materialised ``pipe.transformer`` (where distill starts from block-recon's latent state)."""
-    run = BlockRecon(cfg, pipe.transformer, calib, keep)
+    materialised ``pipe.transformer`` (where distill starts from block-recon's latent state, pure
+    ternary: distill trains no residual), with a rank-``residual_rank`` residual when > 0."""
+    run = BlockRecon(cfg, pipe.transformer, calib, keep, residual_rank)
     return {f"{name}.{sub}": v for name, block in blocks(pipe.transformer) for sub, v in run(name, block).items()}

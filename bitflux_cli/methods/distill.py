@@ -21,6 +21,9 @@ and its trained latent weights, thresholds and scales are the start, so the end-
 has to correct what block-local targets could not see. Under torchrun every rank runs it (it is
 deterministic); a resumed full run skips it.
 
+The student is pure ternary: with ``quantization.residual_rank`` > 0 its block-recon start trains no
+residual either, and quantize fits the residual after distill (``residual``), as for act-aware.
+
 Checkpoints go to ``<workdir>/distill/state.safetensors`` every ``save_every`` steps and at the end,
 written by rank 0 in one atomic rename, with no pickle: the tensors are the full (gathered) latent
 weights, scales and thresholds (``model.<parameter>``) and the full Adam state keyed by parameter
@@ -206,6 +209,8 @@ def distill(cfg: Config, pipe, calib: Calibration) -> dict:
     records = calib.records(lambda k: k.startswith("calls."))
     norm = records["calls.velocity"].double().square().mean().item()
     run = Run(dc, records, norm, pipe.transformer.device, rank, world, cfg.workdir / "distill", _fingerprint(cfg, calib))
+    if cfg.quantization.residual_rank:
+        info(f"distill: the student trains pure ternary; the rank-{cfg.quantization.residual_rank} residual is fitted after it")
     if dc.init == "block-recon":
         run.init = lambda: {f"{name}.{k}": v for name, state in reconstruct(cfg, pipe, calib, _latent_state).items()
                             for k, v in state.items()}

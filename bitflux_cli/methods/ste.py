@@ -20,14 +20,20 @@ class STELinear(nn.Module):
 
     weight: latent [N, K] fp32; log_scale: [N] (scales trained in log space, so one learning rate
     suits every layer); threshold: [N] buffer, the per-row threshold that makes the codes.
+    With ``residual`` (up [N, r], down [r, K]): the trainable low-rank residual ``residual_up``,
+    ``residual_down`` (fp32, used rounded to bf16 as they are exported), added as ``TernaryLinear`` adds it.
     """
 
-    def __init__(self, linear: nn.Linear, threshold: torch.Tensor, scale: torch.Tensor, train_weight: bool = True):
+    def __init__(self, linear: nn.Linear, threshold: torch.Tensor, scale: torch.Tensor, train_weight: bool = True,
+                 residual: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         self.weight = nn.Parameter(linear.weight.detach().float().clone(), requires_grad=train_weight)
         self.log_scale = nn.Parameter(scale.detach().float().log().clone())
         self.register_buffer("threshold", threshold.detach().float().clone())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        up, down = (None, None) if residual is None else (nn.Parameter(t.detach().float().clone()) for t in residual)
+        self.register_parameter("residual_up", up)  # [N, r]
+        self.register_parameter("residual_down", down)  # [r, K]
 
     def ternary_weight(self) -> torch.Tensor:  # [N, K]: value s*q, gradient identity to w, q to s
         w = self.weight
@@ -35,12 +41,24 @@ class STELinear(nn.Module):
         return self.log_scale.exp()[:, None] * q + (w - w.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
-        return nn.functional.linear(x, self.ternary_weight().to(x.dtype), self.bias)
+        y = nn.functional.linear(x, self.ternary_weight().to(x.dtype), self.bias)
+        if self.residual_up is None:
+            return y
+        up, down = (_bf16(p).to(x.dtype) for p in (self.residual_up, self.residual_down))
+        return y + (x @ down.T) @ up.T  # [..., r] -> [..., N]
 
-    def export(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(codes [N, K] int8, scale [N] fp32) of the current latent weight (gathered when FSDP shards it)."""
+    def export(self) -> tuple:
+        """(codes [N, K] int8, scale [N] fp32) of the current latent weight, then (up [N, r], down [r, K])
+        bf16 when the layer has a residual (gathered when FSDP shards them)."""
         weight, log_scale = (_full(p.detach()) for p in (self.weight, self.log_scale))
-        return threshold_codes(weight, self.threshold).to(torch.int8), log_scale.exp().float()
+        out = (threshold_codes(weight, self.threshold).to(torch.int8), log_scale.exp().float())
+        if self.residual_up is None:
+            return out
+        return (*out, tuple(_full(p.detach()).to(torch.bfloat16) for p in (self.residual_up, self.residual_down)))
+
+
+def _bf16(t: torch.Tensor) -> torch.Tensor:  # value rounded to bf16 (as exported), gradient straight through
+    return t + (t.detach().to(torch.bfloat16).float() - t.detach())
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:  # a DTensor's whole tensor: a collective, every rank calls it
@@ -48,24 +66,30 @@ def _full(t: torch.Tensor) -> torch.Tensor:  # a DTensor's whole tensor: a colle
 
 
 def attach_ste(model: nn.Module, init: dict[str, tuple[torch.Tensor, torch.Tensor]], train_weight: bool = True,
-               source: nn.Module | None = None) -> dict[str, STELinear]:
-    """Replace the named modules of ``model`` in place by ``STELinear`` from {name: (threshold [N], scale [N])}.
+               source: nn.Module | None = None, residuals: dict | None = None) -> dict[str, STELinear]:
+    """Replace the named modules of ``model`` in place by ``STELinear`` from {name: (threshold [N], scale [N])}
+    and, for the names in ``residuals``, their starting residual {name: (up [N, r], down [r, K])}.
 
     The weights and biases come from the linears of that name in ``source`` (default: ``model`` itself).
     """
     out = {}
     for name, (threshold, scale) in init.items():
         linear = (source or model).get_submodule(name)
-        out[name] = STELinear(linear, threshold, scale, train_weight).to(linear.weight.device)
+        residual = (residuals or {}).get(name)
+        out[name] = STELinear(linear, threshold, scale, train_weight, residual).to(linear.weight.device)
         _set_submodule(model, name, out[name])
     return out
 
 
-def optimizer(modules: dict[str, STELinear], weight_lr: float, scale_lr: float) -> torch.optim.Adam:
-    """Adam over the scales and, when ``weight_lr`` > 0, the latent weights."""
+def optimizer(modules: dict[str, STELinear], weight_lr: float, scale_lr: float, residual_lr: float = 0.0) -> torch.optim.Adam:
+    """Adam over the scales, the latent weights when ``weight_lr`` > 0, and the residual factors of the
+    layers that have one when ``residual_lr`` > 0."""
     groups = [{"params": [m.log_scale for m in modules.values()], "lr": scale_lr}]
     if weight_lr > 0:
         groups.append({"params": [m.weight for m in modules.values()], "lr": weight_lr})
+    residual = [p for m in modules.values() if m.residual_up is not None for p in (m.residual_up, m.residual_down)]
+    if residual and residual_lr > 0:
+        groups.append({"params": residual, "lr": residual_lr})
     return torch.optim.Adam(groups)
 
 
