@@ -5,7 +5,8 @@
 # model in RUNS/resid-r<r> (calibrated once, in the first workdir; the others get a copy of its calib/),
 # packs it (2bit) and is scored by `bitflux eval --suite mini`. OUT gets, per rank, the score, its
 # standard error, its difference from the first rank's with the paired standard error (same prompts
-# and seeds) and the storage: residual bytes and bits per ternary weight with the residual.
+# and seeds) and the storage: residual bytes and bits per ternary weight with the residual; and the
+# commit it ran at ("+changes" when the tracked files differed from it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BITFLUX=${BITFLUX:-.venv/bin/bitflux}
@@ -14,6 +15,7 @@ OUT=${2:-benchmarks/results/residual-curve.json}
 shift $(( $# > 2 ? 2 : $# ))
 RANKS=${RANKS:-0 4 8 16}
 TMP=$(mktemp -d)
+COMMIT=$(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo "+changes")
 trap 'rm -rf "$TMP"' EXIT
 
 first=""
@@ -27,12 +29,12 @@ for r in $RANKS; do
     "$BITFLUX" eval --workdir "$workdir" --json "$@" > "$TMP/$r.eval.json"
     first=${first:-$workdir}
 done
-"${PYTHON:-.venv/bin/python}" - "$TMP" "$OUT" "$RUNS $OUT $*" $RANKS <<'EOF'
-import json, sys
+"${PYTHON:-.venv/bin/python}" - "$TMP" "$OUT" "$RUNS $OUT $*" "$COMMIT" $RANKS <<'EOF'
+import json, os, sys
 from pathlib import Path
 from bitflux_cli.miniworld.scorer import overall_stderr
 from bitflux_cli.miniworld.world import balanced_prompts
-tmp, out, flags, ranks = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4:]
+tmp, out, flags, commit, ranks = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5:]
 load = lambda name: json.loads((tmp / name).read_text())
 base = load(f"{ranks[0]}.eval.json")
 specs = balanced_prompts(base["split"], base["seeds"][0], base["prompts"] // len(base["categories"]))
@@ -49,7 +51,9 @@ for r in ranks:
                  "packed_bytes": p["packed_bytes"], "storage_ratio": p["storage_ratio"],
                  "velocity_rel_error": q["fidelity"]["velocity_rel_error"], "image_psnr_db": q["fidelity"]["image_psnr_db"],
                  "method": e["method"], "codec": e["codec"], "prompts": e["prompts"], "images_per_prompt": e["images_per_prompt"]}
-report = {"command": f"benchmarks/residual_curve.sh {flags}".strip(), "ranks": points}
+threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""  # scores move with it
+report = {"command": f"{threads}RANKS='{' '.join(ranks)}' benchmarks/residual_curve.sh {flags}".strip(), "commit": commit,
+          "ranks": points}
 out.parent.mkdir(parents=True, exist_ok=True)
 out.write_text(json.dumps(report, indent=1) + "\n")
 print(f"{'rank':>4}{'overall':>9}{'stderr':>8}{'delta':>8}{'paired':>8}{'bits/w':>8}{'residual KB':>13}"
