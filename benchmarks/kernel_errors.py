@@ -21,7 +21,9 @@ from bitflux_kernels.reference import ternary_linear_reference  # noqa: E402
 
 ROWS = {"W2A16 vs float64 reference": ("none", "none"),
         "W2A8 vs reference with int8 activations": ("int8", "int8"),
-        "W2A8 vs W2A16 reference (int8 rounding)": ("int8", "none")}
+        "W2A8 vs W2A16 reference (int8 rounding)": ("int8", "none"),
+        "W2A8 fp8 vs reference with fp8 activations": ("fp8", "fp8"),
+        "W2A8 fp8 vs W2A16 reference (e4m3 rounding)": ("fp8", "none")}
 
 
 def main() -> None:

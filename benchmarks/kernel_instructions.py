@@ -87,11 +87,11 @@ def specs():
             rows.append((f"GEMV {name} M=1, {bn}x({bw}x16), {warps} warps, split-K", packed_kernel, _sig(packed_kernel, p, c),
                          c, {"num_warps": warps, "num_stages": stages}, bn * bw * 16, True, gemv))
     dec = {"N": 3072, "ROWS": 3072, "KW": 192, "stride_wn": 192}  # strides in 32-bit words
-    c = {**{k: v for k, v in FIELDS_META.items() if k != "num_warps"}, "EVEN": True}
-    p = {"w_ptr": "*u8", "out_ptr": "*u8"}
-    rows.append(("decode -> raw fields u (W2A8)", decode_fields_kernel, _sig(decode_fields_kernel, p, c), c,
-                 {"num_warps": FIELDS_META["num_warps"]}, None, True,
-                 {**dec, "stride_on": 768}))
+    for fp8, name in ((False, "decode -> raw fields u (W2A8 int8)"), (True, "decode -> e4m3 2 x codes (W2A8 fp8)")):
+        c = {**{k: v for k, v in FIELDS_META.items() if k != "num_warps"}, "FP8": fp8, "EVEN": True}
+        p = {"w_ptr": "*u8", "out_ptr": "*u8"}
+        rows.append((name, decode_fields_kernel, _sig(decode_fields_kernel, p, c), c,
+                     {"num_warps": FIELDS_META["num_warps"]}, None, True, {**dec, "stride_on": 768}))
     c = {**{k: v for k, v in HALF_META.items() if k != "num_warps"}, "HAS_SCALE": True, "INTERPRET": False, "EVEN": True}
     p = {"w_ptr": "*u8", "scale_ptr": "*fp32", "out_ptr": "*bf16"}
     rows.append(("decode -> bf16 codes x scale", decode_half_kernel, _sig(decode_half_kernel, p, c), c,

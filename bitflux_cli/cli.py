@@ -22,7 +22,7 @@ ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="Config
 WorkdirOpt = Annotated[Optional[Path], typer.Option("--workdir", "-w", help="Work directory holding each stage's artifact (overrides `workdir`).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout; logs and progress go to stderr.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Set any config value, KEY=VALUE (YAML), e.g. --set quantization.block_recon.steps=4000; repeatable.")]
-ActivationsOpt = Annotated[Optional[str], typer.Option("--activations", help="none (W2A16) or int8 (W2A8, per-token dynamic); overrides quantization.activations.")]
+ActivationsOpt = Annotated[Optional[str], typer.Option("--activations", help="none (W2A16), int8 or fp8 (W2A8, per-token dynamic int8 / float8 e4m3); overrides quantization.activations.")]
 
 
 def _run(stage, config: str | None, overrides: dict, as_json: bool, *args, sets: list[str] | None = None,

@@ -80,7 +80,7 @@ class DistillConfig(_Section):
 
 class QuantizationConfig(_Section):
     method: Literal["absmean", "act-aware", "block-recon", "distill"] = "absmean"
-    activations: Literal["none", "int8"] = "none"
+    activations: Literal["none", "int8", "fp8"] = "none"
     eval_prompts: int = Field(default=4, ge=1)  # prompts of the fidelity report
     # host memory for the activations that walk the blocks with the student (block-recon's recorded
     # calls); past it, block-recon uses the first calls that fit and says so

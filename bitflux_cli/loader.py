@@ -61,7 +61,7 @@ def load_quantized_transformer(path: Path, model: ModelConfig | None = None, act
     model config recorded in the file), so the base model need not be present. It is built on the
     meta device, its in-scope linears become ``TernaryLinear`` shells, and the stored tensors are
     read one at a time onto ``device`` (base-3 and int8 codecs re-encoded to the 2-bit runtime
-    layout). ``activations`` overrides the recorded activation mode ("none" or "int8").
+    layout). ``activations`` overrides the recorded activation mode ("none", "int8" or "fp8").
     """
     ckpt = CheckpointFile(path)
     transformer = _shells(ckpt, model, activations)

@@ -10,6 +10,7 @@ from torch import nn
 
 import bitflux_kernels
 from bitflux_kernels.layout import padded_k
+from bitflux_kernels.ops import OPS
 
 # Full module paths of the linears that become ternary: everything inside a double block
 # (FluxTransformerBlock) or a single block (FluxSingleTransformerBlock). Matching the full path
@@ -54,11 +55,12 @@ class TernaryLinear(nn.Module):
     uint8, ``scale`` [N] fp32 and ``bias`` [N] (or no bias);
     with ``residual_rank`` r > 0 also ``residual_up`` [N, r] and ``residual_down`` [r, K] bf16, a
     low-rank correction (``residual``) added as ``(x @ down^T) @ up^T`` in x's dtype: one more small
-    GEMM pair in plain torch. ``activations`` selects W2A16 ("none") or per-token int8 activations ("int8").
+    GEMM pair in plain torch. ``activations`` selects W2A16 ("none") or per-token int8 ("int8") or float8
+    e4m3 ("fp8") activations.
 
     ``backend`` ("reference", "torch" or "triton", see ``bitflux_kernels.select_backend``) is
     resolved when the layer is built on, moved to (``.to``, ``.cuda``, ``to_empty``) or loaded onto
-    a device, never in ``forward``: ``forward`` is one call of ``torch.ops.bitflux.w2a16``/``w2a8``,
+    a device, never in ``forward``: ``forward`` is one call of ``torch.ops.bitflux.w2a16``/``w2a8``/``w2fp8``,
     so ``torch.compile(fullgraph=True)`` traces it. It may also be set by hand.
     """
 
@@ -107,8 +109,7 @@ class TernaryLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
         if self.backend is None:
             raise RuntimeError("TernaryLinear is on the meta device: load or move it to a device first")
-        op = torch.ops.bitflux.w2a8 if self.activations == "int8" else torch.ops.bitflux.w2a16
-        y = op(x, self.packed, self.scale, self.bias, self.in_features, self.backend)
+        y = OPS[self.activations](x, self.packed, self.scale, self.bias, self.in_features, self.backend)
         if self.residual_up is None:
             return y
         return y + (x @ self.residual_down.to(x.dtype).T) @ self.residual_up.to(x.dtype).T  # [..., r] -> [..., N]

@@ -1,7 +1,7 @@
 """Kernel benchmark: dense torch matmul vs the ternary linears on FLUX shapes.
 
-On CUDA: torch bf16 ``x @ W^T`` (cuBLAS) against the W2A16 and W2A8 Triton custom ops, timed
-with CUDA events. On CPU (no kernels to time): the torch and float64 reference paths at shapes
+On CUDA: torch bf16 ``x @ W^T`` (cuBLAS) against the W2A16 and W2A8 (int8; and fp8 e4m3 on sm89+)
+custom ops with the Triton backend, timed with CUDA events. On CPU (no kernels to time): the torch and float64 reference paths at shapes
 divided by ``CPU_SCALE`` with M capped at ``CPU_MAX_M``, timed with ``time.perf_counter``.
 Warm-up (and autotuning) is excluded; each figure is the median of ``iters`` runs, with inputs
 rotated among enough buffer sets that the L2 cache cannot hold them.
@@ -66,12 +66,15 @@ def _backends(cuda, k):
     if cuda:
         from . import ops
 
-        return [dense,
-                ("triton_w2a16", lambda s: ops.w2a16(s["x"], s["packed"], s["scale"], s["bias"], k)),
-                ("triton_w2a8", lambda s: ops.w2a8(s["x"], s["packed"], s["scale"], s["bias"], k))]
+        names = {"none": "triton_w2a16", "int8": "triton_w2a8", "fp8": "triton_w2fp8"}
+        if torch.cuda.get_device_capability() < (8, 9):  # no fp8 GEMM before Ada
+            names.pop("fp8")
+        return [dense] + [(name, lambda s, op=ops.OPS[a]: op(s["x"], s["packed"], s["scale"], s["bias"], k, "triton"))
+                          for a, name in names.items()]
     return [dense,
             ("torch_w2a16", lambda s: ternary_linear_torch(s["x"], s["packed"], s["scale"], s["bias"], k)),
             ("torch_w2a8", lambda s: ternary_linear_torch(s["x"], s["packed"], s["scale"], s["bias"], k, "int8")),
+            ("torch_w2fp8", lambda s: ternary_linear_torch(s["x"], s["packed"], s["scale"], s["bias"], k, "fp8")),
             ("reference_w2a16", lambda s: ternary_linear_reference(s["x"], s["packed"], s["scale"], s["bias"], k))]
 
 

@@ -10,6 +10,10 @@ loads) and writes each plane's outputs as contiguous 16-byte vectors.
   one a byte (a shift and an ``and`` for four weights), landing at byte word ``32 g + 8 p + l``. The
   GEMM then runs on ``u = codes + 1`` and its epilogue subtracts the per-token sum of q
   (large_m.py): ``q @ u^T = q @ codes^T + sum_k q``.
+- **float8 e4m3** (W2A8 with fp8 activations), the sign-bit trick on bytes: ``~(w << (6 - 2p)) &
+  0xC0C0C0C0`` puts each byte's field of plane p at bits 7:6 inverted, which read as e4m3 ``-2``
+  (u = 0: 0xC0), ``-0`` (u = 1: 0x80) or ``+2`` (u = 2: 0x40): again a shift and a ``lop3`` for four
+  weights; the GEMM's per-column scale takes the factor 1/2.
 - **bf16 / fp16** (W2A16), the sign-bit trick: with u's two bits at bits 15:14 of a 16-bit half,
   ``~bits & 0xC000`` is 0xC000 (u = 0: -2.0), 0x8000 (u = 1: -0.0) or 0x4000 (u = 2: +2.0), the
   same patterns in bf16 and fp16. One byte permute puts lanes (0, 1) in bytes 1, 3 and lanes
@@ -21,9 +25,9 @@ loads) and writes each plane's outputs as contiguous 16-byte vectors.
   integer and fp32 ops (same bits); the shifts and masks are the same code.
 - **fp32** (rare at large M): per byte and plane ``(u - 1) * scale`` in fp32.
 
-The K padding decodes to 0 (bf16/fp16) or to the field of a zero code, u = 1 (raw fields). Rows past N
-(``rows`` > N, raw fields only: N rounded up to 8 for ``torch._int_mm``) repeat rows ``n % N``; the
-GEMM's columns past N are never read.
+The K padding decodes to 0 (bf16/fp16, e4m3 -0) or to the field of a zero code, u = 1 (raw fields).
+Rows past N (``rows`` > N, byte outputs only: N rounded up to 8 for ``torch._int_mm``, 16 for
+``torch._scaled_mm``) repeat rows ``n % N``; the GEMM's columns past N are never read.
 """
 
 import torch
@@ -37,6 +41,7 @@ ZERO_BYTE = tl.constexpr(0x55)  # four fields of u = 1: four zero weights
 FIELDS_META = {"BLOCK_N": 8, "BLOCK_W": 64, "UNROLL": 2, "num_warps": 4}
 HALF_META = {"BLOCK_N": 8, "BLOCK_W": 64, "UNROLL": 2, "num_warps": 4}
 FLOAT_META = {"BLOCK_N": 32, "BLOCK_KQ": 128, "num_warps": 4}
+BYTE_DTYPES = (torch.uint8, torch.float8_e4m3fn)  # one byte a weight, from decode_fields_kernel
 
 
 @triton.jit
@@ -62,9 +67,10 @@ def _src(w_ptr, n, c, N, ROWS, stride_wn):
 
 
 @triton.jit
-def decode_fields_kernel(w_ptr, out_ptr, N, ROWS, KW, stride_wn, stride_on, EVEN: tl.constexpr,
+def decode_fields_kernel(w_ptr, out_ptr, N, ROWS, KW, stride_wn, stride_on, FP8: tl.constexpr, EVEN: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, UNROLL: tl.constexpr):
-    """w: [N, 4 KW] uint8 read as [N, KW] uint32 -> out: [ROWS, 16 KW] uint8 fields u, written as uint32 words.
+    """w: [N, 4 KW] uint8 read as [N, KW] uint32 -> out: [ROWS, 16 KW] bytes, written as uint32 words:
+    the fields u, or (FP8) the e4m3 bits of ``2 (u - 1)``.
 
     Word column wc, plane p lands at byte word ``32 (wc // 8) + 8 p + wc % 8``. Strides in 32-bit
     words. Grid (cdiv(ROWS, BLOCK_N),): a program walks its rows' words BLOCK_W (a multiple of 8
@@ -77,7 +83,10 @@ def decode_fields_kernel(w_ptr, out_ptr, N, ROWS, KW, stride_wn, stride_on, EVEN
     for _ in tl.range(0, KW, BLOCK_W, loop_unroll_factor=UNROLL):
         words = tl.load(src)
         for p in tl.static_range(4):
-            fields = (words >> (2 * p)) & 0x03030303  # four u in {0, 1, 2}, one a byte
+            if FP8:
+                fields = ~(words << (6 - 2 * p)) & 0xC0C0C0C0  # four e4m3 -2 / -0 / +2, one a byte
+            else:
+                fields = (words >> (2 * p)) & 0x03030303  # four u in {0, 1, 2}, one a byte
             if EVEN:
                 tl.store(dst + 8 * p, fields)
             else:
@@ -189,6 +198,7 @@ def decode(packed: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None 
     """Dense weight [rows, Kp] in ``dtype`` from packed [N, Kp/4] uint8 (rows >= N, default N).
 
     uint8: the raw fields ``u = codes + 1`` in {0, 1, 2} (1 past K; rows past N repeat rows ``n % N``).
+    float8_e4m3fn: ``2 * codes`` (-0 past K; rows past N as for uint8).
     float dtypes: ``(u - 1) * scale`` (scale: [N] fp32, optional), the same numbers as
     ``(codes * scale)`` in fp32 rounded once to ``dtype``; columns past K are zeros (bf16/fp16 write
     -0.0 for zero codes). Allocated with ``torch.empty`` on every call (see docs/KERNELS.md, "Scratch").
@@ -201,7 +211,7 @@ def decode(packed: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None 
     out = torch.empty(rows, 4 * kq, dtype=dtype, device=packed.device)  # [rows, Kp]
     if rows == 0 or kq == 0:
         return out
-    if scale is not None and dtype != torch.uint8 and (
+    if scale is not None and dtype not in BYTE_DTYPES and (
             scale.shape != (n,) or scale.dtype != torch.float32 or not scale.is_contiguous()):
         raise ValueError("scale must be a contiguous [N] float32 tensor")
     if dtype == torch.float32:
@@ -213,16 +223,17 @@ def decode(packed: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None 
     if packed.stride(0) % 4 or packed.data_ptr() % 4:
         raise ValueError("the decode reads 32-bit words: packed rows must be 4-byte aligned")
     kw = kq // 4  # words a row, a multiple of 8
-    if dtype == torch.uint8:
+    if dtype in BYTE_DTYPES:
         if scale is not None:
-            raise ValueError("the uint8 decode yields the raw fields; apply the scale in the GEMM's epilogue")
+            raise ValueError(f"the {dtype} decode yields unscaled codes; apply the scale in the GEMM's epilogue")
+        out = out.view(torch.uint8)  # the kernel writes bytes; fp8 is a view of them
         meta = _fit(FIELDS_META, kw)
         grid = (triton.cdiv(rows, meta["BLOCK_N"]),)
         launch_fixed(decode_fields_kernel, grid, meta, packed, out, n, rows, kw, packed.stride(0) // 4,
-                     out.stride(0) // 4, EVEN=rows % meta["BLOCK_N"] == 0)
-        return out
+                     out.stride(0) // 4, FP8=dtype == torch.float8_e4m3fn, EVEN=rows % meta["BLOCK_N"] == 0)
+        return out.view(dtype)
     if dtype not in (torch.bfloat16, torch.float16) or rows != n:
-        raise ValueError(f"decode: unsupported dtype {dtype} (or rows != N, which only uint8 takes)")
+        raise ValueError(f"decode: unsupported dtype {dtype} (or rows != N, which only uint8 and float8 take)")
     meta = _fit(HALF_META, kw)
     grid = (triton.cdiv(rows, meta["BLOCK_N"]),)
     launch_fixed(decode_half_kernel, grid, meta, packed, scale, out, n, rows, kw, packed.stride(0) // 4,

@@ -62,10 +62,10 @@ def ternary_linear(x, packed, scale, bias, in_features, activations="none", back
     """``y = (x @ unpack(packed)^T) * scale + bias`` through ``torch.ops.bitflux``.
 
     x: [..., K] float, packed: [N, Kp/4] uint8 (2-bit runtime layout), scale: [N] fp32,
-    bias: [N] or None; activations: "none" (W2A16) or "int8" (W2A8). Output in x's dtype.
+    bias: [N] or None; activations: "none" (W2A16), "int8" or "fp8" (W2A8, per-token int8 or float8
+    e4m3 activations). Output in x's dtype.
     ``backend`` defaults to ``select_backend(x.device)``, evaluated on every call.
     """
-    if activations not in ("none", "int8"):
-        raise ValueError(f"activations must be 'none' or 'int8', got {activations!r}")
-    op = ops.w2a8 if activations == "int8" else ops.w2a16
-    return op(x, packed, scale, bias, in_features, backend or select_backend(x.device))
+    if activations not in ops.OPS:
+        raise ValueError(f"activations must be one of {', '.join(ops.OPS)}, got {activations!r}")
+    return ops.OPS[activations](x, packed, scale, bias, in_features, backend or select_backend(x.device))

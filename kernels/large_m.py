@@ -11,15 +11,22 @@ bandwidth-bound pass over one layer's weight (about 2.25 bytes a weight for bf16
   work of ``u - 1``), ``torch._int_mm`` -> int32 [M, N8] ``= q @ codes^T + sum_k q``, and one epilogue
   kernel ``y = (acc - sum_k q) * sx[m] * scale[n] + bias[n]`` (exact integers, then fp32), stored in
   x's dtype.
+- W2A8 with fp8 activations (sm89+: Ada, Hopper; and the CPU): per-token e4m3 ``q``
+  (``reference.quantize_activations_fp8``), ``2 * codes`` decoded into e4m3 [N16, Kp] (N16 = N rounded
+  up to 16, what fp8 GEMMs need), and one ``torch._scaled_mm`` with row-wise scales ``sx[m]`` and
+  ``scale[n] / 2`` and the bias in cuBLAS's epilogue: no int32 pass, nothing after the GEMM.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+import torch.nn.functional as F
+
 from .act_quant import act_quant
-from .common import launch_fixed, output_for, store_scaled
+from .common import interpreting, launch_fixed, output_for, store_scaled
 from .decode import decode
+from .reference import quantize_activations_fp8
 
 DECODE_MIN_M = 512  # the text stream of a FLUX double block runs at 512; a guess until measured on a GPU
 EPILOGUE_META = {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4}
@@ -66,4 +73,32 @@ def w2a8_cublas(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bia
     grid = (triton.cdiv(m, EPILOGUE_META["BLOCK_M"]), triton.cdiv(n, EPILOGUE_META["BLOCK_N"]))
     launch_fixed(int_epilogue_kernel, grid, EPILOGUE_META, acc, qsum, sx, scale, bias, y, m, n, acc.stride(0), y.stride(0),
                  HAS_BIAS=bias is not None)
+    return y
+
+
+def fp8_gemm_ok(x2: torch.Tensor) -> bool:
+    """``torch._scaled_mm`` can serve x2: on CUDA sm89+ with bf16 activations (its row-wise scaling
+    writes bf16 only), or on the CPU under the interpreter (the tests)."""
+    if x2.device.type != "cuda":
+        return interpreting()
+    return torch.cuda.get_device_capability(x2.device) >= (8, 9) and x2.dtype == torch.bfloat16
+
+
+def w2fp8_cublas(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 in_features: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token fp8 e4m3 x, then ``torch._scaled_mm`` against the decoded ``2 * codes`` -> y [M, N] in x's dtype."""
+    y = output_for(x2, packed, scale, bias, in_features, out)
+    m, n = y.shape
+    if m == 0:
+        return y
+    n16 = -(-n // 16) * 16
+    q, sx = quantize_activations_fp8(x2, 4 * packed.shape[1])  # q: [M, Kp] e4m3 zero-padded, sx: [M] fp32
+    w = decode(packed, torch.float8_e4m3fn, rows=n16)  # [N16, Kp]: 2 * codes
+    col_scale = F.pad(scale * 0.5, (0, n16 - n), value=1.0)[None, :]  # [1, N16]: the decoded weights are ±2
+    b = None if bias is None else F.pad(bias.to(x2.dtype), (0, n16 - n))  # [N16]
+    direct = n16 == n and y.is_contiguous()
+    acc = torch._scaled_mm(q, w.t(), scale_a=sx[:, None], scale_b=col_scale, bias=b, out_dtype=x2.dtype,
+                           **({"out": y} if direct else {}))  # [M, N16]
+    if not direct:
+        y.copy_(acc[:, :n])
     return y

@@ -1,4 +1,4 @@
-"""The ternary linear as ``torch.library`` custom ops: ``torch.ops.bitflux.w2a16`` / ``w2a8``.
+"""The ternary linear as ``torch.library`` custom ops: ``torch.ops.bitflux.w2a16`` / ``w2a8`` / ``w2fp8``.
 
 Both take the backend as a string argument ("reference", "torch" or "triton"), chosen outside
 the traced region (``TernaryLinear`` resolves it per module). Each backend runs on every device
@@ -27,17 +27,18 @@ def route(m: int) -> str:
 
 
 def _triton(x, packed, scale, bias, in_features, activations):
+    from .large_m import fp8_gemm_ok, w2a8_cublas, w2a16_cublas, w2fp8_cublas
     from .packed import packed_gemm
-    from .large_m import w2a8_cublas, w2a16_cublas
 
     x2 = x.reshape(-1, in_features)  # [M, K]
     m, n = x2.shape[0], packed.shape[0]
     y = x.new_empty(*x.shape[:-1], n)  # [..., N]
     y2 = y.view(-1, n)  # [M, N]
     scale = scale.float()
-    if route(m) == "cublas":
-        (w2a8_cublas if activations == "int8" else w2a16_cublas)(x2, packed, scale, bias, in_features, out=y2)
-    else:
+    cublas = {"none": w2a16_cublas, "int8": w2a8_cublas, "fp8": w2fp8_cublas if fp8_gemm_ok(x2) else None}
+    if route(m) == "cublas" and cublas[activations] is not None:
+        cublas[activations](x2, packed, scale, bias, in_features, out=y2)
+    else:  # fp8 where torch._scaled_mm cannot run (pre-Ada GPUs, fp16/fp32 x) takes the packed kernel at every M
         packed_gemm(x2, packed, scale, bias, in_features, out=y2, activations=activations)
     return y
 
@@ -66,9 +67,18 @@ def w2a8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch
     return _run(x, packed, scale, bias, in_features, "int8", backend)
 
 
+@torch.library.custom_op("bitflux::w2fp8", mutates_args=())
+def w2fp8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+          in_features: int, backend: str = "triton") -> torch.Tensor:
+    """W2A8 ternary linear with per-token float8 e4m3 activations: same operands and result as ``w2a16``."""
+    return _run(x, packed, scale, bias, in_features, "fp8", backend)
+
+
 def _fake(x, packed, scale, bias, in_features, backend="triton"):
     return x.new_empty(*x.shape[:-1], packed.shape[0])
 
 
 w2a16.register_fake(_fake)
 w2a8.register_fake(_fake)
+w2fp8.register_fake(_fake)
+OPS = {"none": w2a16, "int8": w2a8, "fp8": w2fp8}  # activation mode -> op

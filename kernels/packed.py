@@ -16,7 +16,8 @@ decoded the tile in every warp; W2A8 loses their int8 MMAs, see docs/KERNELS.md)
   K order; a dot does not care, so x is gathered once per call into that order (``permute_x``:
   xp[m, 16 wc + 2 s + h] = x[m, k(field 7 - s + 8 h)], zeros past K) in the dot's dtype: bf16 or
   fp16 as x, fp32 x as fp32 (``ieee`` dot), W2A8's int8 q as bf16 (exact: |q| <= 127; the sums of
-  q x ±2 stay integers below 2^24, exact in the fp32 accumulators).
+  q x ±2 stay integers below 2^24, exact in the fp32 accumulators), its fp8 e4m3 q as bf16 (exact:
+  e4m3 is a subset of bf16).
 - **Split-K.** FLUX's modulation linears have N = 9216 / 18432 but its MLP-out K = 12288 / 15360
   at N = 3072: too few N tiles to fill the GPU. ``SPLIT`` programs share a row tile, each over a
   contiguous run of words; they write fp32 partials [SPLIT, M, N] and ``reduce_kernel`` sums them
@@ -30,6 +31,7 @@ import triton.language as tl
 
 from .act_quant import act_quant
 from .common import Space, interpreting, launch, launch_fixed, output_for
+from .reference import quantize_activations_fp8
 
 SPLIT_GRAIN = 16  # words: every split but the last covers a multiple of this (and of any BLOCK_W)
 REDUCE_META = {"BLOCK_N": 256, "num_warps": 4}
@@ -181,7 +183,8 @@ def packed_gemm(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bia
          split: int | None = None) -> torch.Tensor:
     """x2 [M, K] float, packed [N, Kp/4] uint8, scale [N] fp32 -> y [M, N] in x's dtype.
 
-    ``activations="int8"`` quantizes x2 per token first (act_quant.py), as the W2A8 GEMM does.
+    ``activations="int8"`` quantizes x2 per token first (act_quant.py), ``"fp8"`` to e4m3
+    (``reference.quantize_activations_fp8``), as the large-M W2A8 paths do.
     ``split`` forces the number of K splits (default: ``split_count``). Any M works
     (``tokens_per_program(M)`` tokens a program); the op sends it M < DECODE_MIN_M.
     """
@@ -196,6 +199,9 @@ def packed_gemm(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bia
     sx = None
     if activations == "int8":
         x2, sx = act_quant(x2, 4 * kq)  # x2: [M, Kp] int8 zero-padded, sx: [M] fp32
+    elif activations == "fp8":
+        q, sx = quantize_activations_fp8(x2)  # q: [M, K] e4m3, sx: [M] fp32
+        x2 = q.to(torch.bfloat16)  # exact
     xdtype, pattern, dot, precision = _dot_types(x2.dtype)
     xp = permute_x(x2, 4 * kq, xdtype)  # [M, Kp]
     split = split_count(n, kw, y.device, m) if split is None else max(1, min(split, triton.cdiv(kw, 8)))

@@ -16,15 +16,34 @@ def quantize_activations_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return q, scale
 
 
+FP8_MAX = 448.0  # the largest float8 e4m3fn
+
+
+def quantize_activations_fp8(x: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric float8 e4m3 quantization: x [M, K] -> (q [M, width] float8_e4m3fn, zeros past
+    K; scale [M] fp32). ``scale = max(|x_row|) / 448``, ``q = e4m3(x / scale)`` rounded to nearest
+    even by torch's cast (the kernels use this same function, so they match it bit for bit)."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1).clamp_min(1e-12) / FP8_MAX  # [M]
+    v = (xf / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX)  # [M, K]
+    if width is not None and width > v.shape[1]:
+        v = torch.nn.functional.pad(v, (0, width - v.shape[1]))  # [M, width]
+    return v.to(torch.float8_e4m3fn), scale
+
+
+QUANTIZERS = {"int8": quantize_activations_int8, "fp8": quantize_activations_fp8}
+
+
 def ternary_linear_reference(x, packed, scale, bias, in_features, activations="none"):
     """Ground truth in float64: ``y = (x @ codes^T) * scale + bias``, returned in x's dtype.
 
-    With ``activations="int8"`` x is first quantized per token exactly as the W2A8 kernel does.
+    With ``activations="int8"`` or ``"fp8"`` x is first quantized per token exactly as the W2A8
+    kernels do (``QUANTIZERS``).
     """
     codes = unpack_2bit(packed, in_features).double()  # [N, K]
     x2 = x.reshape(-1, in_features)  # [M, K]
-    if activations == "int8":
-        q, sx = quantize_activations_int8(x2)
+    if activations in QUANTIZERS:
+        q, sx = QUANTIZERS[activations](x2)
         y = (q.double() @ codes.T) * sx.double()[:, None]
     else:
         y = x2.double() @ codes.T  # [M, N]
@@ -46,9 +65,9 @@ def decode_2bit(packed: torch.Tensor, in_features: int, dtype: torch.dtype) -> t
 def ternary_linear_torch(x, packed, scale, bias, in_features, activations="none"):
     """Vectorized torch path (CPU default): decode, one matmul, scale and bias."""
     x2 = x.reshape(-1, in_features)  # [M, K]
-    if activations == "int8":
-        q, sx = quantize_activations_int8(x2)
-        # int8 x ternary sums stay below 2**24 for K < 132k, so float32 is exact here
+    if activations in QUANTIZERS:
+        q, sx = QUANTIZERS[activations](x2)
+        # int8 x ternary sums stay below 2**24 for K < 132k, so float32 is exact here (fp8: rounded sums)
         w = decode_2bit(packed, in_features, torch.float32)
         y = (q.float() @ w.T) * sx[:, None] * scale
     else:

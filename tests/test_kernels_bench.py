@@ -13,6 +13,6 @@ def test_bench_kernels_on_cpu_is_labelled_and_serializable():
     assert report["device"] == "cpu" and report["scaled_down"] and report["baseline"] == "torch_matmul"
     rows = report["results"]
     assert {(r["n"], r["k"]) for r in rows} == {(3072 // CPU_SCALE, 3072 // CPU_SCALE), (3072 // CPU_SCALE, 12288 // CPU_SCALE)}
-    assert {r["backend"] for r in rows} == {"torch_matmul", "torch_w2a16", "torch_w2a8", "reference_w2a16"}
+    assert {r["backend"] for r in rows} == {"torch_matmul", "torch_w2a16", "torch_w2a8", "torch_w2fp8", "reference_w2a16"}
     assert all(r["ms"] > 0 and r["tflops"] > 0 for r in rows)
     assert max(r["m"] for r in rows) <= 256 and torch.isfinite(torch.tensor([r["speedup_vs_baseline"] for r in rows])).all()

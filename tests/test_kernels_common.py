@@ -61,6 +61,17 @@ def test_act_quant_matches_reference_bit_exactly(m, k, dtype):
     assert torch.equal(act_quant(x, padded_k(k))[0], q)  # without sums: the same q
 
 
+def test_fp8_quantizer_scales_each_token_to_448_and_pads_k():
+    from bitflux_kernels.reference import FP8_MAX, quantize_activations_fp8
+
+    x = torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0], [3e4, 1e-3, -7.0]])
+    q, s = quantize_activations_fp8(x, 16)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == (3, 16) and not q[:, 3:].float().any()
+    assert torch.equal(s, x.abs().amax(1).clamp_min(1e-12) / FP8_MAX)
+    assert q.float().abs().amax(1).tolist() == [FP8_MAX, 0.0, FP8_MAX]  # each token's largest |x| lands on 448
+    assert torch.equal(q[:, :3], (x / s[:, None]).to(torch.float8_e4m3fn))  # round to nearest even, torch's cast
+
+
 def test_m_bucket_and_pruner_keep_a_config_for_every_flux_shape():
     from bitflux_kernels import packed
     from bitflux_kernels.common import m_bucket
@@ -74,7 +85,7 @@ def test_m_bucket_and_pruner_keep_a_config_for_every_flux_shape():
             assert {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_W"], c.num_warps, c.num_stages) for c in kept} <= set(own)
 
 
-@pytest.mark.parametrize("launcher", ["packed", "packed_int8", "w2a16_cublas", "w2a8_cublas"])
+@pytest.mark.parametrize("launcher", ["packed", "packed_int8", "packed_fp8", "w2a16_cublas", "w2a8_cublas", "w2fp8_cublas"])
 def test_every_launcher_writes_a_row_strided_out_and_refuses_a_strided_n(launcher):
     """The GEMV and int32 epilogues write ``out + m * stride_m + n``: a transposed ``out`` kept NaNs, an
     expanded one (stride 0 along N) was written past its storage. A padded row stride is fine."""
@@ -82,8 +93,9 @@ def test_every_launcher_writes_a_row_strided_out_and_refuses_a_strided_n(launche
     from bitflux_kernels.packed import packed_gemm
 
     fn = {"packed": packed_gemm, "packed_int8": partial(packed_gemm, activations="int8"),
-          "w2a16_cublas": large_m.w2a16_cublas, "w2a8_cublas": large_m.w2a8_cublas}[launcher]
-    mode = "int8" if launcher in ("packed_int8", "w2a8_cublas") else "none"
+          "packed_fp8": partial(packed_gemm, activations="fp8"), "w2a16_cublas": large_m.w2a16_cublas,
+          "w2a8_cublas": large_m.w2a8_cublas, "w2fp8_cublas": large_m.w2fp8_cublas}[launcher]
+    mode = "int8" if launcher in ("packed_int8", "w2a8_cublas") else "fp8" if "fp8" in launcher else "none"
     x, packed, scale, bias, _ = case(3, 37, 97, torch.float32)
     wide = torch.full((3, 40), float("nan"), device=DEVICE)  # rows of 40, out is their first 37 columns
     y = fn(x, packed, scale, bias, 97, out=wide[:, :37])

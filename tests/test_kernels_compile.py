@@ -47,9 +47,9 @@ def _specs():
     ptrs = {"x_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "sum_ptr": "*i32"}
     yield act_quant_kernel, sig(act_quant_kernel, ptrs, consts), consts, {"num_warps": 4}
     fixed = lambda meta: ({k: v for k, v in meta.items() if k != "num_warps"}, {"num_warps": meta["num_warps"]})  # noqa: E731
-    for even in (True, False):
+    for even, fp8 in ((True, False), (False, True)):
         consts, options = fixed(FIELDS_META)
-        consts["EVEN"] = even
+        consts.update(EVEN=even, FP8=fp8)
         yield decode_fields_kernel, sig(decode_fields_kernel, {"w_ptr": "*u8", "out_ptr": "*u8"}, consts), consts, options
     for dt in ("bf16", "fp16"):
         consts, options = fixed(HALF_META)

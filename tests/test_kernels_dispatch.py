@@ -28,7 +28,7 @@ def test_forced_triton_without_cuda_or_interpreter_is_an_error(monkeypatch):
         select_backend(torch.device("cpu"))
 
 
-@pytest.mark.parametrize("activations", ["none", "int8"])
+@pytest.mark.parametrize("activations", ["none", "int8", "fp8"])
 @pytest.mark.parametrize("m", [1, 40])
 def test_all_backends_agree_on_ternary_linear(monkeypatch, activations, m):
     g = torch.Generator().manual_seed(m)
@@ -62,20 +62,21 @@ def test_backend_is_resolved_on_build_move_and_load(monkeypatch):
     assert layer.to("cpu").backend == "reference" and "backend=reference" in repr(layer)
 
 
-@pytest.mark.parametrize("op", ["w2a16", "w2a8"])
+@pytest.mark.parametrize("op", ["w2a16", "w2a8", "w2fp8"])
 @pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
 def test_custom_op_opcheck_and_fullgraph_compile(op, backend):
     from bitflux_kernels import ops  # noqa: F401  registers torch.ops.bitflux.*
 
     fn = getattr(torch.ops.bitflux, op)
+    torch._dynamo.reset()  # one lambda, 9 closures: past Dynamo's recompile limit of 8 without a reset
     x, packed, scale, bias, _ = case(6, 40, 130, torch.float32)
     torch.library.opcheck(fn, (x, packed, scale, bias, 130, backend))
     compiled = torch.compile(lambda x: fn(x, packed, scale, bias, 130, backend) * 2, fullgraph=True, backend="aot_eager")
-    ref = ternary_linear_reference(x, packed, scale, bias, 130, "int8" if op == "w2a8" else "none") * 2
+    ref = ternary_linear_reference(x, packed, scale, bias, 130, {"w2a16": "none", "w2a8": "int8", "w2fp8": "fp8"}[op]) * 2
     assert rel_err(compiled(x), ref) < TOL[torch.float32]
 
 
-@pytest.mark.parametrize("activations", ["none", "int8"])
+@pytest.mark.parametrize("activations", ["none", "int8", "fp8"])
 def test_triton_op_routes_by_m(activations):
     """M < DECODE_MIN_M: the packed kernel (GEMV / skinny GEMM); M >= DECODE_MIN_M: decode + cuBLAS. All match.
 
@@ -92,7 +93,7 @@ def test_triton_op_routes_by_m(activations):
         return
     from bitflux_kernels import large_m, ops
 
-    op = ops.w2a8 if activations == "int8" else ops.w2a16
+    op = ops.OPS[activations]
     for m, route in ((4, "packed"), (large_m.DECODE_MIN_M - 1, "packed"), (large_m.DECODE_MIN_M, "cublas")):
         assert ops.route(m) == route
         x, packed, scale, bias, _ = case(m, 37, 97, torch.bfloat16)

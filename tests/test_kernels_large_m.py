@@ -28,6 +28,19 @@ def test_decode_fields_is_unpack_2bit_plus_one_exactly(n, k, extra_rows):
     assert torch.equal(out[n:], out[torch.arange(n, n + extra_rows) % n])  # rows past N repeat rows n % N
 
 
+@pytest.mark.parametrize("n,k", [(37, 97), (96, 480)])
+@pytest.mark.parametrize("extra_rows", [0, 11])
+def test_decode_fp8_is_twice_the_codes_exactly(n, k, extra_rows):
+    from bitflux_kernels.decode import decode
+
+    codes, packed, _ = _codes(n, k, seed=2)
+    out = decode(packed, torch.float8_e4m3fn, rows=n + extra_rows).cpu()  # [rows, Kp]
+    assert out.dtype == torch.float8_e4m3fn and out.shape == (n + extra_rows, padded_k(k))
+    assert torch.equal(out[:n, :k].float(), 2 * codes.float())
+    assert not out[:, k:].float().any()  # K padding: -0
+    assert torch.equal(out[n:].view(torch.uint8), out[torch.arange(n, n + extra_rows) % n].view(torch.uint8))
+
+
 @pytest.mark.parametrize("n,k", [(37, 97), (64, 200), (96, 480)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_decode_float_with_and_without_scale_is_exact(n, k, dtype):
@@ -60,12 +73,12 @@ def test_decode_rejects_what_it_cannot_read():
 
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("activations", ["none", "int8"])
+@pytest.mark.parametrize("activations", ["none", "int8", "fp8"])
 def test_decode_then_cublas_matches_reference(n, k, dtype, activations):
-    from bitflux_kernels.large_m import w2a8_cublas, w2a16_cublas
+    from bitflux_kernels.large_m import w2a8_cublas, w2a16_cublas, w2fp8_cublas
 
     x, packed, scale, bias, out = case(24, n, k, dtype)  # launchers take any M; the op sends M >= DECODE_MIN_M here
-    launcher = w2a8_cublas if activations == "int8" else w2a16_cublas
+    launcher = {"none": w2a16_cublas, "int8": w2a8_cublas, "fp8": w2fp8_cublas}[activations]
     y = launcher(x, packed, scale, bias, k, out=out)
     assert y is out and y.dtype == dtype
     # W2A16 folds the scale into the decoded weight (one rounding of code * scale to x's dtype): within TOL
@@ -73,10 +86,10 @@ def test_decode_then_cublas_matches_reference(n, k, dtype, activations):
 
 
 def test_decode_then_cublas_no_bias_strided_x():
-    from bitflux_kernels.large_m import w2a8_cublas, w2a16_cublas
+    from bitflux_kernels.large_m import w2a8_cublas, w2a16_cublas, w2fp8_cublas
 
     x, packed, scale, _, out = case(20, 37, 97, torch.float32, bias=False)
     xs = torch.stack([x, x], dim=2).reshape(20, 2 * 97)[:, ::2]  # x again, with K stride 2
-    for launcher, mode in ((w2a16_cublas, "none"), (w2a8_cublas, "int8")):
+    for launcher, mode in ((w2a16_cublas, "none"), (w2a8_cublas, "int8"), (w2fp8_cublas, "fp8")):
         out.fill_(float("nan"))
         assert rel_err(launcher(xs, packed, scale, None, 97, out=out), ternary_linear_reference(x, packed, scale, None, 97, mode)) < 1e-6

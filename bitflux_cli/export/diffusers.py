@@ -25,6 +25,8 @@ from ..ternary import parameter_counts
 from ..models import build_meta_transformer
 from . import method_of
 
+MODE_NAMES = {"none": "W2A16", "int8": "W2A8, int8", "fp8": "W2A8, float8 e4m3"}
+
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 QUANT_METHOD = "bitflux"
 
@@ -112,7 +114,7 @@ def model_card(meta: dict, size: int) -> str:
         f"| base model | `{base}` |",
         f"| method | `{method}` |",
         f"| calibration | {calibration} |",
-        f"| activations | `{meta['activations']}` ({'W2A16' if meta['activations'] == 'none' else 'W2A8'}) |",
+        f"| activations | `{meta['activations']}` ({MODE_NAMES[meta['activations']]}) |",
         f"| codec | `{meta['codec']}` ({FORMAT} v{meta['format_version']}) |",
         *([f"| residual | rank {meta['residual_rank']} bf16 low-rank correction beside each ternary weight "
            "(`quantization.residual_rank`): not pure ternary |"] if meta.get("residual_rank") else []),

@@ -25,7 +25,7 @@ def from_pretrained(path_or_repo: str | Path, subfolder: str | None = None, revi
     """A 1.58-bit ``FluxTransformer2DModel`` from a bitflux transformer directory or hub repo.
 
     ``device``: where to move it (default: where diffusers loads it, the CPU unless ``device_map``);
-    ``activations`` overrides the recorded activation mode ("none": W2A16, "int8": W2A8); other
+    ``activations`` overrides the recorded activation mode ("none": W2A16, "int8"/"fp8": W2A8); other
     keyword arguments go to diffusers' ``from_pretrained`` (``torch_dtype``, ``variant``, ``token``...).
     """
     from diffusers import FluxTransformer2DModel

@@ -39,6 +39,7 @@ from enum import Enum
 from pathlib import Path
 
 import torch
+from bitflux_kernels.ops import OPS
 from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
@@ -67,7 +68,7 @@ class BitfluxConfig(QuantizationConfigMixin):
     --format diffusers`` and by ``save_pretrained``).
 
     ``codec``: how the file stores codes ("2bit", "base3"; the runtime is always 2-bit);
-    ``activations``: "none" (W2A16) or "int8" (W2A8), the mode the ternary layers run in;
+    ``activations``: "none" (W2A16), "int8" or "fp8" (W2A8), the mode the ternary layers run in;
     ``method``: the quantization method, for people; ``dtype``: the model dtype the checkpoint stores
     (used when ``from_pretrained`` gets no ``torch_dtype``); ``format`` / ``format_version``: the
     checkpoint format's, checked again in the file itself.
@@ -80,8 +81,8 @@ class BitfluxConfig(QuantizationConfigMixin):
                  quant_method: str = QUANT_METHOD):
         if quant_method != QUANT_METHOD:
             raise ValueError(f"BitfluxConfig: quant_method {quant_method!r}, expected {QUANT_METHOD!r}")
-        if activations not in ("none", "int8"):
-            raise ValueError(f"BitfluxConfig: activations {activations!r}, expected 'none' or 'int8'")
+        if activations not in OPS:
+            raise ValueError(f"BitfluxConfig: activations {activations!r}, expected one of {', '.join(OPS)}")
         if dtype is not None and not isinstance(getattr(torch, str(dtype), None), torch.dtype):
             raise ValueError(f"BitfluxConfig: dtype {dtype!r} is not a torch dtype")
         self.quant_method = BitfluxMethod.BITFLUX
@@ -255,12 +256,12 @@ def _runtime_name(name: str, modules: dict) -> str:
 
 
 def set_activations(model: torch.nn.Module, activations: str) -> None:
-    """Run every ternary layer of a loaded model in ``activations`` mode ("none": W2A16, "int8": W2A8);
-    ``save_pretrained`` records it."""
+    """Run every ternary layer of a loaded model in ``activations`` mode ("none": W2A16, "int8" or
+    "fp8": W2A8); ``save_pretrained`` records it."""
     from ..ternary import TernaryLinear
 
-    if activations not in ("none", "int8"):
-        raise UsageError(f"activations {activations!r}: expected 'none' or 'int8'")
+    if activations not in OPS:
+        raise UsageError(f"activations {activations!r}: expected one of {', '.join(OPS)}")
     for layer in model.modules():
         if isinstance(layer, TernaryLinear):
             layer.activations = activations
