@@ -1,12 +1,13 @@
 """The packed split-K GEMV, and the skinny GEMM it becomes with more tokens a program.
 
-Serves every M below ``DECODE_MIN_M`` (ops.route), W2A16 and W2A8. At a few tokens the linear is memory bound: the kernel must touch each 2-bit weight with as few
-instructions as it can. It computes ``Y^T = W X^T`` with ``tl.dot`` (tokens padded to ``TOKENS``
-columns, 16 to 128 by M: ``tokens_per_program``): the multiply-adds cost a fraction of an
-instruction per weight and the reduction over K happens inside the MMA accumulators, never as
-shuffles. One dot a K step: a program's weight tile is decoded once for all its TOKENS tokens
-(the in-register GEMMs it replaced chained four dots a K step, one per bit plane, and on sm80
-decoded the tile in every warp; W2A8 loses their int8 MMAs, see docs/KERNELS.md). What is left per weight is the decode:
+Serves every M below ``DECODE_MIN_M`` (ops.route), W2A16 and W2A8. At a few tokens the linear is
+memory bound: the kernel must touch each 2-bit weight with as few instructions as it can. It
+computes ``Y^T = W X^T`` with ``tl.dot`` (tokens padded to ``TOKENS`` columns, 16 to 128 by M:
+``tokens_per_program``): the multiply-adds cost a fraction of an instruction per weight and the
+reduction over K happens inside the MMA accumulators, never as shuffles. One dot a K step: a
+program's weight tile is decoded once for all its TOKENS tokens (the in-register GEMMs it replaced
+chained four dots a K step, one per bit plane, and on sm80 decoded the tile in every warp; W2A8
+loses their int8 MMAs, see docs/KERNELS.md). What is left per weight is the decode:
 
 - **Sign-bit decode.** A packed word holds 16 fields u (byte b = lane 4 l + b, plane p at bit
   ``8 b + 2 p``). ``r_s = ~(w << 2 s) & 0xC000C000`` puts fields ``7 - s`` and ``15 - s`` at bits
@@ -39,7 +40,7 @@ PERMUTE_META = {"BLOCK": 1024, "num_warps": 4}
 
 
 GEMV_CONFIGS = ((128, 8, 4, 4), (128, 8, 4, 3), (64, 8, 4, 4), (256, 8, 8, 3))  # TOKENS = 16, 32
-GEMM_CONFIGS = ((128, 4, 4, 3), (128, 8, 8, 3), (256, 4, 8, 3), (128, 2, 4, 4))  # TOKENS = 64, 128: a K step of 64/128 weights
+GEMM_CONFIGS = ((128, 4, 4, 3), (128, 8, 8, 3), (256, 4, 8, 3), (128, 2, 4, 4))  # TOKENS = 64, 128
 
 
 def _configs():
