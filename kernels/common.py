@@ -67,8 +67,8 @@ def device_guard(t: torch.Tensor):
 def launch(kernel, space: Space, grid: Callable[[dict], tuple], *args, **kwargs) -> None:
     """Run ``kernel[grid(meta)](*args, **kwargs)`` on the first argument's device.
 
-    Autotuned on CUDA, ``space.interp`` when interpreting. Autotuning benchmarks candidates on the
-    first call per key, so warm a shape up before CUDA graph capture.
+    Autotuned on CUDA (``autotuner``), ``space.interp`` when interpreting. Autotuning benchmarks
+    candidates on the first call per key on a machine, so warm a shape up before CUDA graph capture.
     """
     with device_guard(args[0]):
         if interpreting():
@@ -76,10 +76,16 @@ def launch(kernel, space: Space, grid: Callable[[dict], tuple], *args, **kwargs)
             return
         tuned = _TUNED.get(kernel)
         if tuned is None:
-            tuned = triton.autotune(space.configs(), key=list(space.key),
-                                    prune_configs_by={"early_config_prune": space.prune})(kernel)
-            _TUNED[kernel] = tuned
+            tuned = _TUNED[kernel] = autotuner(kernel, space)
         tuned[grid](*args, **kwargs)
+
+
+def autotuner(kernel, space: Space):
+    """Triton's autotuner over ``space`` for ``kernel``, its winners kept on disk (``cache_results``:
+    in Triton's cache directory, ``TRITON_CACHE_DIR``, keyed by GPU target, Triton version, kernel
+    source, tuning key and config list), so a process tunes a shape only once per machine."""
+    return triton.autotune(space.configs(), key=list(space.key), prune_configs_by={"early_config_prune": space.prune},
+                           cache_results=True)(kernel)
 
 
 def launch_fixed(kernel, grid: tuple, meta: dict, *args, **kwargs) -> None:

@@ -104,3 +104,16 @@ def test_every_launcher_writes_a_row_strided_out_and_refuses_a_strided_n(launche
     for bad in (torch.empty(37, 3, device=DEVICE).t(), torch.empty(3, 1, device=DEVICE).expand(3, 37)):
         with pytest.raises(ValueError, match="unit stride along N"):
             fn(x, packed, scale, bias, 97, out=bad)
+
+
+def test_autotuner_keeps_its_winners_on_disk(monkeypatch):
+    """Triton's autotuner with ``cache_results``: a shape is tuned once per machine, not once per
+    process (Triton turns the cache off under the interpreter, so the knob is lifted here)."""
+    from triton import knobs
+
+    from bitflux_kernels import packed
+    from bitflux_kernels.common import autotuner
+
+    monkeypatch.setattr(knobs.runtime, "interpret", False)
+    tuned = autotuner(packed.packed_kernel, packed.SPACE)
+    assert tuned.cache_results and tuned.keys == list(packed.SPACE.key)
