@@ -30,11 +30,12 @@ def evaluate(cfg: Config, full_precision: bool = False) -> dict:
         raise UsageError(f"the mini suite scores the embedded mini model; {cfg.model.source} has no programmatic scorer")
     with pipeline_for(cfg, full_precision) as (pipe, _):
         summary = score_pipeline(cfg, pipe, "fp" if full_precision else "ternary")
-        # what was scored: the checkpoint's own record, not this run's config
+        # what was scored: the checkpoint's own record, not this run's config; the activation mode is
+        # a runtime choice, the config's (``--activations``), which the packed model ran in
         ckpt = None if full_precision else CheckpointFile(artifact_path(cfg.workdir, "pack"))
     return {"stage": "eval", "suite": "mini", "model": "full-precision" if full_precision else "1.58-bit",
             "base_model": model_id(cfg.model), "method": ckpt and ckpt.meta["inputs"].get("method"),
-            "codec": ckpt and ckpt.codec, "activations": ckpt and ckpt.meta.get("activations")} | summary
+            "codec": ckpt and ckpt.codec, "activations": ckpt and cfg.quantization.activations} | summary
 
 
 def score_pipeline(cfg: Config, pipe, sheet_name: str) -> dict:

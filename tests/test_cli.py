@@ -136,6 +136,8 @@ def test_eval_mini_reports_categories_and_writes_a_sheet(chain, tmp_path):
     assert 0 <= r["overall"] <= 1 and r["seeds"] == [0, 11]
     # the checkpoint's method, not eval.yaml's default (absmean)
     assert (r["method"], r["codec"], r["activations"]) == (q["method"], "2bit", "none") != ("absmean", "2bit", "none")
+    fp8 = as_json(bitflux("eval", "--config", cfg, "--workdir", wd, "--activations", "fp8", "--json"))
+    assert fp8["activations"] == "fp8" and fp8["method"] == q["method"]  # the mode it ran in, not the file's record
     assert Image.open(r["sheet"]).size[0] > 48 and r["split"] == "test"
     train = as_json(bitflux("eval", "--config", cfg, "--workdir", wd, "--split", "train", "--json"))
     assert train["split"] == "train" and train["prompts"] == 6
