@@ -14,6 +14,8 @@ decides between compiling and interpreting when a kernel is defined. Every buffe
 CUDA graph capture.
 """
 
+import functools
+
 import torch
 
 from .reference import ternary_linear_reference, ternary_linear_torch
@@ -26,20 +28,25 @@ def route(m: int) -> str:
     return "cublas" if m >= DECODE_MIN_M else "packed"
 
 
-def _triton(x, packed, scale, bias, in_features, activations):
+def launcher(x2: torch.Tensor, activations: str):
+    """The Triton launcher that serves x2 [M, K] in ``activations`` mode:
+    ``f(x2, packed, scale, bias, in_features, out=None) -> y [M, N]`` (``kernels/bench.py`` checks it
+    into a NaN-filled ``out``)."""
     from .large_m import fp8_gemm_ok, w2a8_cublas, w2a16_cublas, w2fp8_cublas
     from .packed import packed_gemm
 
-    x2 = x.reshape(-1, in_features)  # [M, K]
-    m, n = x2.shape[0], packed.shape[0]
-    y = x.new_empty(*x.shape[:-1], n)  # [..., N]
-    y2 = y.view(-1, n)  # [M, N]
-    scale = scale.float()
     cublas = {"none": w2a16_cublas, "int8": w2a8_cublas, "fp8": w2fp8_cublas if fp8_gemm_ok(x2) else None}
-    if route(m) == "cublas" and cublas[activations] is not None:
-        cublas[activations](x2, packed, scale, bias, in_features, out=y2)
-    else:  # fp8 where torch._scaled_mm cannot run (pre-Ada GPUs, fp16/fp32 x) takes the packed kernel at every M
-        packed_gemm(x2, packed, scale, bias, in_features, out=y2, activations=activations)
+    if route(x2.shape[0]) == "cublas" and cublas[activations] is not None:
+        return cublas[activations]
+    # fp8 where torch._scaled_mm cannot run (pre-Ada GPUs, fp16/fp32 x) takes the packed kernel at every M
+    return functools.partial(packed_gemm, activations=activations)
+
+
+def _triton(x, packed, scale, bias, in_features, activations):
+    x2 = x.reshape(-1, in_features)  # [M, K]
+    n = packed.shape[0]
+    y = x.new_empty(*x.shape[:-1], n)  # [..., N]
+    launcher(x2, activations)(x2, packed, scale.float(), bias, in_features, out=y.view(-1, n))
     return y
 
 

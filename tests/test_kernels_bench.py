@@ -1,7 +1,9 @@
-"""The kernel benchmark runs on CPU (torch and reference paths, scaled down) and returns JSON."""
+"""The kernel benchmark runs on CPU (torch and reference paths, scaled down, checked against the
+float64 reference) and returns JSON; its check catches a wrong path."""
 
 import json
 
+import pytest
 import torch
 
 from bitflux_kernels.bench import CPU_SCALE, bench_kernels
@@ -15,4 +17,25 @@ def test_bench_kernels_on_cpu_is_labelled_and_serializable():
     assert {(r["n"], r["k"]) for r in rows} == {(3072 // CPU_SCALE, 3072 // CPU_SCALE), (3072 // CPU_SCALE, 12288 // CPU_SCALE)}
     assert {r["backend"] for r in rows} == {"torch_matmul", "torch_w2a16", "torch_w2a8", "torch_w2fp8", "reference_w2a16"}
     assert all(r["ms"] > 0 and r["tflops"] > 0 for r in rows)
+    checked = [r for r in rows if r["backend"].startswith("torch_w2")]
+    assert report["checks_passed"] and checked and all(r["check"] == "pass" and r["rel_err"] < 1e-5 for r in checked)
     assert max(r["m"] for r in rows) <= 256 and torch.isfinite(torch.tensor([r["speedup_vs_baseline"] for r in rows])).all()
+
+
+def test_check_fails_a_path_that_computes_the_wrong_thing(monkeypatch):
+    import bitflux_kernels.bench as bench
+
+    sets = bench._sets(3, 32, 64, torch.float32, "cpu", torch.Generator().manual_seed(0))
+    assert bench.check(sets[0], 64, "fp8", cuda=False) < 1e-5
+    monkeypatch.setattr(bench, "ternary_linear_torch", lambda x, packed, scale, bias, k, mode: x @ torch.ones(k, 32))
+    assert bench.check(sets[0], 64, "fp8", cuda=False) > bench.CHECK_TOL
+
+
+@pytest.mark.gpu
+def test_bench_kernels_on_cuda_checks_times_graphs_and_ceilings():
+    report = bench_kernels(shapes=((256, 512),), ms=(1, 64, 1024), iters=3)
+    assert report["device"] == "cuda" and report["checks_passed"]
+    rows = report["results"]
+    assert {"torch_bf16_matmul", "triton_w2a16", "triton_w2a8", "cublas_int8_mm"} <= {r["backend"] for r in rows}
+    assert all(r["graph_ms"] > 0 for r in rows if "error" not in r)
+    assert any(r["backend"] == "cublas_int8_mm" and "error" not in r for r in rows)  # _int_mm takes M = 64, 1024
