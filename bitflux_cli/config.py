@@ -130,6 +130,9 @@ class BenchConfig(_Section):
     batch: int = Field(default=1, ge=1)
     warmup: int = Field(default=3, ge=0)
     iters: int = Field(default=20, ge=1)
+    # measured steps through torch.compile(fullgraph=True) in this mode ("reduce-overhead": with CUDA
+    # graphs), the FP baseline and the ternary modes alike; compilation happens in the warm-up
+    compile: Literal["none", "default", "max-autotune-no-cudagraphs", "reduce-overhead"] = "none"
 
 
 class EvalConfig(_Section):

@@ -17,8 +17,12 @@ def tiny_cfg() -> Config:
     return cfg
 
 
-def test_measure_random_weights():
-    out = measure(tiny_cfg(), random_weights=True)
+@pytest.mark.parametrize("compile_mode", ["none", "reduce-overhead"])
+def test_measure_random_weights(compile_mode):
+    cfg = tiny_cfg()
+    cfg.bench.compile = compile_mode
+    out = measure(cfg, random_weights=True)
+    assert out["compile"] == compile_mode
     for mode, r in out["per_resolution"]["64"].items():
         assert r["step"]["median_ms"] > 0 and r["step"]["p90_ms"] >= r["step"]["median_ms"], mode
         assert r["step_peak_bytes"] > 0 and r["image_s"] > 0 and r["source"] == "measured"

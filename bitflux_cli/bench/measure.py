@@ -88,11 +88,12 @@ def _fresh_peak(device: torch.device) -> None:
 
 def _steps(net: nn.Module, cfg: Config, device: torch.device) -> dict:
     out = {}
+    step = net if cfg.bench.compile == "none" else torch.compile(net, fullgraph=True, mode=cfg.bench.compile)
     for res in cfg.bench.resolutions:
         inputs = dummy_inputs(net, 1, res, cfg.generate.max_sequence_length, device, torch_dtype(cfg.model))
         _fresh_peak(device)
         with torch.inference_mode():
-            t = time_cuda(lambda: net(**inputs), cfg.bench.warmup, cfg.bench.iters)
+            t = time_cuda(lambda: step(**inputs), max(cfg.bench.warmup, cfg.bench.compile != "none"), cfg.bench.iters)
         out[str(res)] = {"step": t, "step_peak_bytes": torch.cuda.max_memory_allocated(device)}
     return out
 
@@ -133,7 +134,8 @@ def measure(cfg: Config, random_weights: bool, device: torch.device | str = "cud
     device = torch.device(device)
     if not random_weights:
         require(cfg.workdir, "pack")  # fail before loading anything
-    label = f"measured on {torch.cuda.get_device_name(device)} (CUDA events, median/p90 of {cfg.bench.iters}, batch 1)"
+    compiled = "" if cfg.bench.compile == "none" else f", steps torch.compile(fullgraph=True, mode={cfg.bench.compile!r})"
+    label = f"measured on {torch.cuda.get_device_name(device)} (CUDA events, median/p90 of {cfg.bench.iters}, batch 1{compiled})"
     per_mode = {}
     for mode in MODES:
         info(f"bench: measuring {mode} ({'random weights' if random_weights else 'workdir weights'})")
@@ -152,4 +154,5 @@ def measure(cfg: Config, random_weights: bool, device: torch.device | str = "cud
     per_resolution = {str(r): {m: {**per_mode[m][str(r)], "source": "measured"} for m in MODES}
                       for r in cfg.bench.resolutions}
     return {"label": label, "device": torch.cuda.get_device_name(device), "random_weights": random_weights,
+            "compile": cfg.bench.compile,
             "backend": bitflux_kernels.select_backend(device), "per_resolution": per_resolution}
