@@ -106,14 +106,17 @@ def test_every_launcher_writes_a_row_strided_out_and_refuses_a_strided_n(launche
             fn(x, packed, scale, bias, 97, out=bad)
 
 
-def test_autotuner_keeps_its_winners_on_disk(monkeypatch):
+def test_autotuner_keeps_its_winners_on_disk():
     """Triton's autotuner with ``cache_results``: a shape is tuned once per machine, not once per
-    process (Triton turns the cache off under the interpreter, so the knob is lifted here)."""
+    process (Triton turns the cache off under the interpreter, so the knob is lifted in a scope that
+    restores it and the environment: a monkeypatched knob stays overridden for every later test)."""
     from triton import knobs
 
     from bitflux_kernels import packed
     from bitflux_kernels.common import autotuner
 
-    monkeypatch.setattr(knobs.runtime, "interpret", False)
-    tuned = autotuner(packed.packed_kernel, packed.SPACE)
+    with knobs.runtime.scope():
+        knobs.runtime.interpret = False
+        tuned = autotuner(packed.packed_kernel, packed.SPACE)
     assert tuned.cache_results and tuned.keys == list(packed.SPACE.key)
+    assert knobs.runtime.interpret == (os.environ.get("TRITON_INTERPRET") == "1")  # the environment's again
