@@ -58,7 +58,9 @@ class BlockReconConfig(_Section):
     batch: int = Field(default=8, ge=1)  # recorded teacher calls per step
     scale_lr: float = Field(default=1e-3, gt=0)  # relative to each scale (scales are trained in log space)
     weight_lr: float = Field(default=1e-4, ge=0)  # latent weights through the STE; 0 learns the scales only
-    residual_lr: float = Field(default=1e-3, ge=0)  # Adam on the residual's factors (quantization.residual_rank > 0); 0 keeps its start fit
+    # Adam on the residual's factors (quantization.residual_rank > 0); 0 keeps its start fit. Recorded
+    # only when changed, so files without a residual keep their bytes
+    residual_lr: float = Field(default=1e-3, ge=0, exclude_if=lambda lr: lr == 1e-3)
     context_weight: float = Field(default=1.0, ge=0)  # text-stream output loss (vs the FP block on the same inputs); 0: image stream only
     inputs: Literal["quantized", "fp"] = "quantized"  # a block's inputs: the quantized chain's activations, or the FP chain's
     seed: int = 0

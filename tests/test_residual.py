@@ -156,7 +156,8 @@ def test_quantize_records_the_residual_and_its_fidelity_is_better(chain, tiny_ch
     meta = CheckpointFile(chain["2bit"]["quantize"]["path"]).meta
     assert meta["format_version"] == "2" and meta["residual_rank"] == str(RANK)
     assert meta["config"]["quantization"]["residual_rank"] == RANK
-    assert "residual_rank" not in CheckpointFile(tiny_chain["quantize"]["path"]).meta["config"]["quantization"]
+    pure = CheckpointFile(tiny_chain["quantize"]["path"]).meta["config"]["quantization"]
+    assert "residual_rank" not in pure and "residual_lr" not in pure["block_recon"]
     ours, pure = chain["2bit"]["quantize"]["fidelity"], tiny_chain["quantize"]["fidelity"]
     assert ours["velocity_rel_error"] < 0.8 * pure["velocity_rel_error"]  # same absmean codes, plus the residual
     assert ours["image_psnr_db"] > pure["image_psnr_db"]
