@@ -115,16 +115,16 @@ def quantize(cfg: Config) -> dict:
         with progress("quantize", len(names), "blocks") as block_done:
             for block_name in names:
                 block = load_block(skeleton, weights, block_name, device)
-                trained = quantize_block(block_name, block)  # {linear: (codes, scale[, (up, down)])}
-                codes = {sub: v[:2] for sub, v in trained.items()}
-                residuals = ({sub: v[2] for sub, v in trained.items() if len(v) == 3}
+                made = quantize_block(block_name, block)  # {linear: (codes, scale[, (up, down)])}
+                codes = {sub: v[:2] for sub, v in made.items()}
+                residuals = ({sub: v[2] for sub, v in made.items() if len(v) == 3}
                              or block_residuals(block_name, block, codes, residual_rank, calib))
                 probe.fp_step(block_name, block)
                 parts.append(Path(tmp) / f"{len(parts):03d}.safetensors")
                 _write_part(parts[-1], block_name, block, codes, residuals)
                 probe.q_step(block_name, _to_ternary(block, codes, cfg.quantization.activations, residuals))
                 modules |= {f"{block_name}.{sub}": tuple(c.shape) for sub, (c, _) in codes.items()}
-                del block, trained, codes, residuals
+                del block, made, codes, residuals
                 block_done()
         inside = tuple(f"{lst}." for lst in BLOCK_LISTS)
         outside = {k: v for k, v in skeleton.state_dict().items() if not k.startswith(inside)}
