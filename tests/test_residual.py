@@ -143,6 +143,17 @@ def test_block_recon_exports_its_trained_residual_and_packs_its_forward(recon):
         assert _rel(packed(**inputs)[0], student(**inputs)[0]) < 1e-5
 
 
+def test_distill_trains_pure_ternary_and_gets_the_residual_fitted_after(recon, tmp_path):
+    shutil.copytree(recon["cfg"].workdir / "calib", tmp_path / "calib")
+    cfg = tiny(tmp_path, **{"quantization.method": "distill", "quantization.distill.steps": 2, "quantization.residual_rank": RANK})
+    ternary = read_checkpoint(quantize(cfg)["path"])
+    calib, fp = load_calibration(cfg), recon["pipe"].transformer
+    for name in ("transformer_blocks.0.attn.to_q", "single_transformer_blocks.1.proj_out"):  # not only the first block's
+        scale = ternary.tensors[f"{name}.scale"]
+        up, down = low_rank_residual(fp.get_submodule(name).weight, ternary.codes(name), scale, RANK, calib.second_moment(name))
+        assert torch.equal(ternary.tensors[f"{name}.residual_up"], up) and torch.equal(ternary.tensors[f"{name}.residual_down"], down)
+
+
 def test_dead_input_channels_stay_finite():
     weight, d = torch.randn(8, 16), torch.rand(16)
     d[:5] = 0
