@@ -19,8 +19,7 @@ SMALL = ["generate.height=32", "generate.width=32", "generate.steps=2", "generat
          "quantization.eval_prompts=1", "model.device=cpu", "calibration.prompts.sets=[mini]",
          "calibration.prompts.limit=2", "calibration.steps=2", "calibration.timesteps=1", "calibration.tokens=4",
          "calibration.shard_size=2", "calibration.record_every=1", "quantization.block_recon.steps=1",
-         "quantization.block_recon.batch=2", "quantization.act_aware.thresholds=2",
-         "quantization.distill.mode=blockwise", "quantization.distill.block_steps=1", "quantization.distill.save_every=1"]
+         "quantization.block_recon.batch=2", "quantization.act_aware.thresholds=2"]
 
 
 def bitflux(model, workdir, *args):
@@ -46,8 +45,9 @@ def test_standin_has_the_hub_layout_at_full_width(standin):
 def chain(standin, tmp_path_factory):
     wd = tmp_path_factory.mktemp("standin-run")
     calib = bitflux(standin, wd, "calibrate")
-    # act-aware runs inside block-recon (its start), at full width; alone it is tested on the tiny model
-    quantized = {m: bitflux(standin, wd, "quantize", "--method", m) for m in ("absmean", "block-recon", "distill")}
+    # act-aware runs inside block-recon (its start), at full width; alone it is tested on the tiny model,
+    # and so is distill (66 s here at full width: cut to keep the suite under 10 minutes)
+    quantized = {m: bitflux(standin, wd, "quantize", "--method", m) for m in ("absmean", "block-recon")}
     return wd, calib, quantized, bitflux(standin, wd, "pack")
 
 
