@@ -18,10 +18,9 @@ bandwidth-bound pass over one layer's weight (about 2.25 bytes a weight for bf16
 """
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
-
-import torch.nn.functional as F
 
 from .act_quant import act_quant
 from .common import interpreting, launch_fixed, output_for, store_scaled
