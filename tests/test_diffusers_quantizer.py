@@ -192,3 +192,13 @@ def test_import_bitflux_then_diffusers_registers_without_loading_torch(exported_
             "print(type(t.transformer_blocks[0].attn.to_q).__name__)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip() == "TernaryLinear", res.stderr[-2000:]
+
+
+def test_importing_the_quantizer_module_first_registers_without_a_warning():
+    """Its own import of diffusers' table fired the import hook while it was half loaded: a spurious
+    "could not register ... circular import" warning; the module registers itself when it ends."""
+    code = ("import warnings; warnings.simplefilter('error', RuntimeWarning); "
+            "import bitflux_cli.integrations.diffusers_quantizer; "
+            "from diffusers.quantizers.auto import AUTO_QUANTIZER_MAPPING; print('bitflux' in AUTO_QUANTIZER_MAPPING)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "True", res.stderr[-2000:]

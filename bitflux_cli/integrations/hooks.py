@@ -20,6 +20,9 @@ QUANTIZER = "bitflux_cli.integrations.diffusers_quantizer"
 
 
 def _register() -> None:
+    loading = sys.modules.get(QUANTIZER)
+    if loading is not None and getattr(loading.__spec__, "_initializing", False):
+        return  # diffusers' table was imported by the quantizer module itself, which registers when it ends
     try:
         importlib.import_module(QUANTIZER).register()
     except Exception as exc:  # noqa: BLE001 - diffusers must import whatever happens here
