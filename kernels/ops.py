@@ -20,6 +20,9 @@ import torch
 
 from .reference import ternary_linear_reference, ternary_linear_torch
 
+if __name__ != "bitflux_kernels.ops":  # a second registration would leave the first one's op handles dangling
+    raise ImportError(f"bitflux's ops imported as {__name__!r}: import them as bitflux_kernels.ops")
+
 
 def route(m: int) -> str:
     """The kernel that serves ``m`` rows: "packed" (packed.py, M < DECODE_MIN_M) or "cublas" (decode + cuBLAS)."""
