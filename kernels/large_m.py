@@ -11,8 +11,8 @@ bandwidth-bound pass over one layer's weight (about 2.25 bytes a weight for bf16
   work of ``u - 1``), ``torch._int_mm`` -> int32 [M, N8] ``= q @ codes^T + sum_k q``, and one epilogue
   kernel ``y = (acc - sum_k q) * sx[m] * scale[n] + bias[n]`` (exact integers, then fp32), stored in
   x's dtype.
-- W2A8 with fp8 activations (sm89+: Ada, Hopper; and the CPU): per-token e4m3 ``q``
-  (``reference.quantize_activations_fp8``), ``2 * codes`` decoded into e4m3 [N16, Kp] (N16 = N rounded
+- W2A8 with fp8 activations (sm89+: Ada, Hopper; and the CPU): per-token e4m3 ``q`` (act_quant.py,
+  bit-exact with ``reference.quantize_activations_fp8``), ``2 * codes`` decoded into e4m3 [N16, Kp] (N16 = N rounded
   up to 16, what fp8 GEMMs need), and one ``torch._scaled_mm`` with row-wise scales ``sx[m]`` and
   ``scale[n] / 2`` and the bias in cuBLAS's epilogue: no int32 pass, nothing after the GEMM.
 """
@@ -25,7 +25,6 @@ import triton.language as tl
 from .act_quant import act_quant
 from .common import interpreting, launch_fixed, output_for, store_scaled
 from .decode import decode
-from .reference import quantize_activations_fp8
 
 DECODE_MIN_M = 512  # the text stream of a FLUX double block runs at 512; a guess until measured on a GPU
 EPILOGUE_META = {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4}
@@ -66,7 +65,7 @@ def w2a8_cublas(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bia
         return y
     kq = packed.shape[1]
     qsum = torch.empty(m, dtype=torch.int32, device=x2.device)
-    q, sx = act_quant(x2, 4 * kq, qsum)  # q: [M, Kp] int8 zero-padded, sx: [M] fp32, qsum: [M] int32
+    q, sx = act_quant(x2, 4 * kq, sums=qsum)  # q: [M, Kp] int8 zero-padded, sx: [M] fp32, qsum: [M] int32
     u = decode(packed, torch.uint8, rows=-(-n // 8) * 8).view(torch.int8)  # [N8, Kp] in {0, 1, 2}
     acc = torch._int_mm(q, u.t())  # [M, N8] int32: q @ codes^T + qsum
     grid = (triton.cdiv(m, EPILOGUE_META["BLOCK_M"]), triton.cdiv(n, EPILOGUE_META["BLOCK_N"]))
@@ -91,7 +90,7 @@ def w2fp8_cublas(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bi
     if m == 0:
         return y
     n16 = -(-n // 16) * 16
-    q, sx = quantize_activations_fp8(x2, 4 * packed.shape[1])  # q: [M, Kp] e4m3 zero-padded, sx: [M] fp32
+    q, sx = act_quant(x2, 4 * packed.shape[1], activations="fp8")  # q: [M, Kp] e4m3 zero-padded, sx: [M] fp32
     w = decode(packed, torch.float8_e4m3fn, rows=n16)  # [N16, Kp]: 2 * codes
     col_scale = F.pad(scale * 0.5, (0, n16 - n), value=1.0)[None, :]  # [1, N16]: the decoded weights are ±2
     b = None if bias is None else F.pad(bias.to(x2.dtype), (0, n16 - n))  # [N16]

@@ -32,7 +32,6 @@ import triton.language as tl
 
 from .act_quant import act_quant
 from .common import Space, interpreting, launch, launch_fixed, output_for
-from .reference import quantize_activations_fp8
 
 SPLIT_GRAIN = 16  # words: every split but the last covers a multiple of this (and of any BLOCK_W)
 REDUCE_META = {"BLOCK_N": 256, "num_warps": 4}
@@ -184,8 +183,8 @@ def packed_gemm(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bia
          split: int | None = None) -> torch.Tensor:
     """x2 [M, K] float, packed [N, Kp/4] uint8, scale [N] fp32 -> y [M, N] in x's dtype.
 
-    ``activations="int8"`` quantizes x2 per token first (act_quant.py), ``"fp8"`` to e4m3
-    (``reference.quantize_activations_fp8``), as the large-M W2A8 paths do.
+    ``activations="int8"`` or ``"fp8"`` quantizes x2 per token first (act_quant.py; fp8's e4m3 q
+    written as bf16), as the large-M W2A8 paths do.
     ``split`` forces the number of K splits (default: ``split_count``). Any M works
     (``tokens_per_program(M)`` tokens a program); the op sends it M < DECODE_MIN_M.
     """
@@ -198,11 +197,8 @@ def packed_gemm(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bia
     kq = packed.shape[1]
     kw = kq // 4
     sx = None
-    if activations == "int8":
-        x2, sx = act_quant(x2, 4 * kq)  # x2: [M, Kp] int8 zero-padded, sx: [M] fp32
-    elif activations == "fp8":
-        q, sx = quantize_activations_fp8(x2)  # q: [M, K] e4m3, sx: [M] fp32
-        x2 = q.to(torch.bfloat16)  # exact
+    if activations != "none":  # x2: [M, Kp] int8, or e4m3 values in bf16, zero-padded; sx: [M] fp32
+        x2, sx = act_quant(x2, 4 * kq, activations=activations, dtype=torch.bfloat16 if activations == "fp8" else None)
     xdtype, pattern, dot, precision = _dot_types(x2.dtype)
     xp = permute_x(x2, 4 * kq, xdtype)  # [M, Kp]
     split = split_count(n, kw, y.device, m) if split is None else max(1, min(split, triton.cdiv(kw, 8)))

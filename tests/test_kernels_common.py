@@ -52,7 +52,7 @@ def test_act_quant_matches_reference_bit_exactly(m, k, dtype):
     x[0, :4] = torch.tensor([127.0, 63.5, -2.5, 0.5])  # scale 1: exact ties, which round half to even
     x[-1] = 0.0  # an all-zero token takes the 1e-12 floor
     sums = torch.full((m,), -7, dtype=torch.int32, device=x.device)
-    q, s = act_quant(x, padded_k(k), sums)
+    q, s = act_quant(x, padded_k(k), sums=sums)
     q_ref, s_ref = quantize_activations_int8(x)
     assert torch.equal(s, s_ref)
     assert torch.equal(q[:, :k], q_ref)
@@ -70,6 +70,32 @@ def test_fp8_quantizer_scales_each_token_to_448_and_pads_k():
     assert torch.equal(s, x.abs().amax(1).clamp_min(1e-12) / FP8_MAX)
     assert q.float().abs().amax(1).tolist() == [FP8_MAX, 0.0, FP8_MAX]  # each token's largest |x| lands on 448
     assert torch.equal(q[:, :3], (x / s[:, None]).to(torch.float8_e4m3fn))  # round to nearest even, torch's cast
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_fp8_quantizer_rounds_every_e4m3_tie_as_torch_does(dtype):
+    """Each row's largest |x| is 448, so its scale is 1 and x / scale is x: every e4m3 value, the
+    midpoints between neighbours (ties to even, in normals and subnormals) and one fp32 ulp either
+    side of each midpoint, both signs, then random rows; bytes and bf16 values both equal torch's cast."""
+    from bitflux_kernels.act_quant import act_quant
+    from bitflux_kernels.reference import quantize_activations_fp8
+
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[grid.isfinite() & (grid >= 0)].unique()  # [127] every non-negative e4m3 value
+    mid = (grid[1:] + grid[:-1]) / 2  # exact in fp32
+    vals = torch.cat([grid, mid, mid.nextafter(torch.tensor(0.0)), mid.nextafter(torch.tensor(448.0))])
+    vals = torch.cat([vals, -vals, torch.tensor([-0.0])])
+    rows = torch.nn.functional.pad(vals, (0, 64 - vals.numel() % 64)).view(-1, 64)  # [R, 64]
+    rows = torch.cat([torch.full((rows.shape[0], 1), 448.0), rows], 1).to(dtype)  # [R, 65]: scale 1 (bf16: rounded ties)
+    x = torch.cat([rows.to(DEVICE), case(5, 8, 65, dtype)[0] * torch.tensor([[1e-3], [1.0], [30.0], [1e3], [0.0]], device=DEVICE)])  # [R + 5, 65]
+    q, s = act_quant(x, 96, activations="fp8")
+    q_ref, s_ref = quantize_activations_fp8(x, 96)
+    assert q.dtype == torch.float8_e4m3fn and torch.equal(s, s_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))  # the same bytes, -0 and K padding included
+    qb, _ = act_quant(x, 96, activations="fp8", dtype=torch.bfloat16)
+    assert torch.equal(qb.view(torch.int16), q_ref.to(torch.bfloat16).view(torch.int16))
+    with pytest.raises(ValueError, match="sums: int8 only"):
+        act_quant(x, 96, torch.empty(x.shape[0], dtype=torch.int32), activations="fp8")
 
 
 def test_m_bucket_and_pruner_keep_a_config_for_every_flux_shape():
