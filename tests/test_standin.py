@@ -45,20 +45,18 @@ def test_standin_has_the_hub_layout_at_full_width(standin):
 def chain(standin, tmp_path_factory):
     wd = tmp_path_factory.mktemp("standin-run")
     calib = bitflux(standin, wd, "calibrate")
-    # act-aware runs inside block-recon (its start), at full width; alone it is tested on the tiny model,
-    # and so is distill (66 s here at full width: cut to keep the suite under 10 minutes)
-    quantized = {m: bitflux(standin, wd, "quantize", "--method", m) for m in ("absmean", "block-recon")}
-    return wd, calib, quantized, bitflux(standin, wd, "pack")
+    # block-recon, the default, runs act-aware as its start; absmean (a per-row ternarize) and distill (66 s
+    # here alone) are tested on the tiny model: the suite must stay under 10 minutes on 2 cores
+    return wd, calib, bitflux(standin, wd, "quantize", "--method", "block-recon"), bitflux(standin, wd, "pack")
 
 
-def test_every_method_quantizes_the_full_width_model(chain):
-    _, calib, quantized, _ = chain
+def test_the_default_method_quantizes_the_full_width_model(chain):
+    _, calib, q, _ = chain
     assert calib["prompts"] == 2 and calib["calls"] == 2
-    for method, q in quantized.items():
-        fid = q["fidelity"]
-        assert q["method"] == method and q["quantized_modules"] == 20
-        assert len(fid["block_rel_error"]) == 2 and 0 < fid["velocity_rel_error"] < 10, method
-        assert all(0 < e < 10 for e in fid["block_rel_error"].values())
+    fid = q["fidelity"]
+    assert q["method"] == "block-recon" and q["quantized_modules"] == 20
+    assert len(fid["block_rel_error"]) == 2 and 0 < fid["velocity_rel_error"] < 10
+    assert all(0 < e < 10 for e in fid["block_rel_error"].values())
 
 
 def test_packed_file_is_portable_and_says_where_it_came_from(chain, standin, tmp_path):
