@@ -128,7 +128,9 @@ def test_block_recon_keeps_its_activations_within_the_budget(setup):
     records = setup["calib"].records(lambda k: k == "calls.hidden_states")
     n, per_call = len(records["calls.step"]), None
     full = BlockRecon(setup["cfg"], setup["pipe"].transformer, setup["calib"])
+    text = full.state["encoder_hidden_states"][0]  # the FP block's text-stream target, one a call, is held too
     per_call = sum(full.state[k][0].numel() * full.state[k].element_size() for k in ("hidden_states", "encoder_hidden_states"))
+    per_call += text.numel() * text.element_size() * (setup["cfg"].quantization.block_recon.context_weight > 0)
     assert full.calls == n
     budget = 3.5 * per_call / 1e9  # room for three calls
     cfg = setup["cfg"].model_copy(update={"quantization": setup["cfg"].quantization.model_copy(update={"activation_budget_gb": budget})})

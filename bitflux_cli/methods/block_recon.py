@@ -12,7 +12,8 @@ straight-through estimator, the latent weights. With ``quantization.residual_ran
 also starts with its rank-r residual fitted to those act-aware codes (``residual.low_rank_residual``),
 which stays in the forward and trains with the rest, so the codes learn around it (a residual fitted
 after training would pull the trained codes back towards W). Only one FP block (streamed), its
-trained copy and optimizer state, its targets and the student activations of the recorded calls are held.
+trained copy and optimizer state, its targets and the student activations of the recorded calls are held;
+the FP block's text-stream outputs are computed once a block on those activations, not at every step.
 """
 
 import copy
@@ -50,7 +51,8 @@ class BlockRecon:
         rc = cfg.quantization.block_recon
         records = calib.records(lambda k: k.startswith("calls.") and k != "calls.velocity")
         n = len(records["calls.step"])
-        seq = records["calls.hidden_states"].shape[1] + records["calls.encoder_hidden_states"].shape[1]
+        text = records["calls.encoder_hidden_states"].shape[1]
+        seq = records["calls.hidden_states"].shape[1] + text * (2 if rc.context_weight else 1)  # + the FP text target
         per_call = seq * transformer.x_embedder.out_features * records["calls.hidden_states"].element_size()
         self.calls = min(n, max(1, int(cfg.quantization.activation_budget_gb * 1e9 // per_call)))
         if self.calls < n:
@@ -79,6 +81,7 @@ class BlockRecon:
         target = self.calib.records(lambda k: k == key)[key][:n].to(device).float()  # [C, tokens, D]
         norm = target.square().mean()
         context_weight = rc.context_weight if name != self.last else 0.0  # the last text output is unused
+        fp_context = self._fp_context(fp_block) if context_weight else None  # [C, T, D] on the host
         with progress(f"block-recon {name}", rc.steps, "steps") as step_done:
             for _ in range(rc.steps):
                 idx = torch.randint(n, (min(rc.batch, n),), generator=self.gen)
@@ -86,9 +89,8 @@ class BlockRecon:
                 pred = _gather(hidden, self.token_idx[idx]).float()
                 loss = (pred - target[idx]).square().mean() / norm
                 if context_weight:
-                    with torch.no_grad():
-                        fp_context = run_block(fp_block, self.state, idx, device)[0].float()
-                    loss = loss + context_weight * (context.float() - fp_context).square().mean() / fp_context.square().mean()
+                    fp_text = fp_context[idx].to(device).float()
+                    loss = loss + context_weight * (context.float() - fp_text).square().mean() / fp_text.square().mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -96,6 +98,13 @@ class BlockRecon:
         out = {sub: self.keep(m) for sub, m in ste.items()}
         self.state = advance(block if rc.inputs == "quantized" else fp_block, self.state, rc.batch, device)
         return out
+
+    @torch.no_grad()
+    def _fp_context(self, fp_block: torch.nn.Module) -> torch.Tensor:
+        """The FP block's text stream on the student's inputs of every call [C, T, D], once a block
+        (not again at every step for the sampled calls)."""
+        calls = torch.arange(self.calls).split(self.cfg.quantization.block_recon.batch)
+        return torch.cat([run_block(fp_block, self.state, idx, self.device)[0].cpu() for idx in calls])
 
 
 def block_recon(cfg: Config, transformer, calib: Calibration) -> BlockRecon:
