@@ -6,7 +6,7 @@ import torch
 
 from bitflux_cli.bench import render_table, run_bench
 from bitflux_cli.bench.accounting import storage
-from bitflux_cli.bench.measure import random_transformer
+from bitflux_cli.bench.measure import bench_model, random_transformer
 from bitflux_cli.bench.memory import dummy_inputs, memory_projection
 from bitflux_cli.bench.profiles import ALIASES, PROFILES, gpu_profile, profile_for_device
 from bitflux_cli.config import Config, load_config
@@ -102,3 +102,11 @@ def test_run_bench_cpu_projection_and_plot(flux_dev, monkeypatch, tmp_path):
 def test_run_bench_unknown_gpu_fails_first(flux_dev):
     with pytest.raises(UsageError):
         run_bench(flux_dev, "gtx970", random_weights=False, plot=None)
+
+
+@pytest.mark.parametrize("configured,w2a8", [("none", "int8"), ("int8", "int8"), ("fp8", "fp8")])
+def test_bench_times_w2a8_in_fp8_when_the_config_says_fp8(configured, w2a8):
+    cfg = load_config("tiny", assignments={"quantization.activations": configured})
+    for mode, expected in (("w2a16", "none"), ("w2a8", w2a8)):
+        net = bench_model(cfg, mode, "cpu", random_weights=True)
+        assert {m.activations for m in net.modules() if isinstance(m, TernaryLinear)} == {expected}

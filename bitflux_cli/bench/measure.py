@@ -29,21 +29,28 @@ from ..ternary import TernaryLinear, replace_with_ternary, scoped_linears
 from .memory import MODES, dummy_inputs
 
 ACTIVATIONS = {"w2a16": "none", "w2a8": "int8"}
+
+
+def mode_activations(cfg: Config, mode: str) -> str:
+    """The activation mode a ternary bench mode runs in: W2A16 "none"; W2A8 int8, or fp8 when
+    ``quantization.activations`` says fp8 (``bitflux bench --set quantization.activations=fp8``)."""
+    return "fp8" if mode == "w2a8" and cfg.quantization.activations == "fp8" else ACTIVATIONS[mode]
 INIT_STD = 0.02
 
 
 def random_transformer(model: ModelConfig, mode: str, device: torch.device | str, seed: int = 0,
-                       residual_rank: int = 0) -> nn.Module:
+                       residual_rank: int = 0, activations: str | None = None) -> nn.Module:
     """The configured architecture with random weights made on ``device``, no FP model built.
 
     Float parameters are ``normal * 0.02`` in the model dtype (never zero); for "w2a16"/"w2a8"
     every in-scope linear is a ``TernaryLinear`` with random codes in {-1, 0, 1} packed by
     ``pack_2bit``, random positive scales, random biases and (``residual_rank`` > 0) random
-    residual factors.
+    residual factors; ``activations`` overrides the mode's activation mode (``ACTIVATIONS``).
     """
     net = build_meta_transformer(model).to(torch_dtype(model))  # meta: free
     if mode != "bf16":
-        replace_with_ternary(net, [name for name, _ in scoped_linears(net)], ACTIVATIONS[mode], residual_rank)
+        replace_with_ternary(net, [name for name, _ in scoped_linears(net)], activations or ACTIVATIONS[mode],
+                             residual_rank)
     net.to_empty(device=device)
     gen = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
@@ -119,11 +126,12 @@ def bench_model(cfg: Config, mode: str, device: torch.device | str, random_weigh
     ``model.fuse_projections`` the ternary modes are fused (``fusion.fuse_projections``) and the bf16
     baseline gets diffusers' own ``fuse_qkv_projections``, so both sides run fused Q/K/V."""
     if random_weights:
-        net = random_transformer(cfg.model, mode, device, residual_rank=cfg.quantization.residual_rank)
+        net = random_transformer(cfg.model, mode, device, residual_rank=cfg.quantization.residual_rank,
+                                 activations=None if mode == "bf16" else mode_activations(cfg, mode))
     elif mode == "bf16":
         net = load_fp_transformer(cfg.model).to(device).eval()
     else:
-        net = load_quantized_transformer(require(cfg.workdir, "pack"), cfg.model, ACTIVATIONS[mode], device)
+        net = load_quantized_transformer(require(cfg.workdir, "pack"), cfg.model, mode_activations(cfg, mode), device)
     if cfg.model.fuse_projections:
         net.fuse_qkv_projections() if mode == "bf16" else fuse_projections(net)
     return net
@@ -154,5 +162,5 @@ def measure(cfg: Config, random_weights: bool, device: torch.device | str = "cud
     per_resolution = {str(r): {m: {**per_mode[m][str(r)], "source": "measured"} for m in MODES}
                       for r in cfg.bench.resolutions}
     return {"label": label, "device": torch.cuda.get_device_name(device), "random_weights": random_weights,
-            "compile": cfg.bench.compile,
+            "compile": cfg.bench.compile, "w2a8_activations": mode_activations(cfg, "w2a8"),
             "backend": bitflux_kernels.select_backend(device), "per_resolution": per_resolution}
