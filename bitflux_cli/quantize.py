@@ -94,7 +94,6 @@ def quantize(cfg: Config) -> dict:
     skeleton = pipe.transformer
     if name in BLOCK_METHODS:
         quantize_block = METHODS[name](cfg, skeleton, calib)
-        quantize_block.load_next = lambda n: load_block(skeleton, weights, n, device)
     else:
         materialise(skeleton, weights, device)
         trained = METHODS[name](cfg, pipe, calib)

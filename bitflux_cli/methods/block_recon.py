@@ -64,9 +64,7 @@ class BlockRecon:
         self.state = {k: torch.cat([p[k].cpu() for p in parts]) for k in ("hidden_states", "encoder_hidden_states", "temb")}
         self.state["image_rotary_emb"] = tuple(r.cpu() for r in parts[0]["image_rotary_emb"])
         self.token_idx = records["calls.token_idx"][:self.calls].to(self.device)  # [C, tokens]
-        self.names = block_names(transformer)
-        self.last = self.names[-1]
-        self.load_next = None
+        self.last = block_names(transformer)[-1]
         self.gen = torch.Generator().manual_seed(rc.seed)
 
     def __call__(self, name: str, fp_block: torch.nn.Module) -> dict[str, Any]:
@@ -84,14 +82,6 @@ class BlockRecon:
         norm = target.square().mean()
         context_weight = rc.context_weight if name != self.last else 0.0  # the last text output is unused
         fp_context = self._fp_context(fp_block) if context_weight else None  # [C, T, D] on the host
-        import os
-        la = float(os.environ.get("LOOKAHEAD", "0"))
-        nxt = self.names[self.names.index(name) + 1] if name != self.last and la > 0 else None
-        if nxt:
-            fp_next = self.load_next(nxt)
-            key2 = f"blocks.{nxt}"
-            target2 = self.calib.records(lambda k: k == key2)[key2][:n].to(device).float()
-            norm2 = target2.square().mean()
         with progress(f"block-recon {name}", rc.steps, "steps") as step_done:
             for _ in range(rc.steps):
                 idx = torch.randint(n, (min(rc.batch, n),), generator=self.gen)
@@ -101,11 +91,6 @@ class BlockRecon:
                 if context_weight:
                     fp_text = fp_context[idx].to(device).float()
                     loss = loss + context_weight * (context.float() - fp_text).square().mean() / fp_text.square().mean()
-                if nxt:
-                    rope = tuple(r.to(device) for r in self.state["image_rotary_emb"])
-                    hid2 = fp_next(hidden_states=hidden, encoder_hidden_states=context,
-                                   temb=self.state["temb"][idx].to(device), image_rotary_emb=rope)[1]
-                    loss = loss + la * (_gather(hid2, self.token_idx[idx]).float() - target2[idx]).square().mean() / norm2
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
