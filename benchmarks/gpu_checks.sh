@@ -1,0 +1,30 @@
+#!/bin/bash
+# One call on a lent GPU (the device tool's run, in the repository root, $OUT set), what only a GPU
+# shows, in order of value, each step time-boxed so the call ends inside 9 minutes:
+#  1. every kernel test compiled for the GPU (no TRITON_INTERPRET: tests/test_kernels_* run on CUDA
+#     against the float64 reference) and the `gpu`-marked tests (inductor, CUDA graph capture, bench);
+#  2. `bitflux bench --kernels`: every FLUX shape checked, then timed eagerly and from CUDA graphs beside
+#     cuBLAS bf16 and the int8/fp8 ceilings;
+#  3. the FLUX.1-dev transformer at full size with random weights: step latency and peak memory,
+#     bf16 / W2A16 / W2A8 at 1024².
+# Prepare with `bash benchmarks/gpu_wheels.sh` here; results land in $OUT (commit them under
+# benchmarks/results/ with this command beside them).
+set -uo pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# bitflux laid out as pyproject.toml installs it (kernels/ as bitflux_kernels, configs/ as bitflux_cli.configs),
+# copied rather than built: nothing to compile, and no build tools needed there
+cp -r bitflux_cli /tmp/site/ && cp -r kernels /tmp/site/bitflux_kernels && cp -r configs /tmp/site/bitflux_cli/configs || exit 1
+export PYTHONPATH=/tmp/site
+BITFLUX="python3 -c 'from bitflux_cli.cli import main; main()'"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__)"
+} | tee "$OUT/env.txt"
+timeout 200 python3 -m pytest -q -p no:cacheprovider -x tests/test_kernels_common.py tests/test_kernels_packed.py \
+    tests/test_kernels_large_m.py tests/test_kernels_dispatch.py tests/test_kernels_bench.py tests/test_bench_measure_gpu.py \
+    2>&1 | tail -40 | tee "$OUT/pytest-gpu.txt"
+timeout 150 bash -c "$BITFLUX bench --kernels --json" > "$OUT/h200-kernels.json" 2> "$OUT/h200-kernels.err"
+timeout 150 bash -c "$BITFLUX bench --config flux-dev --random-weights --json --set bench.resolutions=[1024]" \
+    > "$OUT/h200-flux-dev-random.json" 2> "$OUT/h200-flux-dev-random.err"
+tail -3 "$OUT"/*.err
