@@ -44,6 +44,7 @@ from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bitflux_kernels.act_quant import act_quant_kernel  # noqa: E402
 from bitflux_kernels.decode import FIELDS_META, HALF_META, decode_fields_kernel, decode_half_kernel  # noqa: E402
 from bitflux_kernels.packed import GEMM_CONFIGS, GEMV_CONFIGS, packed_kernel  # noqa: E402
 from bitflux_kernels.large_m import EPILOGUE_META, int_epilogue_kernel  # noqa: E402
@@ -65,7 +66,8 @@ def specs():
     as a GEMM at M = 256 (128 tokens a program, N = K = 3072, 6 splits of 32 words), as a GEMV at
     M = 1 on ``norm1.linear`` (N = 18432,
     K = 3072: 192 words a row, 2 splits of 96), the decodes and the int32 epilogue on a
-    3072 x 3072 weight at M = 4608. All row-major and contiguous.
+    3072 x 3072 weight at M = 4608, act_quant on 4608 tokens of K = 3072 (its quantize loop; "weights"
+    are activations there). All row-major and contiguous.
     """
     rows = []
     gemm = {"M": 256, "N": 3072, "KW": 192, "WPS": 32, "stride_wn": 192, "stride_ym": 3072}  # split_count: 6 splits
@@ -103,6 +105,13 @@ def specs():
     rows.append(("int32 epilogue (per output, not weight)", int_epilogue_kernel, _sig(int_epilogue_kernel, p, c), c,
                  {"num_warps": EPILOGUE_META["num_warps"]}, c["BLOCK_M"] * c["BLOCK_N"], False,
                  {"M": 4608, "N": 3072, "stride_am": 3072, "stride_ym": 3072}))
+    aq = {"ROWS": 4, "BLOCK_K": 1024}  # act_quant's config for M >= 4 at FLUX's K (8 warps)
+    for fp8, name, q in ((False, "int8", "*i8"), (True, "fp8 e4m3 bytes", "*u8")):
+        c = {**aq, "FP8": fp8, "BYTES": fp8, "HAS_SUM": not fp8}
+        p = {"x_ptr": "*bf16", "q_ptr": q, "s_ptr": "*fp32", "sum_ptr": "*i32"}
+        rows.append((f"act_quant -> {name} (per activation)", act_quant_kernel, _sig(act_quant_kernel, p, c), c,
+                     {"num_warps": 8}, aq["ROWS"] * aq["BLOCK_K"], True,
+                     {"M": 4608, "K": 3072, "KP": 3072, "stride_xm": 3072, "stride_xk": 1, "stride_qm": 3072, "M_BUCKET": 4096}))
     return rows
 
 
