@@ -126,10 +126,6 @@ def quantize(cfg: Config) -> dict:
                 modules |= {f"{block_name}.{sub}": tuple(c.shape) for sub, (c, _) in codes.items()}
                 del block, made, codes, residuals
                 block_done()
-        import os
-        if name in BLOCK_METHODS and int(os.environ.get("HEADFIT", "0")) > 0:
-            from .methods.block_recon import head_refit
-            head_refit(skeleton, quantize_block, calib, int(os.environ["HEADFIT"]), float(os.environ.get("HEADFIT_LR", "1e-4")))
         inside = tuple(f"{lst}." for lst in BLOCK_LISTS)
         outside = {k: v for k, v in skeleton.state_dict().items() if not k.startswith(inside)}
         # joined in the parts directory and measured there: the checkpoint appears under its name

@@ -120,28 +120,3 @@ def reconstruct(cfg: Config, pipe, calib: Calibration, keep: Callable[[STELinear
     ternary: distill trains no residual), with a rank-``residual_rank`` residual when > 0."""
     run = BlockRecon(cfg, pipe.transformer, calib, keep, residual_rank)
     return {f"{name}.{sub}": v for name, block in blocks(pipe.transformer) for sub, v in run(name, block).items()}
-
-
-def head_refit(transformer, run: BlockRecon, calib: Calibration, steps: int, lr: float) -> None:
-    """Experiment: norm_out and proj_out (full precision, outside the blocks) refitted so that the
-    student's last-block outputs of the held calls give the teacher's recorded velocities."""
-    target = calib.records(lambda k: k == "calls.velocity")["calls.velocity"][:run.calls].to(run.device).float()
-    hidden, temb = run.state["hidden_states"], run.state["temb"]
-    params = [p for m in (transformer.norm_out, transformer.proj_out) for p in m.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
-    norm = target.square().mean()
-    rc = run.cfg.quantization.block_recon
-    with torch.enable_grad(), progress("head refit", steps, "steps") as step_done:
-        for _ in range(steps):
-            idx = torch.randint(run.calls, (min(rc.batch, run.calls),), generator=run.gen)
-            h = _gather(hidden[idx].to(run.device), run.token_idx[idx])
-            v = transformer.proj_out(transformer.norm_out(h, temb[idx].to(run.device))).float()
-            loss = (v - target[idx]).square().mean() / norm
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step_done()
-    for p in params:
-        p.requires_grad_(False)
