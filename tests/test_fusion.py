@@ -8,7 +8,7 @@ from PIL import Image
 from torch import nn
 
 from bitflux_cli.bench.measure import bench_model, random_transformer
-from bitflux_cli.bench.memory import dummy_inputs
+from bitflux_cli.bench.memory import activation_bytes, dummy_inputs
 from bitflux_cli.config import ModelConfig, load_config
 from bitflux_cli.errors import UsageError
 from bitflux_cli.fusion import Columns, fuse_projections
@@ -116,3 +116,10 @@ def test_bench_times_fused_models_when_the_config_fuses(mode):
     assert attn.fused_projections and hasattr(attn, "to_qkv")  # diffusers' own fusion keeps to_q as well
     assert isinstance(net.single_transformer_blocks[0].proj_mlp, Columns if mode == "w2a16" else nn.Linear)
     assert any(isinstance(m, TernaryLinear) for m in net.modules()) == (mode == "w2a16")
+
+
+def test_the_activation_projection_reads_a_fused_model_as_the_unfused_one():
+    t, _ = ternary_transformer("none")
+    unfused = activation_bytes(t, 1, 1024, 512)
+    fuse_projections(t)
+    assert activation_bytes(t, 1, 1024, 512) == unfused  # proj_mlp is a column slice now, with no out_features

@@ -20,7 +20,6 @@ A GPU fits a configuration when peak <= memory - ``RESERVE`` (CUDA context, cuBL
 import torch
 from torch import nn
 
-from ..ternary import scoped_linears
 from .accounting import BF16
 from .profiles import PROFILES
 
@@ -54,13 +53,13 @@ def activation_bytes(model: nn.Module, batch: int, resolution: int, text_tokens:
     """Peak activation bytes of one transformer forward (model in the module docstring)."""
     c, t = model.config, token_counts(resolution, text_tokens)
     d, s = model.inner_dim, t["image"] + t["text"]
-    mlp = model.single_transformer_blocks[0].proj_mlp.out_features if len(model.single_transformer_blocks) else 4 * d
+    mlp = model.single_transformer_blocks[0].mlp_hidden_dim if len(model.single_transformer_blocks) else 4 * d  # fused or not
     block = batch * s * (3 * d + mlp + 2 * d) * BF16
     out_channels = c.out_channels or c.in_channels
     io = batch * (t["image"] * (c.in_channels + out_channels) + t["text"] * c.joint_attention_dim
                   + c.pooled_projection_dim) * BF16
     rope = 2 * s * c.attention_head_dim * 4  # cos, sin [S, head_dim] fp32
-    k_max = max(m.in_features for _, m in scoped_linears(model))
+    k_max = max(getattr(m, "in_features", 0) for m in model.modules())  # any linear: bf16, ternary, fused
     return {"block": block, "inputs": io + rope, "total": block + io + rope,
             "w2a8_extra": batch * s * (k_max + 4)}
 
