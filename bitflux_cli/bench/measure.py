@@ -29,13 +29,15 @@ from ..ternary import TernaryLinear, replace_with_ternary, scoped_linears
 from .memory import MODES, dummy_inputs
 
 ACTIVATIONS = {"w2a16": "none", "w2a8": "int8"}
-
-
-def mode_activations(cfg: Config, mode: str) -> str:
-    """The activation mode a ternary bench mode runs in: W2A16 "none"; W2A8 int8, or fp8 when
-    ``quantization.activations`` says fp8 (``bitflux bench --set quantization.activations=fp8``)."""
-    return "fp8" if mode == "w2a8" and cfg.quantization.activations == "fp8" else ACTIVATIONS[mode]
 INIT_STD = 0.02
+
+
+def mode_activations(cfg: Config, mode: str) -> str | None:
+    """The activation mode a bench mode runs in: None for bf16, W2A16 "none"; W2A8 int8, or fp8 when
+    ``quantization.activations`` says fp8 (``bitflux bench --set quantization.activations=fp8``)."""
+    if mode == "bf16":
+        return None
+    return "fp8" if mode == "w2a8" and cfg.quantization.activations == "fp8" else ACTIVATIONS[mode]
 
 
 def random_transformer(model: ModelConfig, mode: str, device: torch.device | str, seed: int = 0,
@@ -127,7 +129,7 @@ def bench_model(cfg: Config, mode: str, device: torch.device | str, random_weigh
     baseline gets diffusers' own ``fuse_qkv_projections``, so both sides run fused Q/K/V."""
     if random_weights:
         net = random_transformer(cfg.model, mode, device, residual_rank=cfg.quantization.residual_rank,
-                                 activations=None if mode == "bf16" else mode_activations(cfg, mode))
+                                 activations=mode_activations(cfg, mode))
     elif mode == "bf16":
         net = load_fp_transformer(cfg.model).to(device).eval()
     else:
