@@ -22,6 +22,7 @@ import torch
 
 import bitflux_kernels as bk
 from bitflux_kernels.layout import base3_bytes, padded_k
+from bitflux_kernels.ops import OPS
 
 from .errors import ArtifactError
 from .tensorfile import Spec, TensorFile, specs_of, tensor_sha256, write_tensorfile
@@ -153,7 +154,9 @@ class CheckpointFile:
                                 f"(this bitflux reads 1 to {FORMAT_VERSION})")
         if raw.get("codec") not in CODECS:
             raise ArtifactError(f"{path}: unknown codec {raw.get('codec')!r}")
-        meta = dict(raw)
+        meta = dict(raw, activations=raw.get("activations", "none"))
+        if meta["activations"] not in OPS:
+            raise ArtifactError(f"{path}: unknown activation mode {meta['activations']!r} (expected one of {', '.join(OPS)})")
         for key, kind in _JSON_FIELDS.items():
             try:
                 meta[key] = json.loads(raw.get(key, "{}"))

@@ -82,7 +82,9 @@ class DistillConfig(_Section):
 
 class QuantizationConfig(_Section):
     method: Literal["absmean", "act-aware", "block-recon", "distill"] = "absmean"
-    activations: Literal["none", "int8", "fp8"] = "none"
+    # W2A16 ("none") or W2A8 ("int8", "fp8"). Unset: quantize records "none", pack carries what the
+    # ternary file records, and generate / eval / bench run in the mode the packed file records
+    activations: Literal["none", "int8", "fp8"] | None = None
     eval_prompts: int = Field(default=4, ge=1)  # prompts of the fidelity report
     # host memory for the activations that walk the blocks with the student (block-recon's recorded
     # calls); past it, block-recon uses the first calls that fit and says so

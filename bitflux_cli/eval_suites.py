@@ -20,7 +20,8 @@ and is skipped on a rerun. ``run.json`` records what the images depend on (model
 generate settings, seed, images per prompt); a folder made by another run is emptied first. Under
 ``torchrun`` prompt ``i`` goes to rank ``i % world_size``; after a barrier rank 0 writes ``manifest.json``:
 counts, seeds, the checkpoint's sha256/method/codec (and the activation mode it records; ``activations``
-is the mode the images were drawn in, ``quantization.activations``) and the official evaluators' commands.
+is the mode the images were drawn in: ``quantization.activations`` when set, else the recorded one) and
+the official evaluators' commands.
 """
 
 import json
@@ -33,13 +34,13 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from .artifacts import artifact_path, atomic_file, file_sha256
+from .artifacts import artifact_path, atomic_file, file_sha256, require
 from .checkpoint import CheckpointFile
 from .config import MAX_SEED, Config
 from .console import info, progress
 from .distributed import init_distributed
 from .errors import UsageError
-from .loader import packed_checkpoint, pipeline_for
+from .loader import packed_checkpoint, pipeline_for, runtime_activations
 from .models import model_id
 from .prompts import FILES, T2I_CATEGORIES, PromptDataError, read_pinned
 from .teacher import run_pipeline, to_uint8
@@ -139,6 +140,7 @@ def _fingerprint(cfg: Config, suite: str, full_precision: bool, ckpt: dict | Non
     gen = cfg.generate.model_dump(mode="json", exclude={"seed"})
     return {"format": FORMAT, "suite": suite, "model": model_id(cfg.model), "dtype": cfg.model.dtype,
             "full_precision": full_precision, "checkpoint_sha256": ckpt and ckpt["sha256"],
+            # the --activations override; unset (None), the mode the checkpoint with that sha256 records
             "activations": None if full_precision else cfg.quantization.activations, "generate": gen, "seed": cfg.eval.seed,
             "images_per_prompt": cfg.eval.images_per_prompt}
 
@@ -174,11 +176,12 @@ def generate_suite(cfg: Config, full_precision: bool = False) -> dict:
         if not full_precision:
             f = CheckpointFile(packed_checkpoint(cfg))  # on the embedded model a missing one is made first
             ckpt = {"path": str(f.path), "sha256": file_sha256(f.path), "method": f.meta["inputs"].get("method"),
-                    "codec": f.codec, "activations": f.meta.get("activations")}
+                    "codec": f.codec, "activations": f.meta["activations"]}
         fingerprint = _fingerprint(cfg, suite, full_precision, ckpt)
         _prepare(root, fingerprint)
     if world > 1:
         dist.barrier()
+    activations = None if full_precision else runtime_activations(cfg, CheckpointFile(require(cfg.workdir, "pack")))
 
     mine = [it for it in items if it.index % world == rank]
     for it in mine:
@@ -204,7 +207,7 @@ def generate_suite(cfg: Config, full_precision: bool = False) -> dict:
     indices = [it.index for it in items]
     result = {"stage": "eval", "suite": suite, "model": "full-precision" if full_precision else "1.58-bit",
               "base_model": model_id(cfg.model), "method": ckpt and ckpt["method"], "codec": ckpt and ckpt["codec"],
-              "activations": None if full_precision else cfg.quantization.activations, "path": str(root), "prompts": len(items), "total_prompts": n,
+              "activations": activations, "path": str(root), "prompts": len(items), "total_prompts": n,
               "images_per_prompt": k, "images": len(items) * k, "generated": generated, "skipped": skipped,
               "seeds": [start + min(indices), start + (k - 1) * n + max(indices)], "steps": cfg.generate.steps,
               "guidance": cfg.generate.guidance, "world_size": world, "manifest": str(root / "manifest.json")}

@@ -5,7 +5,7 @@ from .artifacts import artifact_path, atomic_file
 from .checkpoint import CheckpointFile
 from .config import Config
 from .errors import UsageError
-from .loader import pipeline_for
+from .loader import pipeline_for, runtime_activations
 from .miniworld.scorer import check, evaluate as score_images
 from .miniworld.sheet import contact_sheet
 from .miniworld.world import balanced_prompts
@@ -30,12 +30,11 @@ def evaluate(cfg: Config, full_precision: bool = False) -> dict:
         raise UsageError(f"the mini suite scores the embedded mini model; {cfg.model.source} has no programmatic scorer")
     with pipeline_for(cfg, full_precision) as (pipe, _):
         summary = score_pipeline(cfg, pipe, "fp" if full_precision else "ternary")
-        # what was scored: the checkpoint's own record, not this run's config; the activation mode is
-        # a runtime choice, the config's (``--activations``), which the packed model ran in
+        # what was scored: the checkpoint's own record, not this run's config, and the activation mode it ran in
         ckpt = None if full_precision else CheckpointFile(artifact_path(cfg.workdir, "pack"))
     return {"stage": "eval", "suite": "mini", "model": "full-precision" if full_precision else "1.58-bit",
             "base_model": model_id(cfg.model), "method": ckpt and ckpt.meta["inputs"].get("method"),
-            "codec": ckpt and ckpt.codec, "activations": ckpt and cfg.quantization.activations} | summary
+            "codec": ckpt and ckpt.codec, "activations": ckpt and runtime_activations(cfg, ckpt)} | summary
 
 
 def score_pipeline(cfg: Config, pipe, sheet_name: str) -> dict:

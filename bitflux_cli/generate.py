@@ -6,7 +6,8 @@ from pathlib import Path
 
 from .artifacts import artifact_path, atomic_file, check_output_file
 from .config import Config
-from .loader import pipeline_for
+from .checkpoint import CheckpointFile
+from .loader import packed_checkpoint, pipeline_for, runtime_activations
 from .models import resolve_device
 from .teacher import run_pipeline
 
@@ -28,7 +29,8 @@ def generate(cfg: Config, prompt: str, out: Path | None = None, full_precision: 
         seconds = time.perf_counter() - start
     with atomic_file(out) as tmp:
         image.save(tmp, format="PNG")
+    activations = None if full_precision else runtime_activations(cfg, CheckpointFile(packed_checkpoint(cfg)))
     return {"stage": "generate", "path": str(out), "prompt": prompt, "seed": cfg.generate.seed,
-            "seconds": seconds, "backend": backend, "activations": cfg.quantization.activations,
+            "seconds": seconds, "backend": backend, "activations": activations,
             "steps": cfg.generate.steps, "height": cfg.generate.height, "width": cfg.generate.width,
             "guidance": cfg.generate.guidance, "device": str(device), "offload": cfg.model.offload}

@@ -117,8 +117,14 @@ def packed_checkpoint(cfg: Config) -> Path:
     return require(cfg.workdir, "pack")
 
 
+def runtime_activations(cfg: Config, ckpt: CheckpointFile) -> str:
+    """The activation mode ``ckpt`` runs in: ``quantization.activations`` (``--activations``) when set,
+    else the one the file records."""
+    return cfg.quantization.activations or ckpt.meta["activations"]
+
+
 def packed_transformer(cfg: Config, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The workdir's packed 1.58-bit transformer (``packed_checkpoint``), in the config's activation
+    """The workdir's packed 1.58-bit transformer (``packed_checkpoint``), in ``runtime_activations``'s
     mode, its Q/K/V (and single blocks' MLP input) projections fused when ``model.fuse_projections`` says so."""
     transformer = load_quantized_transformer(packed_checkpoint(cfg), cfg.model, cfg.quantization.activations, device)
     if cfg.model.fuse_projections:

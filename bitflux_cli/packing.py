@@ -11,7 +11,8 @@ from .models import build_meta_transformer
 
 
 def pack(cfg: Config) -> dict:
-    """Re-encode the quantize stage's checkpoint with ``pack.codec`` (a residual carried as is); report
+    """Re-encode the quantize stage's checkpoint with ``pack.codec`` (a residual and the recorded activation
+    mode carried as they are, unless ``quantization.activations`` is set); report
     bytes vs bf16, the residual's bytes, and the bits a ternary weight costs (codes, scales, residual)."""
     src = require(cfg.workdir, "quantize")
     ckpt = CheckpointFile(src)
@@ -27,7 +28,7 @@ def pack(cfg: Config) -> dict:
     meta = ckpt.meta
     size = write_checkpoint(path, {m: list(s) for m, s in ckpt.modules.items()}, specs, cfg.pack.codec, {
         "base_model": meta["base_model"], "revision": meta["revision"], "stage": "pack",
-        "activations": cfg.quantization.activations, "config": cfg.resolved(), "architecture": meta["architecture"],
+        "activations": cfg.quantization.activations or meta["activations"], "config": cfg.resolved(), "architecture": meta["architecture"],
         "source": meta["source"], "inputs": {"ternary": {"path": str(src.resolve()), "sha256": file_sha256(src)}, **meta["inputs"]},
         "fidelity": recorded_report(src),
     })

@@ -76,6 +76,7 @@ def quantize(cfg: Config) -> dict:
     """
     rank, world = init_distributed()
     name, residual_rank = cfg.quantization.method, cfg.quantization.residual_rank
+    activations = cfg.quantization.activations or "none"  # the mode the file records
     meta_model = build_meta_transformer(cfg.model)
     check_rank(meta_model, residual_rank)
     counts = parameter_counts(meta_model)
@@ -122,7 +123,7 @@ def quantize(cfg: Config) -> dict:
                 probe.fp_step(block_name, block)
                 parts.append(Path(tmp) / f"{len(parts):03d}.safetensors")
                 _write_part(parts[-1], block_name, block, codes, residuals)
-                probe.q_step(block_name, _to_ternary(block, codes, cfg.quantization.activations, residuals))
+                probe.q_step(block_name, _to_ternary(block, codes, activations, residuals))
                 modules |= {f"{block_name}.{sub}": tuple(c.shape) for sub, (c, _) in codes.items()}
                 del block, made, codes, residuals
                 block_done()
@@ -133,7 +134,7 @@ def quantize(cfg: Config) -> dict:
         joined = Path(tmp) / path.name
         size = _join(joined, parts, outside, modules, {
             "base_model": source["base_model"], "revision": source["revision"], "stage": "quantize",
-            "activations": cfg.quantization.activations, "config": cfg.resolved(),
+            "activations": activations, "config": cfg.resolved(),
             "architecture": transformer_config(cfg.model), "source": source,
             "inputs": {"method": name,
                        "calibration_sha256": None if calib is None else file_sha256(calib.path / "manifest.json")},
@@ -144,4 +145,4 @@ def quantize(cfg: Config) -> dict:
         os.replace(joined, path)
     forget_other_reports(recorded)
     return {"stage": "quantize", "path": str(path), "bytes": size, "method": name,
-            "activations": cfg.quantization.activations, "residual_rank": residual_rank, **counts, "fidelity": report}
+            "activations": activations, "residual_rank": residual_rank, **counts, "fidelity": report}

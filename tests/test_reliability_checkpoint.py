@@ -108,6 +108,7 @@ CASES = [
     ("format version 3", "packed", meta("format_version", "3"), False, "format version '3' is not supported"),
     ("format version 2 without a residual", "packed", meta("format_version", "2"), False, "does not fit format version 2"),
     ("codec unknown", "packed", meta("codec", "4bit"), False, "unknown codec"),
+    ("activation mode unknown", "packed", meta("activations", "int4"), False, "unknown activation mode 'int4'"),
     ("dense tensor removed", "ternary", drop("x_embedder.weight"), False, "x_embedder.weight"),
     ("codes tensor removed", "ternary", drop(f"{M}.codes"), False, ""),
     ("header length past the end", "packed", None, False, "header length"),
