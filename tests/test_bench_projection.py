@@ -6,7 +6,7 @@ import torch
 
 from bitflux_cli.bench import render_table, run_bench
 from bitflux_cli.bench.accounting import storage
-from bitflux_cli.bench.measure import bench_model, random_transformer
+from bitflux_cli.bench.measure import bench_model, mode_activations, random_transformer
 from bitflux_cli.bench.memory import dummy_inputs, memory_projection
 from bitflux_cli.bench.profiles import ALIASES, PROFILES, gpu_profile, profile_for_device
 from bitflux_cli.config import Config, load_config
@@ -110,3 +110,10 @@ def test_bench_times_w2a8_in_fp8_when_the_config_says_fp8(configured, w2a8):
     for mode, expected in (("w2a16", "none"), ("w2a8", w2a8)):
         net = bench_model(cfg, mode, "cpu", random_weights=True)
         assert {m.activations for m in net.modules() if isinstance(m, TernaryLinear)} == {expected}
+
+
+@pytest.mark.parametrize("configured,recorded,w2a8", [(None, "fp8", "fp8"), (None, "int8", "int8"), ("int8", "fp8", "int8"),
+                                                       (None, "none", "int8")])
+def test_bench_times_w2a8_in_the_mode_the_checkpoint_records_unless_configured(configured, recorded, w2a8):
+    cfg = load_config("tiny", assignments={"quantization.activations": configured})
+    assert (mode_activations(cfg, "w2a16", recorded), mode_activations(cfg, "w2a8", recorded)) == ("none", w2a8)

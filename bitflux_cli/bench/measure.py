@@ -20,6 +20,7 @@ import bitflux_kernels
 from bitflux_kernels import pack_2bit
 
 from ..artifacts import require
+from ..checkpoint import CheckpointFile
 from ..config import Config, ModelConfig
 from ..console import info
 from ..fusion import fuse_projections
@@ -32,12 +33,18 @@ ACTIVATIONS = {"w2a16": "none", "w2a8": "int8"}
 INIT_STD = 0.02
 
 
-def mode_activations(cfg: Config, mode: str) -> str | None:
+def mode_activations(cfg: Config, mode: str, recorded: str | None = None) -> str | None:
     """The activation mode a bench mode runs in: None for bf16, W2A16 "none"; W2A8 int8, or fp8 when
-    ``quantization.activations`` says fp8 (``bitflux bench --set quantization.activations=fp8``)."""
+    ``quantization.activations`` says fp8 (``bitflux bench --set quantization.activations=fp8``) or,
+    unset, the checkpoint records fp8 (``recorded``)."""
     if mode == "bf16":
         return None
-    return "fp8" if mode == "w2a8" and cfg.quantization.activations == "fp8" else ACTIVATIONS[mode]
+    return "fp8" if mode == "w2a8" and (cfg.quantization.activations or recorded) == "fp8" else ACTIVATIONS[mode]
+
+
+def recorded_activations(cfg: Config, random_weights: bool) -> str | None:
+    """The activation mode the workdir's packed checkpoint records (None with random weights)."""
+    return None if random_weights else CheckpointFile(require(cfg.workdir, "pack")).meta["activations"]
 
 
 def random_transformer(model: ModelConfig, mode: str, device: torch.device | str, seed: int = 0,
@@ -133,7 +140,8 @@ def bench_model(cfg: Config, mode: str, device: torch.device | str, random_weigh
     elif mode == "bf16":
         net = load_fp_transformer(cfg.model).to(device).eval()
     else:
-        net = load_quantized_transformer(require(cfg.workdir, "pack"), cfg.model, mode_activations(cfg, mode), device)
+        net = load_quantized_transformer(require(cfg.workdir, "pack"), cfg.model,
+                                         mode_activations(cfg, mode, recorded_activations(cfg, False)), device)
     if cfg.model.fuse_projections:
         net.fuse_qkv_projections() if mode == "bf16" else fuse_projections(net)
     return net
@@ -142,8 +150,7 @@ def bench_model(cfg: Config, mode: str, device: torch.device | str, random_weigh
 def measure(cfg: Config, random_weights: bool, device: torch.device | str = "cuda") -> dict:
     """Measured step (and image) latency and peak memory per mode and resolution on ``device``."""
     device = torch.device(device)
-    if not random_weights:
-        require(cfg.workdir, "pack")  # fail before loading anything
+    recorded = recorded_activations(cfg, random_weights)  # fails before loading anything
     compiled = "" if cfg.bench.compile == "none" else f", steps torch.compile(fullgraph=True, mode={cfg.bench.compile!r})"
     label = f"measured on {torch.cuda.get_device_name(device)} (CUDA events, median/p90 of {cfg.bench.iters}, batch 1{compiled})"
     per_mode = {}
@@ -164,5 +171,5 @@ def measure(cfg: Config, random_weights: bool, device: torch.device | str = "cud
     per_resolution = {str(r): {m: {**per_mode[m][str(r)], "source": "measured"} for m in MODES}
                       for r in cfg.bench.resolutions}
     return {"label": label, "device": torch.cuda.get_device_name(device), "random_weights": random_weights,
-            "compile": cfg.bench.compile, "w2a8_activations": mode_activations(cfg, "w2a8"),
+            "compile": cfg.bench.compile, "w2a8_activations": mode_activations(cfg, "w2a8", recorded),
             "backend": bitflux_kernels.select_backend(device), "per_resolution": per_resolution}
