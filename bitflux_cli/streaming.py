@@ -171,12 +171,22 @@ def run_block(block: nn.Module, state: dict, idx: torch.Tensor | slice, device) 
 
 
 @torch.no_grad()
+def outputs(block: nn.Module, state: dict, batch: int, device, streams=("context", "hidden")) -> dict[str, torch.Tensor]:
+    """``block`` over every call of a host-side ``state``, ``batch`` calls at a time: {stream: [C, ...]}
+    of its context [C, T, D] and hidden [C, L, D] outputs (those in ``streams``), each batch's moved to
+    the host before the next runs, so the device holds one batch's."""
+    parts = {s: [] for s in streams}
+    for i in range(0, state["hidden_states"].shape[0], batch):
+        out = dict(zip(("context", "hidden"), run_block(block, state, slice(i, i + batch), device)))
+        for s in streams:
+            parts[s].append(out[s].cpu())
+    return {s: torch.cat(p) for s, p in parts.items()}
+
+
 def advance(block: nn.Module, state: dict, batch: int, device) -> dict:
-    """``state`` pushed through ``block`` in batches; the new hidden and context stay on the host."""
-    n = state["hidden_states"].shape[0]
-    outs = [run_block(block, state, slice(i, i + batch), device) for i in range(0, n, batch)]
-    return state | {"encoder_hidden_states": torch.cat([o[0].cpu() for o in outs]),
-                    "hidden_states": torch.cat([o[1].cpu() for o in outs])}
+    """``state`` pushed through ``block`` in batches (``outputs``); the new hidden and context stay on the host."""
+    out = outputs(block, state, batch, device)
+    return state | {"encoder_hidden_states": out["context"], "hidden_states": out["hidden"]}
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from ..calibrate import Calibration, teacher_kwargs
 from ..config import Config
 from ..console import info, progress
 from ..residual import block_residuals
-from ..streaming import advance, block_names, blocks, prelude, run_block
+from ..streaming import advance, block_names, blocks, outputs, prelude, run_block
 from ..ternary import block_linears
 from .act_aware import alphas, search, threshold_codes
 from .ste import STELinear, attach_ste, optimizer
@@ -81,7 +81,8 @@ class BlockRecon:
         target = self.calib.records(lambda k: k == key)[key][:n].to(device).float()  # [C, tokens, D]
         norm = target.square().mean()
         context_weight = rc.context_weight if name != self.last else 0.0  # the last text output is unused
-        fp_context = self._fp_context(fp_block) if context_weight else None  # [C, T, D] on the host
+        # the FP block's text stream on the student's inputs [C, T, D], on the host: once a block, not at every step
+        fp_context = outputs(fp_block, self.state, rc.batch, device, ("context",))["context"] if context_weight else None
         with progress(f"block-recon {name}", rc.steps, "steps") as step_done:
             for _ in range(rc.steps):
                 idx = torch.randint(n, (min(rc.batch, n),), generator=self.gen)
@@ -98,13 +99,6 @@ class BlockRecon:
         out = {sub: self.keep(m) for sub, m in ste.items()}
         self.state = advance(block if rc.inputs == "quantized" else fp_block, self.state, rc.batch, device)
         return out
-
-    @torch.no_grad()
-    def _fp_context(self, fp_block: torch.nn.Module) -> torch.Tensor:
-        """The FP block's text stream on the student's inputs of every call [C, T, D], once a block
-        (not again at every step for the sampled calls)."""
-        calls = torch.arange(self.calls).split(self.cfg.quantization.block_recon.batch)
-        return torch.cat([run_block(fp_block, self.state, idx, self.device)[0].cpu() for idx in calls])
 
 
 def block_recon(cfg: Config, transformer, calib: Calibration) -> BlockRecon:
