@@ -59,10 +59,12 @@ class BlockRecon:
             info(f"block-recon: {self.calls} of the {n} recorded calls fit in quantization.activation_budget_gb "
                  f"({cfg.quantization.activation_budget_gb} GB at {per_call / 1e6:.0f} MB a call)")
         self.device = transformer.x_embedder.weight.device
-        parts = [prelude(transformer, teacher_kwargs(records, idx, self.device))
-                 for idx in torch.arange(self.calls).split(rc.batch)]
-        self.state = {k: torch.cat([p[k].cpu() for p in parts]) for k in ("hidden_states", "encoder_hidden_states", "temb")}
-        self.state["image_rotary_emb"] = tuple(r.cpu() for r in parts[0]["image_rotary_emb"])
+        parts = []  # block 0's inputs, each batch's moved to the host before the next runs
+        for idx in torch.arange(self.calls).split(rc.batch):
+            inputs = prelude(transformer, teacher_kwargs(records, idx, self.device))
+            parts.append({k: v.cpu() for k, v in inputs.items() if k != "image_rotary_emb"})
+        self.state = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        self.state["image_rotary_emb"] = tuple(r.cpu() for r in inputs["image_rotary_emb"])  # the same for every call
         self.token_idx = records["calls.token_idx"][:self.calls].to(self.device)  # [C, tokens]
         self.last = block_names(transformer)[-1]
         self.gen = torch.Generator().manual_seed(rc.seed)
