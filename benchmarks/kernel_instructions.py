@@ -44,7 +44,7 @@ from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bitflux_kernels.act_quant import act_quant_kernel  # noqa: E402
+from bitflux_kernels.act_quant import SPACE as ACT_QUANT_SPACE, act_quant_kernel  # noqa: E402
 from bitflux_kernels.decode import FIELDS_META, HALF_META, decode_fields_kernel, decode_half_kernel  # noqa: E402
 from bitflux_kernels.packed import GEMM_CONFIGS, GEMV_CONFIGS, packed_kernel  # noqa: E402
 from bitflux_kernels.large_m import EPILOGUE_META, int_epilogue_kernel  # noqa: E402
@@ -105,13 +105,14 @@ def specs():
     rows.append(("int32 epilogue (per output, not weight)", int_epilogue_kernel, _sig(int_epilogue_kernel, p, c), c,
                  {"num_warps": EPILOGUE_META["num_warps"]}, c["BLOCK_M"] * c["BLOCK_N"], False,
                  {"M": 4608, "N": 3072, "stride_am": 3072, "stride_ym": 3072}))
-    aq = {"ROWS": 4, "BLOCK_K": 1024}  # act_quant's config for M >= 4 at FLUX's K (8 warps)
-    for fp8, name, q in ((False, "int8", "*i8"), (True, "fp8 e4m3 bytes", "*u8")):
-        c = {**aq, "FP8": fp8, "BYTES": fp8, "HAS_SUM": not fp8}
-        p = {"x_ptr": "*bf16", "q_ptr": q, "s_ptr": "*fp32", "sum_ptr": "*i32"}
-        rows.append((f"act_quant -> {name} (per activation)", act_quant_kernel, _sig(act_quant_kernel, p, c), c,
-                     {"num_warps": 8}, aq["ROWS"] * aq["BLOCK_K"], True,
-                     {"M": 4608, "K": 3072, "KP": 3072, "stride_xm": 3072, "stride_xk": 1, "stride_qm": 3072, "M_BUCKET": 4096}))
+    aq = {"M": 4608, "K": 3072, "KP": 3072, "stride_xm": 3072, "stride_xk": 1, "stride_qm": 3072, "M_BUCKET": 4096}
+    for cfg in ACT_QUANT_SPACE.prune(ACT_QUANT_SPACE.configs(), aq):  # every config the autotuner may pick there
+        rows_k, warps = (cfg.kwargs["ROWS"], cfg.kwargs["BLOCK_K"]), cfg.num_warps
+        for fp8, name, q in ((False, "int8", "*i8"), (True, "fp8 e4m3 bytes", "*u8")):
+            c = {**cfg.kwargs, "FP8": fp8, "BYTES": fp8, "HAS_SUM": not fp8}
+            p = {"x_ptr": "*bf16", "q_ptr": q, "s_ptr": "*fp32", "sum_ptr": "*i32"}
+            rows.append((f"act_quant -> {name}, {rows_k[0]}x{rows_k[1]}, {warps} warps (per activation)", act_quant_kernel,
+                         _sig(act_quant_kernel, p, c), c, {"num_warps": warps}, rows_k[0] * rows_k[1], True, aq))
     return rows
 
 
