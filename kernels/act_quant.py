@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import Space, launch, m_bucket
+from .common import Space, launch, m_bucket, packed_k
 
 _RNE = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds |v| < 2**22 half-to-even in fp32
 
@@ -56,10 +56,11 @@ def _round_e4m3(v, BYTES: tl.constexpr):
 
 @triton.jit
 def act_quant_kernel(x_ptr, q_ptr, s_ptr, sum_ptr, M, K, KP, stride_xm, stride_xk, stride_qm, M_BUCKET,
-                     FP8: tl.constexpr, BYTES: tl.constexpr, HAS_SUM: tl.constexpr, ROWS: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
-    """ROWS tokens: x: [M, K] float -> q: [M, KP] (int8; FP8: e4m3 bytes or bf16) zeros past K,
-    s: [M] fp32, (HAS_SUM) sum: [M] int32."""
+                     FP8: tl.constexpr, BYTES: tl.constexpr, HAS_SUM: tl.constexpr, PERMUTED: tl.constexpr,
+                     ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """ROWS tokens: x: [M, K] float -> q: [M, KP] (int8, or its values in bf16; FP8: e4m3 bytes or bf16)
+    zeros past K, s: [M] fp32, (HAS_SUM) sum: [M] int32. PERMUTED: q column t holds x's column
+    ``packed_k(t)``, the order in which the packed kernel decodes a word's weights (packed.permute_x)."""
     offs_m = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
@@ -75,32 +76,35 @@ def act_quant_kernel(x_ptr, q_ptr, s_ptr, sum_ptr, M, K, KP, stride_xm, stride_x
     q_rows = q_ptr + offs_m[:, None].to(tl.int64) * stride_qm
     total = tl.zeros((ROWS,), dtype=tl.int32)
     for k0 in range(0, KP, BLOCK_K):
-        k = k0 + offs_k
+        t = k0 + offs_k  # q's column
+        k = packed_k(t) if PERMUTED else t  # x's column (a gather within t's group of 128)
         xs = tl.load(x_rows + k[None, :] * stride_xk, mask=mask_m[:, None] & (k < K)[None, :], other=0.0)
         v = tl.math.div_rn(xs.to(tl.float32), scale[:, None])
         if FP8:
             q = _round_e4m3(tl.minimum(tl.maximum(v, -448.0), 448.0), BYTES)
         else:
             v = tl.minimum(tl.maximum((v + _RNE) - _RNE, -127.0), 127.0)
-            q = v.to(tl.int8)
+            q = v if q_ptr.dtype.element_ty == tl.bfloat16 else v.to(tl.int8)  # fp32 -> bf16: the interpreter mis-casts int8 -> bf16
             if HAS_SUM:
                 total += tl.sum(v.to(tl.int32), axis=1)  # exact: |q| <= 127
-        tl.store(q_rows + k[None, :], q.to(q_ptr.dtype.element_ty), mask=mask_m[:, None] & (k < KP)[None, :])
+        tl.store(q_rows + t[None, :], q.to(q_ptr.dtype.element_ty), mask=mask_m[:, None] & (t < KP)[None, :])
     if HAS_SUM:
         tl.store(sum_ptr + offs_m, total, mask=mask_m)
 
 
 def act_quant(x2: torch.Tensor, kp: int, sums: torch.Tensor | None = None, activations: str = "int8",
-              dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              dtype: torch.dtype | None = None, permuted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize x2 [M, K] per token -> (q [M, kp] zero-padded past K, s [M] fp32).
 
     ``activations="int8"``: q int8; with ``sums`` ([M] int32) also writes each token's ``q.sum()`` there.
-    ``"fp8"``: q float8_e4m3fn, or with ``dtype=torch.bfloat16`` the same values in bf16."""
+    ``"fp8"``: q float8_e4m3fn. ``dtype=torch.bfloat16``: the same values in bf16 (exact), for the
+    packed kernel, and with ``permuted`` in its column order (``packed.permute_x`` of that q, in one pass)."""
     m, k = x2.shape
     fp8 = activations == "fp8"
     dtype = dtype or (torch.float8_e4m3fn if fp8 else torch.int8)
-    if dtype not in ((torch.float8_e4m3fn, torch.bfloat16) if fp8 else (torch.int8,)) or (fp8 and sums is not None):
-        raise ValueError(f"act_quant: no {activations} q in {dtype} (sums: int8 only)")
+    if dtype not in ((torch.float8_e4m3fn if fp8 else torch.int8), torch.bfloat16) or (fp8 and sums is not None) \
+            or (permuted and dtype != torch.bfloat16):
+        raise ValueError(f"act_quant: no {activations} q in {dtype} (sums: int8 only; permuted: bf16 only)")
     q = torch.empty(m, kp, dtype=dtype, device=x2.device)
     s = torch.empty(m, dtype=torch.float32, device=x2.device)
     if m == 0:
@@ -108,5 +112,6 @@ def act_quant(x2: torch.Tensor, kp: int, sums: torch.Tensor | None = None, activ
     bytes_out = dtype == torch.float8_e4m3fn
     grid = lambda meta: (triton.cdiv(m, meta["ROWS"]),)  # noqa: E731
     launch(act_quant_kernel, SPACE, grid, x2, q.view(torch.uint8) if bytes_out else q, s, sums, m, k, kp,
-           x2.stride(0), x2.stride(1), q.stride(0), m_bucket(m), FP8=fp8, BYTES=bytes_out, HAS_SUM=sums is not None)
+           x2.stride(0), x2.stride(1), q.stride(0), m_bucket(m), FP8=fp8, BYTES=bytes_out, HAS_SUM=sums is not None,
+           PERMUTED=permuted)
     return q, s

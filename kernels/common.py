@@ -17,6 +17,16 @@ from triton import knobs
 from .layout import GROUP
 
 
+@triton.jit
+def packed_k(t):
+    """The K index of column t of the packed kernel's permuted activations (packed.py, "Permuted
+    activations"): t = 16 wc + 2 s + h is field i = 7 - s + 8 h of packed word wc, i.e. byte
+    j = i // 4 and plane p = i % 4 of that word: k = 128 (wc // 8) + 32 p + 4 (wc % 8) + j."""
+    wc = t // 16
+    i = 7 - t % 16 // 2 + 8 * (t % 2)
+    return wc // 8 * 128 + i % 4 * 32 + wc % 8 * 4 + i // 4
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return bool(knobs.runtime.interpret)

@@ -18,7 +18,8 @@ loses their int8 MMAs, see docs/KERNELS.md). What is left per weight is the deco
   xp[m, 16 wc + 2 s + h] = x[m, k(field 7 - s + 8 h)], zeros past K) in the dot's dtype: bf16 or
   fp16 as x, fp32 x as fp32 (``ieee`` dot), W2A8's int8 q as bf16 (exact: |q| <= 127; the sums of
   q x ±2 stay integers below 2^24, exact in the fp32 accumulators), its fp8 e4m3 q as bf16 (exact:
-  e4m3 is a subset of bf16).
+  e4m3 is a subset of bf16). W2A8's q is written in that order by act_quant itself (``permuted``),
+  so the activations take one pass, not two.
 - **Split-K.** FLUX's modulation linears have N = 9216 / 18432 but its MLP-out K = 12288 / 15360
   at N = 3072: too few N tiles to fill the GPU. ``SPLIT`` programs share a row tile, each over a
   contiguous run of words; they write fp32 partials [SPLIT, M, N] and ``reduce_kernel`` sums them
@@ -31,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .act_quant import act_quant
-from .common import Space, interpreting, launch, launch_fixed, output_for
+from .common import Space, interpreting, launch, launch_fixed, output_for, packed_k
 
 SPLIT_GRAIN = 16  # words: every split but the last covers a multiple of this (and of any BLOCK_W)
 REDUCE_META = {"BLOCK_N": 256, "num_warps": 4}
@@ -134,25 +135,21 @@ def reduce_kernel(part_ptr, sx_ptr, scale_ptr, bias_ptr, y_ptr, M, N, SPLIT, str
 
 @triton.jit
 def permute_x_kernel(x_ptr, xp_ptr, K, KP, stride_xm, stride_xk, BLOCK: tl.constexpr):
-    """xp[m, t] = x[m, k(t)] (0 past K) in xp's dtype, t = 16 wc + 2 s + h <-> field i = 7 - s + 8 h
-    of word wc: byte j = i // 4, plane p = i % 4, k = 128 (wc // 8) + 32 p + 4 (wc % 8) + j.
-    Grid (cdiv(KP, BLOCK), M)."""
+    """xp[m, t] = x[m, packed_k(t)] (0 past K) in xp's dtype. Grid (cdiv(KP, BLOCK), M)."""
     m = tl.program_id(1)
     t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    wc = t // 16
-    i = 7 - t % 16 // 2 + 8 * (t % 2)
-    k = wc // 8 * 128 + i % 4 * 32 + wc % 8 * 4 + i // 4
+    k = packed_k(t)
     v = tl.load(x_ptr + m.to(tl.int64) * stride_xm + k * stride_xk, mask=(k < K) & (t < KP), other=0)
-    tl.store(xp_ptr + m.to(tl.int64) * KP + t, v.to(tl.float32).to(xp_ptr.dtype.element_ty), mask=t < KP)  # via fp32: the interpreter mis-casts int8 -> bf16
+    tl.store(xp_ptr + m.to(tl.int64) * KP + t, v.to(xp_ptr.dtype.element_ty), mask=t < KP)
 
 
 def _dot_types(dtype: torch.dtype):
-    """(xp dtype, PATTERN, DOT, PRECISION) for activations of ``dtype`` (int8: W2A8's q)."""
+    """(xp dtype, PATTERN, DOT, PRECISION) for activations of ``dtype`` (bf16 too for W2A8's q)."""
     if dtype == torch.float16:
         return torch.float16, tl.float16, tl.float32 if interpreting() else tl.float16, "tf32"
     if dtype == torch.float32:
         return torch.float32, tl.bfloat16, tl.float32, "ieee"
-    # bf16 x, or int8 q (exact in bf16); Triton 3.9's interpreter multiplies the raw bits of bf16
+    # bf16 x, or W2A8's q (exact in bf16); Triton 3.9's interpreter multiplies the raw bits of bf16
     # operands in tl.dot, so there they are upcast to fp32 (bf16 x ±2 products are exact in fp32)
     return torch.bfloat16, tl.bfloat16, tl.float32 if interpreting() else tl.bfloat16, "tf32"
 
@@ -197,10 +194,11 @@ def packed_gemm(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bia
     kq = packed.shape[1]
     kw = kq // 4
     sx = None
-    if activations != "none":  # x2: [M, Kp] int8, or e4m3 values in bf16, zero-padded; sx: [M] fp32
-        x2, sx = act_quant(x2, 4 * kq, activations=activations, dtype=torch.bfloat16 if activations == "fp8" else None)
-    xdtype, pattern, dot, precision = _dot_types(x2.dtype)
-    xp = permute_x(x2, 4 * kq, xdtype)  # [M, Kp]
+    if activations == "none":
+        xp = permute_x(x2, 4 * kq, _dot_types(x2.dtype)[0])  # [M, Kp]
+    else:  # q of x2 (int8 or e4m3 values) as bf16, permuted and zero-padded in the same pass; sx: [M] fp32
+        xp, sx = act_quant(x2, 4 * kq, activations=activations, dtype=torch.bfloat16, permuted=True)
+    _, pattern, dot, precision = _dot_types(xp.dtype)
     split = split_count(n, kw, y.device, m) if split is None else max(1, min(split, triton.cdiv(kw, 8)))
     wps = triton.cdiv(triton.cdiv(kw, split), SPLIT_GRAIN) * SPLIT_GRAIN if split > 1 else kw
     split = triton.cdiv(kw, wps)

@@ -42,9 +42,10 @@ def _specs():
     ptrs = {"part_ptr": "*fp32", "sx_ptr": "*fp32", "scale_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
     yield reduce_kernel, sig(reduce_kernel, ptrs, consts), consts, {"num_warps": REDUCE_META["num_warps"]}
     consts = {"BLOCK": PERMUTE_META["BLOCK"]}
-    yield permute_x_kernel, sig(permute_x_kernel, {"x_ptr": "*i8", "xp_ptr": "*bf16"}, consts), consts, {"num_warps": 4}
-    for q, fp8, as_bytes in (("*i8", False, False), ("*u8", True, True), ("*bf16", True, False)):  # int8, e4m3 bytes / bf16
-        consts = {"ROWS": 4, "BLOCK_K": 1024, "HAS_SUM": not fp8, "FP8": fp8, "BYTES": as_bytes}
+    yield permute_x_kernel, sig(permute_x_kernel, {"x_ptr": "*bf16", "xp_ptr": "*bf16"}, consts), consts, {"num_warps": 4}
+    for q, fp8, as_bytes, permuted in (("*i8", False, False, False), ("*u8", True, True, False),  # int8, e4m3 bytes
+                                       ("*bf16", True, False, True), ("*bf16", False, False, True)):  # bf16 permuted
+        consts = {"ROWS": 4, "BLOCK_K": 1024, "HAS_SUM": not fp8, "FP8": fp8, "BYTES": as_bytes, "PERMUTED": permuted}
         ptrs = {"x_ptr": "*bf16", "q_ptr": q, "s_ptr": "*fp32", "sum_ptr": "*i32"}
         yield act_quant_kernel, sig(act_quant_kernel, ptrs, consts), consts, {"num_warps": 4}
     fixed = lambda meta: ({k: v for k, v in meta.items() if k != "num_warps"}, {"num_warps": meta["num_warps"]})  # noqa: E731

@@ -101,3 +101,19 @@ def test_permute_x_is_the_decode_order():
     kk = wc // 8 * 128 + i % 4 * 32 + wc % 8 * 4 + i // 4
     assert torch.equal(xp, torch.where(kk < k, kk + 1, 0).float())
     assert sorted(xp[xp > 0].long().tolist()) == list(range(1, k + 1))  # a permutation of x, zeros past K
+
+
+@pytest.mark.parametrize("activations", ["int8", "fp8"])
+def test_act_quant_writes_the_packed_kernels_order_in_one_pass(activations):
+    """W2A8's packed path: act_quant's permuted bf16 q is permute_x of its plain q, bit for bit, zeros past K."""
+    from bitflux_kernels.act_quant import act_quant
+    from bitflux_kernels.packed import permute_x
+
+    x = case(7, 8, 200, torch.bfloat16)[0]  # [7, 200]
+    q, s = act_quant(x, 256, activations=activations)
+    qp, sp = act_quant(x, 256, activations=activations, dtype=torch.bfloat16, permuted=True)
+    assert qp.dtype == torch.bfloat16 and torch.equal(sp, s)
+    expected = permute_x(q.float(), 256, torch.bfloat16)  # q's values are exact in fp32 and bf16
+    assert torch.equal(qp.view(torch.int16), expected.view(torch.int16))
+    with pytest.raises(ValueError, match="permuted: bf16 only"):
+        act_quant(x, 256, activations=activations, permuted=True)
