@@ -50,6 +50,7 @@ from .verify import VerifiedFile, check_sha256, read_json, remake_hint
 FORMAT = 2  # 2: shards and statistics carry a sha256 per tensor, the manifest one per file
 REMAKE = "bitflux calibrate"
 MANIFEST, STATS = "manifest.json", "stats.safetensors"
+HOST = torch.device("cpu")  # where the recorder keeps a shard's records: their size grows with the calls a shard records
 CALL_KEYS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
 
 
@@ -94,16 +95,16 @@ class _Recorder:
         self.keep = self.mask & torch.tensor(self.record)  # [B] recorded calls
         if self.keep.any():
             rows = self.keep.nonzero().flatten().tolist()
-            call = {k: kwargs[k][self.keep].detach().clone() for k in CALL_KEYS if kwargs.get(k) is not None}
+            call = {k: kwargs[k][self.keep].detach().to(HOST, copy=True) for k in CALL_KEYS if kwargs.get(k) is not None}
             call["prompt_index"] = torch.tensor([self.indices[r] for r in rows])
             call["step"] = torch.full((len(rows),), self.step)
             call["token_idx"] = torch.stack([self.schedules[r][1] for r in rows])  # [c, tokens]
-            self.ids = {"ids.txt": kwargs["txt_ids"].clone(), "ids.img": kwargs["img_ids"].clone()}
+            self.ids = {"ids.txt": kwargs["txt_ids"].to(HOST, copy=True), "ids.img": kwargs["img_ids"].to(HOST, copy=True)}
             self.calls.append(call)
 
     def _on_velocity(self, _m, _args, out):
         if self.keep.any():
-            self.calls[-1]["velocity"] = out[0][self.keep].detach().clone()
+            self.calls[-1]["velocity"] = out[0][self.keep].detach().to(HOST, copy=True)
 
     def _on_linear(self, name):
         def hook(_m, args):
@@ -123,7 +124,7 @@ class _Recorder:
                 hid = out[1][self.keep]  # [c, L, D] image stream
                 idx = self.calls[-1]["token_idx"]  # [c, tokens]
                 self.blocks.setdefault(name, []).append(
-                    torch.gather(hid, 1, idx[..., None].expand(-1, -1, hid.shape[-1])).detach().clone())
+                    torch.gather(hid, 1, idx[..., None].to(hid.device).expand(-1, -1, hid.shape[-1])).detach().to(HOST, copy=True))
         return hook
 
     def tensors(self) -> dict[str, torch.Tensor]:
