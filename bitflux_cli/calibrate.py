@@ -317,12 +317,15 @@ class Calibration:
                                 f"over a positive count: {remake_hint(REMAKE)}")
         return d
 
-    def records(self, select: Callable[[str], bool] = lambda key: True) -> dict[str, torch.Tensor]:
+    def records(self, select: Callable[[str], bool] = lambda key: True, limit: int | None = None) -> dict[str, torch.Tensor]:
         """The recorded calls (``calls.*``, ``ids.*``) and block outputs (``blocks.*``) whose key
-        ``select`` accepts, concatenated over all shards; only those are read from disk, each checked
-        against its sha256 (and each shard against the fingerprint) as it is read."""
+        ``select`` accepts, concatenated over the shards (in order, up to the one that reaches ``limit``
+        calls when given); only those are read from disk, each checked against its sha256 (and each
+        shard against the fingerprint) as it is read."""
         parts: dict[str, list[torch.Tensor]] = {}
         for file in self.shards:
+            if limit is not None and sum(len(t) for t in parts.get("calls.step", [])) >= limit:
+                break
             f = VerifiedFile(file, REMAKE)
             if self.fingerprint and f.metadata.get("fingerprint") != self.fingerprint:
                 raise ArtifactError(_foreign(file))

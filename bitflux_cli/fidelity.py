@@ -12,7 +12,7 @@ from .artifacts import atomic_file
 from .config import Config
 from .console import info
 from .models import resolve_device
-from .streaming import advance, blocks, head, prelude
+from .streaming import advance, blocks, head, prelude_state
 from .teacher import Embeds, psnr, record_transformer_calls, run_pipeline
 from .tensorfile import CHECKSUMS, TensorFile
 
@@ -71,12 +71,10 @@ class FidelityProbe:
         self.cfg, self.device = cfg, resolve_device(cfg.model)
         self.calls, self.fp_images = record_transformer_calls(pipe, embeds, cfg.generate, seed=10_000, keep=4)
         skeleton = pipe.transformer
-        parts = [prelude(skeleton, {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in kw.items()})
-                 for kw in self.calls]
-        self.batch = parts[0]["hidden_states"].shape[0]  # rows of one call (the prompts)
-        state = {k: torch.cat([p[k].cpu() for p in parts]) for k in ("hidden_states", "encoder_hidden_states", "temb")}
-        state["image_rotary_emb"] = tuple(r.cpu() for r in parts[0]["image_rotary_emb"])
-        self.fp, self.q, self.errors = state, dict(state), {}
+        self.batch = self.calls[0]["hidden_states"].shape[0]  # rows of one call (the prompts)
+        state = prelude_state(skeleton, ({k: v.to(self.device) if torch.is_tensor(v) else v for k, v in kw.items()}
+                                         for kw in self.calls))
+        self.fp, self.q, self.errors = state, dict(state), {}  # they share tensors: advance them out of place
 
     def _per_call(self, a: dict, b: dict) -> list[float]:
         out = []

@@ -170,22 +170,40 @@ def run_block(block: nn.Module, state: dict, idx: torch.Tensor | slice, device) 
                  temb=state["temb"][idx].to(device), image_rotary_emb=rope)
 
 
+def prelude_state(transformer: nn.Module, batches) -> dict:
+    """Block 0's inputs of every call (``prelude`` of each batch of keyword arguments in ``batches``),
+    on the host: each batch's moved there before the next runs. The rotary embedding is one for all calls."""
+    parts = []
+    for kwargs in batches:
+        inputs = prelude(transformer, kwargs)
+        parts.append({k: v.cpu() for k, v in inputs.items() if k != "image_rotary_emb"})
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} | {
+        "image_rotary_emb": tuple(r.cpu() for r in inputs["image_rotary_emb"])}
+
+
 @torch.no_grad()
-def outputs(block: nn.Module, state: dict, batch: int, device, streams=("context", "hidden")) -> dict[str, torch.Tensor]:
+def outputs(block: nn.Module, state: dict, batch: int, device, streams=("context", "hidden"),
+            into: dict | None = None) -> dict[str, torch.Tensor]:
     """``block`` over every call of a host-side ``state``, ``batch`` calls at a time: {stream: [C, ...]}
-    of its context [C, T, D] and hidden [C, L, D] outputs (those in ``streams``), each batch's moved to
-    the host before the next runs, so the device holds one batch's."""
-    parts = {s: [] for s in streams}
+    of its context [C, T, D] and hidden [C, L, D] outputs (those in ``streams``), each batch's copied to
+    the host before the next runs, so the device holds one batch's. They go into host tensors allocated
+    at the first batch, or into ``into``'s ({stream: [C, ...]}), which may be ``state``'s own inputs:
+    batch i's rows are read before they are overwritten, and calls do not depend on each other."""
+    out = dict(into or {})
     for i in range(0, state["hidden_states"].shape[0], batch):
-        out = dict(zip(("context", "hidden"), run_block(block, state, slice(i, i + batch), device)))
+        got = dict(zip(("context", "hidden"), run_block(block, state, slice(i, i + batch), device)))
         for s in streams:
-            parts[s].append(out[s].cpu())
-    return {s: torch.cat(p) for s, p in parts.items()}
+            if s not in out:
+                out[s] = torch.empty((state["hidden_states"].shape[0], *got[s].shape[1:]), dtype=got[s].dtype)
+            out[s][i:i + batch] = got[s]
+    return {s: out[s] for s in streams}
 
 
-def advance(block: nn.Module, state: dict, batch: int, device) -> dict:
-    """``state`` pushed through ``block`` in batches (``outputs``); the new hidden and context stay on the host."""
-    out = outputs(block, state, batch, device)
+def advance(block: nn.Module, state: dict, batch: int, device, in_place: bool = False) -> dict:
+    """``state`` pushed through ``block`` in batches (``outputs``); the new hidden and context stay on
+    the host, written over ``state``'s own with ``in_place`` (host memory: one copy of the calls, not two)."""
+    into = {"context": state["encoder_hidden_states"], "hidden": state["hidden_states"]} if in_place else None
+    out = outputs(block, state, batch, device, into=into)
     return state | {"encoder_hidden_states": out["context"], "hidden_states": out["hidden"]}
 
 

@@ -26,7 +26,7 @@ from ..calibrate import Calibration, teacher_kwargs
 from ..config import Config
 from ..console import info, progress
 from ..residual import block_residuals
-from ..streaming import advance, block_names, blocks, outputs, prelude, run_block
+from ..streaming import advance, block_names, blocks, outputs, prelude_state, run_block
 from ..ternary import block_linears
 from .act_aware import alphas, search, threshold_codes
 from .ste import STELinear, attach_ste, optimizer
@@ -59,12 +59,8 @@ class BlockRecon:
             info(f"block-recon: {self.calls} of the {n} recorded calls fit in quantization.activation_budget_gb "
                  f"({cfg.quantization.activation_budget_gb} GB at {per_call / 1e6:.0f} MB a call)")
         self.device = transformer.x_embedder.weight.device
-        parts = []  # block 0's inputs, each batch's moved to the host before the next runs
-        for idx in torch.arange(self.calls).split(rc.batch):
-            inputs = prelude(transformer, teacher_kwargs(records, idx, self.device))
-            parts.append({k: v.cpu() for k, v in inputs.items() if k != "image_rotary_emb"})
-        self.state = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        self.state["image_rotary_emb"] = tuple(r.cpu() for r in inputs["image_rotary_emb"])  # the same for every call
+        self.state = prelude_state(transformer, (teacher_kwargs(records, idx, self.device)
+                                                 for idx in torch.arange(self.calls).split(rc.batch)))
         self.token_idx = records["calls.token_idx"][:self.calls].to(self.device)  # [C, tokens]
         self.last = block_names(transformer)[-1]
         self.gen = torch.Generator().manual_seed(rc.seed)
@@ -75,13 +71,14 @@ class BlockRecon:
         init = {sub: search(lin.weight, self.calib.second_moment(f"{name}.{sub}"), alphas(self.cfg))
                 for sub, lin in block_linears(block)}
         start = {sub: (threshold_codes(lin.weight.detach().float(), init[sub][0]), init[sub][1])
-                 for sub, lin in block_linears(block)}  # act-aware's codes, which the residual starts by correcting
+                 for sub, lin in block_linears(block)} if self.residual_rank else {}  # act-aware's codes, which the residual starts by correcting
         residuals = block_residuals(name, block, start, self.residual_rank, self.calib)  # {} at rank 0
+        del start
         ste = attach_ste(block, init, rc.weight_lr > 0, residuals=residuals)
         opt = optimizer(ste, rc.weight_lr, rc.scale_lr, rc.residual_lr)
         key = f"blocks.{name}"
-        target = self.calib.records(lambda k: k == key)[key][:n].to(device).float()  # [C, tokens, D]
-        norm = target.square().mean()
+        target = self.calib.records(lambda k: k == key, limit=n)[key][:n]  # [C, tokens, D] on the host; a batch a step goes over
+        norm = target.float().square().mean().to(device)
         context_weight = rc.context_weight if name != self.last else 0.0  # the last text output is unused
         # the FP block's text stream on the student's inputs [C, T, D], on the host: once a block, not at every step
         fp_context = outputs(fp_block, self.state, rc.batch, device, ("context",))["context"] if context_weight else None
@@ -90,7 +87,7 @@ class BlockRecon:
                 idx = torch.randint(n, (min(rc.batch, n),), generator=self.gen)
                 context, hidden = run_block(block, self.state, idx, device)  # [B, T, D], [B, L, D]
                 pred = _gather(hidden, self.token_idx[idx]).float()
-                loss = (pred - target[idx]).square().mean() / norm
+                loss = (pred - target[idx].to(device).float()).square().mean() / norm
                 if context_weight:
                     fp_text = fp_context[idx].to(device).float()
                     loss = loss + context_weight * (context.float() - fp_text).square().mean() / fp_text.square().mean()
@@ -99,7 +96,7 @@ class BlockRecon:
                 opt.step()
                 step_done()
         out = {sub: self.keep(m) for sub, m in ste.items()}
-        self.state = advance(block if rc.inputs == "quantized" else fp_block, self.state, rc.batch, device)
+        self.state = advance(block if rc.inputs == "quantized" else fp_block, self.state, rc.batch, device, in_place=True)
         return out
 
 

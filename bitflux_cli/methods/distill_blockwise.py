@@ -121,5 +121,6 @@ def blockwise(run, teacher: torch.nn.Module) -> dict:
             _freeze(student, ste)
             run.save(hi, student, {}, None, **where(hi))
             _latents(run, blocks[b], rnd - 1).unlink(missing_ok=True)
-    return {name: (unpack_2bit(m.packed, m.in_features), m.scale)
+            del ste, opt  # before the next visit builds its own: one block's fp32 latents and Adam state at a time
+    return {name: (unpack_2bit(m.packed, m.in_features).cpu(), m.scale.cpu())  # the codes on the host, one linear at a time
             for name, m in student.named_modules() if isinstance(m, FrozenTernary)}
