@@ -138,7 +138,7 @@ def bench_model(cfg: Config, mode: str, device: torch.device | str, random_weigh
         net = random_transformer(cfg.model, mode, device, residual_rank=cfg.quantization.residual_rank,
                                  activations=mode_activations(cfg, mode))
     elif mode == "bf16":
-        net = load_fp_transformer(cfg.model).to(device).eval()
+        net = load_fp_transformer(cfg.model, device).eval()  # read block by block onto the device, never whole on the host
     else:
         net = load_quantized_transformer(require(cfg.workdir, "pack"), cfg.model,
                                          mode_activations(cfg, mode, recorded_activations(cfg, False)), device)
