@@ -24,6 +24,9 @@ LAYOUT = {
 }
 
 
+STAGE_ARTIFACTS = ("calibrate", "quantize", "pack")  # what no output of another command may replace
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -155,11 +158,33 @@ def check_writable_dir(path: Path, what: str) -> None:
         raise UsageError(f"{what} {path}: cannot write in {base}")
 
 
-def check_output_file(path: Path, what: str) -> None:
-    """Refuse (``UsageError``, exit 2) an output file ``path`` that is a directory or cannot be written."""
+def _within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def check_not_an_artifact(path: Path, what: str, workdir: Path) -> None:
+    """Refuse (``UsageError``, exit 2) an output ``path`` that would replace stage artifacts of
+    ``workdir``: inside its ``calib/``, ``ternary/`` or ``packed/``, or the workdir or a folder holding it."""
+    path, workdir = Path(os.path.abspath(path)), Path(os.path.abspath(workdir))
+    if _within(workdir, path):
+        raise UsageError(f"{what} {path} holds the work directory {workdir}: write it elsewhere")
+    for stage in STAGE_ARTIFACTS:
+        root = artifact_path(workdir, stage)
+        root = root if root.suffix != ".safetensors" else root.parent
+        if _within(path, root):
+            raise UsageError(f"{what} {path} is inside {root}, where `{LAYOUT[stage][1]}` keeps its artifact: write it elsewhere")
+
+
+def check_output_file(path: Path, what: str, workdir: Path | None = None) -> None:
+    """Refuse (``UsageError``, exit 2) an output file ``path`` that is a directory, an existing special
+    file (a device, a pipe: the rename would replace it), a stage artifact of ``workdir``, or cannot be written."""
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"{what} {path} is a directory: give the path of the file to write")
+    if path.exists() and not path.is_file():
+        raise UsageError(f"{what} {path} is not a regular file (a device or a pipe): give the path of a file to write")
+    if workdir is not None:
+        check_not_an_artifact(path, what, workdir)
     check_writable_dir(path.parent, f"{what} {path}: the directory")
 
 

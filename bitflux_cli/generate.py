@@ -21,15 +21,15 @@ def default_output(cfg: Config, prompt: str) -> Path:
 def generate(cfg: Config, prompt: str, out: Path | None = None, full_precision: bool = False) -> dict:
     """Draw ``prompt`` with the packed 1.58-bit transformer from the workdir (or the FP model)."""
     out = Path(out) if out is not None else default_output(cfg, prompt)
-    check_output_file(out, "--out")  # before any model loads: a bad path must not cost the whole run
+    check_output_file(out, "--out", cfg.workdir)  # before any model loads: a bad path must not cost the whole run
     device = resolve_device(cfg.model)
     with pipeline_for(cfg, full_precision) as (pipe, backend):
         start = time.perf_counter()
         image = run_pipeline(pipe, [prompt], cfg.generate, cfg.generate.seed, output_type="pil")[0]
         seconds = time.perf_counter() - start
+    activations = None if full_precision else runtime_activations(cfg, CheckpointFile(packed_checkpoint(cfg)))
     with atomic_file(out) as tmp:
         image.save(tmp, format="PNG")
-    activations = None if full_precision else runtime_activations(cfg, CheckpointFile(packed_checkpoint(cfg)))
     return {"stage": "generate", "path": str(out), "prompt": prompt, "seed": cfg.generate.seed,
             "seconds": seconds, "backend": backend, "activations": activations,
             "steps": cfg.generate.steps, "height": cfg.generate.height, "width": cfg.generate.width,

@@ -1,13 +1,13 @@
 """Loading a 1.58-bit transformer: built on the meta device, packed weights assigned in place."""
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
 
 import bitflux_kernels
 
-from .artifacts import artifact_path, require
+from .artifacts import STAGE_ARTIFACTS, artifact_path, require, stage_lock
 from .checkpoint import CheckpointFile, to_runtime_2bit
 from .config import Config, ModelConfig
 from .console import info
@@ -102,18 +102,23 @@ def runtime_tensors(ckpt: CheckpointFile, wanted: dict[str, torch.Size], device:
 def packed_checkpoint(cfg: Config) -> Path:
     """The workdir's packed checkpoint.
 
-    With the embedded model a missing checkpoint is made first (quantize, then pack: seconds), so
-    ``bitflux generate`` works on a fresh install; with a real FLUX the error names the command.
+    With the embedded model a missing checkpoint is made first (quantize, then pack, under their stage
+    locks: about 2 minutes with block-recon), so ``bitflux generate`` works on a fresh install; with a
+    real FLUX the error names the command.
     """
     path = artifact_path(cfg.workdir, "pack")
     if not path.exists() and cfg.model.source == EMBEDDED:
         from .packing import pack
         from .quantize import quantize
 
-        info(f"{path} does not exist: quantizing ({cfg.quantization.method}) and packing the embedded model first")
-        if not artifact_path(cfg.workdir, "quantize").exists():
-            quantize(cfg)
-        pack(cfg)
+        with ExitStack() as locks:  # the stages it writes, as their own commands would hold them
+            for stage in STAGE_ARTIFACTS:
+                locks.enter_context(stage_lock(cfg.workdir, stage))
+            if not path.exists():  # not made meanwhile by the run that held the locks
+                info(f"{path} does not exist: quantizing ({cfg.quantization.method}) and packing the embedded model first")
+                if not artifact_path(cfg.workdir, "quantize").exists():
+                    quantize(cfg)
+                pack(cfg)
     return require(cfg.workdir, "pack")
 
 

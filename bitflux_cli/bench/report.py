@@ -5,6 +5,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
+from ..artifacts import check_output_file
 from ..config import Config
 from ..models import build_meta_transformer, model_id
 from .accounting import GB, storage
@@ -48,6 +49,8 @@ def run_bench(cfg: Config, gpu: str | None, random_weights: bool, plot: Path | N
     """
     gpu = gpu or cfg.bench.gpu
     profile = gpu_profile(gpu) if gpu else None  # unknown names fail before any work
+    if plot is not None:
+        check_output_file(plot, "--plot", cfg.workdir)  # and a bad plot path
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else "cpu"
     present = profile_for_device(device) if cuda else None

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import check_output_file, check_writable_dir, file_sha256, require
+from ..artifacts import check_not_an_artifact, check_output_file, check_writable_dir, file_sha256, require
 from ..checkpoint import RESIDUAL, TOOL_VERSION, CheckpointFile
 from ..config import Config
 from ..errors import UsageError
@@ -27,6 +27,7 @@ from .keys import Entry, swap_halves
 
 FORMATS = ("gguf", "bfl", "diffusers")
 GGUF_CODECS = ("tq2_0", "tq1_0")
+EXPORT_FILES = {"config.json", "diffusion_pytorch_model.safetensors", "README.md"}  # what --format diffusers writes
 
 
 def method_of(meta: dict) -> str:
@@ -75,6 +76,18 @@ def bfl_tensor(ckpt: CheckpointFile, entry: Entry, dtype: torch.dtype | None = t
     return swap_halves(t) if entry.swap else t
 
 
+def is_diffusers_export(directory: Path) -> bool:
+    """Whether ``directory`` is a transformer directory that ``--format diffusers`` wrote (its config.json
+    names bitflux's quantization) and that only its files are in, so that another export may replace it."""
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    files = {p.name for p in directory.iterdir()}
+    return isinstance(config, dict) and isinstance(config.get("quantization_config"), dict) \
+        and config["quantization_config"].get("quant_method") == "bitflux" and files <= EXPORT_FILES
+
+
 def packed_checkpoint(cfg: Config) -> CheckpointFile:
     """The workdir's packed checkpoint, validated (a missing one names ``bitflux pack``)."""
     return CheckpointFile(require(cfg.workdir, "pack"))
@@ -88,12 +101,16 @@ def export(cfg: Config, fmt: str, out: Path, codec: str | None = None, ternary: 
         raise UsageError("--codec applies to --format gguf only (tq2_0 or tq1_0)")
     if fmt != "bfl" and ternary:
         raise UsageError("--ternary applies to --format bfl only")
-    if fmt == "diffusers":
+    if fmt == "diffusers":  # a directory, replaced as a whole
         if Path(out).exists() and not Path(out).is_dir():
             raise UsageError(f"OUT {out} is a file: --format diffusers writes a directory")
+        check_not_an_artifact(out, "OUT", cfg.workdir)
+        if Path(out).is_dir() and any(Path(out).iterdir()) and not is_diffusers_export(Path(out)):
+            raise UsageError(f"OUT {out} is a directory with other files in it, which --format diffusers would replace "
+                             "as a whole: give a new or empty directory (or an earlier bitflux export, to overwrite it)")
         check_writable_dir(Path(out).parent, f"OUT {out}: the directory")
     else:
-        check_output_file(out, "OUT")  # before reading a 3 GB checkpoint
+        check_output_file(out, "OUT", cfg.workdir)  # before reading a 3 GB checkpoint
     ckpt = packed_checkpoint(cfg)
     if ckpt.residual_rank and (fmt == "gguf" or ternary):
         raise UsageError(f"{ckpt.path} has a rank-{ckpt.residual_rank} low-rank residual "
