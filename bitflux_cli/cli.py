@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .artifacts import check_writable_dir, stage_lock
+from .artifacts import check_writable_dir, require, stage_lock
 from .config import load_config, parse_assignments
 from .console import console
 from .errors import BitfluxError
@@ -26,11 +26,12 @@ ActivationsOpt = Annotated[Optional[str], typer.Option("--activations", help="no
 
 
 def _run(stage, config: str | None, overrides: dict, as_json: bool, *args, sets: list[str] | None = None,
-         writes: tuple[str, ...] = ()) -> None:
+         writes: tuple[str, ...] = (), needs: str | None = None) -> None:
     """Load the config (``sets``: ``--set`` flags), run one stage, print its result; errors become one line and an exit code.
 
     ``writes``: the workdir stages the command may write. The workdir is checked first (a file, or
-    not writable: exit 2), then each of those stages is locked (``artifacts.stage_lock``) while the
+    not writable: exit 2), and the artifact of the stage it ``needs`` (a missing one: exit 2, before
+    anything is created), then each of those stages is locked (``artifacts.stage_lock``) while the
     stage runs, so a second run on them exits at once (1). Under torchrun rank 0 holds the locks.
     """
     try:
@@ -38,6 +39,8 @@ def _run(stage, config: str | None, overrides: dict, as_json: bool, *args, sets:
         with ExitStack() as locks:
             if writes:
                 check_writable_dir(cfg.workdir, "--workdir")
+            if needs:
+                require(cfg.workdir, needs)
             if os.environ.get("RANK", "0") == "0":
                 for name in writes:
                     locks.enter_context(stage_lock(cfg.workdir, name))
@@ -92,7 +95,7 @@ def pack(config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt 
          codec: Annotated[Optional[str], typer.Option(help="2bit (runtime layout) or base3 (1.6 bits a weight); overrides pack.codec.")] = None):
     """Pack the ternary codes into the 2-bit or base-3 format and report the storage ratio."""
     from .packing import pack as stage
-    _run(stage, config, {"workdir": workdir, "pack.codec": codec}, as_json, sets=sets, writes=("pack",))
+    _run(stage, config, {"workdir": workdir, "pack.codec": codec}, as_json, sets=sets, writes=("pack",), needs="quantize")
 
 
 @app.command()

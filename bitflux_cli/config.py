@@ -2,6 +2,7 @@
 
 from importlib import resources
 from pathlib import Path
+import re
 from typing import Any, Literal
 
 import yaml
@@ -12,6 +13,9 @@ from .errors import ConfigError
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 class ModelConfig(_Section):
@@ -28,6 +32,14 @@ class ModelConfig(_Section):
     # the packed transformer's Q/K/V projections as one GEMM each, a single block's with its MLP input
     # (``fusion.fuse_projections``); exact; inference only: LoRAs target the separate layers
     fuse_projections: bool = False
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v):
+        for name in (v.values() if isinstance(v, dict) else [v]):
+            if not DEVICE.fullmatch(name):
+                raise ValueError("expected a device: auto, cpu, cuda, cuda:N or mps")
+        return v
 
 
 class PromptsConfig(_Section):
@@ -108,6 +120,17 @@ MAX_SEED = 2**32 - 1
 MAX_SIDE = 4096  # pixels: 256 x 256 latent tokens; well past what FLUX was trained for
 
 
+def image_side(v: int) -> int:
+    """``v`` when it is an image side FLUX can draw: a multiple of 16 in [16, MAX_SIDE] (the VAE's 8x
+    and the 2x2 patches), else a ValueError naming the nearest valid ones."""
+    if 16 <= v <= MAX_SIDE and v % 16 == 0:
+        return v
+    near = min(max(v, 16), MAX_SIDE)
+    lo, hi = near // 16 * 16, -(-near // 16) * 16
+    nearest = " or ".join(str(n) for n in sorted({max(lo, 16), min(hi, MAX_SIDE)}))
+    raise ValueError(f"must be a multiple of 16 in [16, {MAX_SIDE}]; nearest valid: {nearest}")
+
+
 class GenerateConfig(_Section):
     # Strict: YAML ``steps: true`` or ``guidance: yes`` is a mistake, not 1.
     height: StrictInt = 1024  # a multiple of 16 in [16, MAX_SIDE]: the VAE's 8x and the 2x2 patches
@@ -115,22 +138,22 @@ class GenerateConfig(_Section):
     steps: StrictInt = Field(default=28, ge=1)
     guidance: StrictFloat = Field(default=3.5, allow_inf_nan=False)
     seed: StrictInt = Field(default=0, ge=0, le=MAX_SEED)
-    max_sequence_length: StrictInt = Field(default=512, ge=1)
+    max_sequence_length: StrictInt = Field(default=512, ge=1, le=512)  # FluxPipeline's T5 limit
 
     @field_validator("height", "width")
     @classmethod
     def _side(cls, v: int) -> int:
-        if 16 <= v <= MAX_SIDE and v % 16 == 0:
-            return v
-        near = min(max(v, 16), MAX_SIDE)
-        lo, hi = near // 16 * 16, -(-near // 16) * 16
-        nearest = " or ".join(str(n) for n in sorted({max(lo, 16), min(hi, MAX_SIDE)}))
-        raise ValueError(f"must be a multiple of 16 in [16, {MAX_SIDE}]; nearest valid: {nearest}")
+        return image_side(v)
 
 
 class BenchConfig(_Section):
     gpu: str | None = None
-    resolutions: list[int] = Field(default_factory=lambda: [512, 1024])
+    resolutions: list[StrictInt] = Field(default_factory=lambda: [512, 1024], min_length=1)  # square sides, as generate's
+
+    @field_validator("resolutions")
+    @classmethod
+    def _sides(cls, v: list[int]) -> list[int]:
+        return [image_side(r) for r in v]
     batch: int = Field(default=1, ge=1)
     warmup: int = Field(default=3, ge=0)
     iters: int = Field(default=20, ge=1)
@@ -152,6 +175,13 @@ class EvalConfig(_Section):
 
 class Config(_Section):
     workdir: Path = Path("runs/tiny")
+
+    @field_validator("workdir", mode="before")
+    @classmethod
+    def _workdir(cls, v):
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("is empty: name a directory (\".\" for the current one)")
+        return Path(v).expanduser() if isinstance(v, (str, Path)) else v
     model: ModelConfig = Field(default_factory=ModelConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
@@ -205,6 +235,26 @@ def _describe(error: dict) -> str:
         return f"{key}: unknown key"
     msg = error["msg"].removeprefix("Value error, ")  # a validator's own message says what is wrong
     return f"{key}: {msg[:1].lower() + msg[1:]} (got {_short(error.get('input'))})"
+
+
+def _is_branch(part) -> bool:  # a union member's tag in an error's loc ("str", "dict[...]"), not a key
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
+
+
+def _first_error(errors: list[dict]) -> dict:
+    """The error to report: the first, with a union's members folded into one: the member the value's
+    type matched (its own error, e.g. an unknown key), else "should be A or B" over all of them."""
+    first = errors[0]
+    field = first["loc"][:next((i for i, p in enumerate(first["loc"]) if _is_branch(p)), len(first["loc"]))]
+    members = [e for e in errors if e["loc"][:len(field)] == field and len(e["loc"]) > len(field)
+               and _is_branch(e["loc"][len(field)])]
+    if not members:
+        return first
+    matched = [e for e in members if not e["type"].endswith("_type")]
+    if matched:
+        return {**matched[0], "loc": tuple(p for p in matched[0]["loc"] if not _is_branch(p))}
+    wanted = " or ".join(e["msg"].removeprefix("Input should be ") for e in members)
+    return {**first, "loc": field, "type": "union", "msg": f"Input should be {wanted}"}
 
 
 class DuplicateKeyError(yaml.YAMLError):
@@ -290,9 +340,10 @@ def load_config(name: str | None = None, overrides: dict[str, Any] | None = None
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        source = "command line" if ".".join(str(p) for p in error["loc"]) in given else path
-        raise ConfigError(f"{source}: {_describe(error)}") from None
+        error = _first_error(exc.errors())
+        loc = ".".join(str(p) for p in error["loc"])
+        given_here = any(k == loc or k.startswith(f"{loc}.") or loc.startswith(f"{k}.") for k in given)
+        raise ConfigError(f"{'command line' if given_here else path}: {_describe(error)}") from None
 
 
 def parse_assignments(items: list[str] | None) -> dict[str, Any]:

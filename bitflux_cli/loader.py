@@ -11,7 +11,7 @@ from .artifacts import STAGE_ARTIFACTS, artifact_path, require, stage_lock
 from .checkpoint import CheckpointFile, to_runtime_2bit
 from .config import Config, ModelConfig
 from .console import info
-from .errors import ArtifactError
+from .errors import ArtifactError, UsageError
 from .fusion import fuse_projections
 from .models import EMBEDDED, build_meta_transformer, load_pipeline, place, resolve_device
 from .ternary import replace_with_ternary, scoped_linears
@@ -24,8 +24,9 @@ def _shells(ckpt: CheckpointFile, model: ModelConfig | None, activations: str | 
         model = model or Config.model_validate(ckpt.meta["config"]).model
     try:
         transformer = build_meta_transformer(arch or model)
-    except (TypeError, ValueError) as exc:
-        raise ArtifactError(f"{path}: its recorded architecture does not build a FLUX transformer ({exc})") from None
+    except (TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: a negative size, say
+        raise ArtifactError(f"{path}: its recorded architecture does not build a FLUX transformer "
+                            f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})") from None
     to_shells(transformer, ckpt, activations or ckpt.meta["activations"])
     return transformer
 
@@ -131,7 +132,12 @@ def runtime_activations(cfg: Config, ckpt: CheckpointFile) -> str:
 def packed_transformer(cfg: Config, device: torch.device | str = "cpu") -> torch.nn.Module:
     """The workdir's packed 1.58-bit transformer (``packed_checkpoint``), in ``runtime_activations``'s
     mode, its Q/K/V (and single blocks' MLP input) projections fused when ``model.fuse_projections`` says so."""
-    transformer = load_quantized_transformer(packed_checkpoint(cfg), cfg.model, cfg.quantization.activations, device)
+    path = packed_checkpoint(cfg)
+    recorded = CheckpointFile(path).meta["config"].get("model", {}).get("dtype", cfg.model.dtype)
+    if recorded != cfg.model.dtype:
+        raise UsageError(f"{path} was quantized with model.dtype {recorded}, this run asks for {cfg.model.dtype}: "
+                         f"run it with --set model.dtype={recorded} (or quantize and pack again in {cfg.model.dtype})")
+    transformer = load_quantized_transformer(path, cfg.model, cfg.quantization.activations, device)
     if cfg.model.fuse_projections:
         fuse_projections(transformer)
     return transformer

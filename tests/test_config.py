@@ -35,6 +35,14 @@ def test_precedence_flag_over_yaml_over_default(tmp_path):
     (["generate.steps=-1"], "command line: generate.steps"),
     (["generate.stepz=4"], "command line: generate.stepz: unknown key"),
     (["workdir.x=1"], "workdir is a value, not a section"),
+    (["foo.bar=1"], "command line: foo: unknown key"),  # a whole section the command line made up
+    (["model.device=[cuda]"], "model.device: input should be a valid string or a valid dictionary"),
+    (["model.device={transformer: cpu, gpu: cuda}"], "model.device.gpu: input should be 'transformer'"),
+    (["model.device=banana"], "model.device: expected a device"),
+    (["bench.resolutions=[-512]"], "bench.resolutions: must be a multiple of 16"),
+    (["bench.resolutions=[]"], "bench.resolutions: list should have at least 1 item"),
+    (["generate.max_sequence_length=513"], "less than or equal to 512"),
+    (['workdir=""'], "workdir: is empty"),
 ])
 def test_bad_set_flag_is_one_line_naming_the_command_line(items, expected):
     with pytest.raises(ConfigError, match=expected) as exc:
@@ -134,3 +142,8 @@ def test_unreadable_yaml_is_one_line(tmp_path, text, expected):
     with pytest.raises(ConfigError, match=expected) as exc:
         load_config(str(path))
     assert "\n" not in str(exc.value)
+
+
+def test_workdir_expands_the_home_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_config("tiny", None, parse_assignments(["workdir=~/runs"])).workdir == tmp_path / "runs"

@@ -191,6 +191,35 @@ def test_pack_refuses_dense_tensors_that_do_not_fit(files, tmp_path, change):
     assert not (tmp_path / "wd/packed/transformer.safetensors").exists()
 
 
+def architecture(**changes):
+    def edit(header, _data):
+        arch = json.loads(header["__metadata__"]["architecture"])
+        header["__metadata__"]["architecture"] = json.dumps(arch | changes)
+    return edit
+
+
+def packed_reshaped(header, data):  # x_embedder.weight [128, 64] relabelled [64, 128]: same bytes, checksum still true
+    header["x_embedder.weight"]["shape"] = header["x_embedder.weight"]["shape"][::-1]
+
+
+@pytest.mark.parametrize("fmt", ["bfl", "diffusers"])
+@pytest.mark.parametrize("edit, expected", [
+    (architecture(num_attention_heads=-1), "does not build a FLUX transformer"),
+    (architecture(num_layers=100), "do not match the recorded architecture"),
+    (packed_reshaped, "x_embedder.weight does not fit the recorded architecture"),
+], ids=["negative heads", "100 layers", "dense tensor reshaped"])
+def test_export_refuses_a_packed_file_its_architecture_does_not_describe(files, tmp_path, fmt, edit, expected):
+    from bitflux_cli.export import export
+
+    workdir = tmp_path / "wd"
+    (workdir / "packed").mkdir(parents=True)
+    path = edited(files, tmp_path, "", "packed", edit, False).rename(workdir / "packed/transformer.safetensors")
+    with pytest.raises(ArtifactError) as info:
+        export(load_config("tiny", {"workdir": str(workdir)}), fmt, tmp_path / "out")
+    assert expected in one_line(info.value, path)
+    assert not (tmp_path / "out").exists()
+
+
 SCRATCH = Path(tempfile.mkdtemp(prefix="bitflux-ckpt-fuzz-"))
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8),
                            lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),

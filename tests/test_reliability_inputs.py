@@ -97,3 +97,23 @@ def test_bad_prompt_sets_are_usage_errors(tmp_path, make, expected):
     res = bitflux("calibrate", "--workdir", tmp_path / "wd", "--set", f"calibration.prompts.sets=['{name}']")
     refused(res, expected)
     assert written(tmp_path / "wd") == []
+
+
+def test_pack_without_its_input_creates_nothing(tmp_path):
+    refused(bitflux("pack", "--workdir", tmp_path / "new" / "wd"), "run `bitflux quantize` first")
+    assert not (tmp_path / "new").exists()  # the stage lock's mkdir used to leave the whole tree
+
+
+def test_a_cuda_device_on_a_machine_without_one_is_a_usage_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    refused(bitflux("generate", "x", "--workdir", tmp_path, "--out", tmp_path / "x.png", "--set", "model.device=cuda"),
+            "model.device cuda", "0 CUDA devices")
+
+
+def test_a_packed_file_runs_only_in_the_dtype_it_was_quantized_in(tiny_chain, tmp_path):
+    refused(bitflux("generate", "x", "--workdir", tiny_chain["workdir"], "--out", tmp_path / "x.png",
+                    "--set", "model.dtype=bfloat16"), "model.dtype float32", "--set model.dtype=float32")
+    assert not (tmp_path / "x.png").exists()

@@ -22,7 +22,8 @@ import torch
 from ..artifacts import check_not_an_artifact, check_output_file, check_writable_dir, file_sha256, require
 from ..checkpoint import RESIDUAL, TOOL_VERSION, CheckpointFile
 from ..config import Config
-from ..errors import UsageError
+from ..errors import ArtifactError, UsageError
+from ..loader import check_dense_tensors
 from .keys import Entry, swap_halves
 
 FORMATS = ("gguf", "bfl", "diffusers")
@@ -112,6 +113,9 @@ def export(cfg: Config, fmt: str, out: Path, codec: str | None = None, ternary: 
     else:
         check_output_file(out, "OUT", cfg.workdir)  # before reading a 3 GB checkpoint
     ckpt = packed_checkpoint(cfg)
+    if not ckpt.meta["architecture"]:
+        raise ArtifactError(f"{ckpt.path} records no architecture (an older bitflux wrote it): run `bitflux pack` again")
+    check_dense_tensors(ckpt)  # the recorded architecture builds, and its tensors are the file's
     if ckpt.residual_rank and (fmt == "gguf" or ternary):
         raise UsageError(f"{ckpt.path} has a rank-{ckpt.residual_rank} low-rank residual "
                          f"(quantization.residual_rank), which {'--format gguf' if fmt == 'gguf' else '--format bfl --ternary'} "

@@ -8,7 +8,7 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 
 from ..artifacts import file_sha256
 from ..config import ModelConfig
-from ..errors import ModelUnavailableError
+from ..errors import ModelUnavailableError, UsageError
 from ..miniworld import model as mini
 from ..streaming import Weights, materialise, skeleton
 
@@ -35,7 +35,11 @@ def resolve_device(cfg: ModelConfig, component: str = "transformer") -> torch.de
     name = cfg.device.get(component, cfg.device.get("transformer", "auto")) if isinstance(cfg.device, dict) else cfg.device
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"model.device {name}: this machine has {torch.cuda.device_count()} CUDA devices "
+                         "(use cpu, or auto: cuda when present)")
+    return device
 
 
 def place(pipe: FluxPipeline, cfg: ModelConfig) -> FluxPipeline:
