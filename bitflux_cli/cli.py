@@ -30,8 +30,8 @@ def _run(stage, config: str | None, overrides: dict, as_json: bool, *args, sets:
     """Load the config (``sets``: ``--set`` flags), run one stage, print its result; errors become one line and an exit code.
 
     ``writes``: the workdir stages the command may write. The workdir is checked first (a file, or
-    not writable: exit 2), and the artifact of the stage it ``needs`` (a missing one: exit 2, before
-    anything is created), then each of those stages is locked (``artifacts.stage_lock``) while the
+    not writable: exit 2), and, when the workdir does not exist yet, the artifact of the stage it
+    ``needs`` (missing then: exit 2, before the lock would create the workdir), then each of those stages is locked (``artifacts.stage_lock``) while the
     stage runs, so a second run on them exits at once (1). Under torchrun rank 0 holds the locks.
     """
     try:
@@ -39,7 +39,7 @@ def _run(stage, config: str | None, overrides: dict, as_json: bool, *args, sets:
         with ExitStack() as locks:
             if writes:
                 check_writable_dir(cfg.workdir, "--workdir")
-            if needs:
+            if needs and not Path(cfg.workdir).exists():  # nothing to lock in: say so before the lock makes it
                 require(cfg.workdir, needs)
             if os.environ.get("RANK", "0") == "0":
                 for name in writes:
