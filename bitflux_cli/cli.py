@@ -1,5 +1,6 @@
 """The ``bitflux`` command: parses flags, loads the config, calls one stage, prints the result."""
 
+import importlib
 import json
 import os
 import sys
@@ -69,7 +70,8 @@ def _summary(result: dict) -> None:
     table = Table(show_header=False, box=None)
     for key, value in result.items():
         if not isinstance(value, (dict, list)):
-            table.add_row(f"[bold]{key}[/bold]", f"{value:.4g}" if isinstance(value, float) else str(value))
+            text = f"{value:.4g}" if isinstance(value, float) else str(value)
+            table.add_row(f"[bold]{key}[/bold]", text if len(text) <= 200 else f"{text[:197]}...")  # a 30k-character prompt
     console.print(table)
 
 
@@ -77,8 +79,7 @@ def _summary(result: dict) -> None:
 def calibrate(config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt = False, sets: SetOpt = None,
               limit: Annotated[Optional[int], typer.Option(help="Calibrate on a seeded subset of this many prompts.")] = None):
     """Run the FP model over the calibration prompts and record what the quantizer needs (resumable)."""
-    from .calibrate import calibrate as stage
-    _run(stage, config, {"workdir": workdir, "calibration.prompts.limit": limit}, as_json, sets=sets, writes=("calibrate",))
+    _run(_lazy("calibrate", "calibrate"), config, {"workdir": workdir, "calibration.prompts.limit": limit}, as_json, sets=sets, writes=("calibrate",))
 
 
 @app.command()
@@ -94,13 +95,12 @@ def quantize(config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: Json
 def pack(config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt = False, sets: SetOpt = None,
          codec: Annotated[Optional[str], typer.Option(help="2bit (runtime layout) or base3 (1.6 bits a weight); overrides pack.codec.")] = None):
     """Pack the ternary codes into the 2-bit or base-3 format and report the storage ratio."""
-    from .packing import pack as stage
-    _run(stage, config, {"workdir": workdir, "pack.codec": codec}, as_json, sets=sets, writes=("pack",), needs="quantize")
+    _run(_lazy("packing", "pack"), config, {"workdir": workdir, "pack.codec": codec}, as_json, sets=sets, writes=("pack",), needs="quantize")
 
 
 @app.command()
 def generate(prompt: Annotated[str, typer.Argument(help="The text prompt.")],
-             out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG to write (default: <workdir>/images/<prompt>-<seed>.png).")] = None,
+             out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Image to write: PNG, or the format its suffix names (.jpg, .webp); default <workdir>/images/<prompt>-<seed>.png.")] = None,
              seed: Annotated[Optional[int], typer.Option(help="Random seed; the same seed gives the same image.")] = None,
              steps: Annotated[Optional[int], typer.Option(help="Denoising steps.")] = None,
              height: Annotated[Optional[int], typer.Option(help="Image height in pixels.")] = None,
@@ -110,10 +110,9 @@ def generate(prompt: Annotated[str, typer.Argument(help="The text prompt.")],
              activations: ActivationsOpt = None,
              config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt = False, sets: SetOpt = None):
     """Generate an image with the packed 1.58-bit transformer from the workdir."""
-    from .generate import generate as stage
     overrides = {"workdir": workdir, "generate.seed": seed, "generate.steps": steps, "generate.height": height,
                  "generate.width": width, "generate.guidance": guidance, "quantization.activations": activations}
-    _run(stage, config, overrides, as_json, prompt, out, full_precision, sets=sets, writes=("generate",))
+    _run(_lazy("generate", "generate"), config, overrides, as_json, prompt, out, full_precision, sets=sets, writes=("generate",))
 
 
 @app.command()
@@ -136,10 +135,9 @@ def evaluate(suite: Annotated[Optional[str], typer.Option(help="mini (the miniat
              config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt = False, sets: SetOpt = None):
     """Score generated images per GenEval category and write a contact sheet (mini); or generate GenEval /
     T2I-CompBench images for their official evaluators."""
-    from .evaluate import evaluate as stage
     overrides = {"workdir": workdir, "eval.suite": suite, "eval.images_per_prompt": images, "eval.split": split, "eval.limit": limit,
                  "quantization.activations": activations}
-    _run(stage, config, overrides, as_json, full_precision, sets=sets, writes=("eval",))
+    _run(_lazy("evaluate", "evaluate"), config, overrides, as_json, full_precision, sets=sets, writes=("eval",))
 
 
 @app.command()
@@ -149,8 +147,15 @@ def export(out: Annotated[Path, typer.Argument(help="File (gguf, bfl) or directo
            ternary: Annotated[bool, typer.Option("--ternary", help="bfl only: keep ternary codes and scales instead of dequantized bf16 weights.")] = False,
            config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt = False, sets: SetOpt = None):
     """Export the workdir's packed 1.58-bit transformer for other tools (GGUF, BFL single file, diffusers directory)."""
-    from .export import export as stage
-    _run(stage, config, {"workdir": workdir}, as_json, fmt, out, codec, ternary, sets=sets)
+    _run(_lazy("export", "export"), config, {"workdir": workdir}, as_json, fmt, out, codec, ternary, sets=sets)
+
+
+def _lazy(module: str, name: str):
+    """The stage ``bitflux_cli.<module>.<name>``, imported when it runs: after the config and the workdir
+    are checked, so a bad flag is answered at once, not after torch and diffusers load."""
+    def stage(*args):
+        return getattr(importlib.import_module(f"bitflux_cli.{module}"), name)(*args)
+    return stage
 
 
 def _quantize(cfg) -> dict:

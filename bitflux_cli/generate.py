@@ -4,9 +4,11 @@ import re
 import time
 from pathlib import Path
 
+from PIL import Image
+
 from .artifacts import artifact_path, atomic_file, check_output_file
-from .config import Config
 from .checkpoint import CheckpointFile
+from .config import Config
 from .loader import packed_checkpoint, pipeline_for, runtime_activations
 from .models import resolve_device
 from .teacher import run_pipeline
@@ -28,8 +30,8 @@ def generate(cfg: Config, prompt: str, out: Path | None = None, full_precision: 
         image = run_pipeline(pipe, [prompt], cfg.generate, cfg.generate.seed, output_type="pil")[0]
         seconds = time.perf_counter() - start
     activations = None if full_precision else runtime_activations(cfg, CheckpointFile(packed_checkpoint(cfg)))
-    with atomic_file(out) as tmp:
-        image.save(tmp, format="PNG")
+    with atomic_file(out) as tmp:  # in the format the name says (img.jpg: JPEG), PNG when it says none PIL writes
+        image.save(tmp, format=Image.registered_extensions().get(out.suffix.lower(), "PNG"))
     return {"stage": "generate", "path": str(out), "prompt": prompt, "seed": cfg.generate.seed,
             "seconds": seconds, "backend": backend, "activations": activations,
             "steps": cfg.generate.steps, "height": cfg.generate.height, "width": cfg.generate.width,

@@ -117,3 +117,28 @@ def test_a_packed_file_runs_only_in_the_dtype_it_was_quantized_in(tiny_chain, tm
     refused(bitflux("generate", "x", "--workdir", tiny_chain["workdir"], "--out", tmp_path / "x.png",
                     "--set", "model.dtype=bfloat16"), "model.dtype float32", "--set model.dtype=float32")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_bad_flags_are_answered_before_torch_loads(tmp_path):
+    """The stage's modules (torch, diffusers: seconds) are imported only once the config is valid."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from typer.testing import CliRunner; from bitflux_cli.cli import app; "
+            "r = CliRunner().invoke(app, ['generate', 'x', '--steps', '0']); "
+            "print(r.exit_code, 'torch' in sys.modules, 'diffusers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path).stdout.split()
+    assert out == ["2", "False", "False"]
+
+
+def test_generate_writes_the_format_its_out_suffix_names(tiny_chain, tmp_path):
+    from PIL import Image
+
+    res = bitflux("generate", "a red circle", "--workdir", tiny_chain["workdir"], "--steps", 1, "--out", tmp_path / "x.jpg")
+    assert res.exit_code == 0, res.stderr
+    assert Image.open(tmp_path / "x.jpg").format == "JPEG"
+
+
+def test_a_missing_model_path_is_named(tiny_chain, tmp_path):
+    refused(bitflux("generate", "x", "--workdir", tiny_chain["workdir"], "--out", tmp_path / "x.png",
+                    "--set", f"model.path={tmp_path / 'none'}"), "model.path", "no such directory")

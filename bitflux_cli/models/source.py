@@ -62,6 +62,8 @@ def place(pipe: FluxPipeline, cfg: ModelConfig) -> FluxPipeline:
 def embedded_weights(cfg: ModelConfig) -> Path | None:
     """The mini model's weight directory: ``model.path``, else the bundled trained weights if shipped."""
     if cfg.path is not None:
+        if not cfg.path.is_dir():
+            raise UsageError(f"model.path {cfg.path}: no such directory (the mini model's weights: transformer.safetensors and its siblings)")
         return cfg.path
     bundled = Path(str(resources.files("bitflux_cli") / "assets" / "mini"))
     return bundled if (bundled / "transformer.safetensors").is_file() else None
