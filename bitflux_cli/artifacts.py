@@ -175,6 +175,15 @@ def check_not_an_artifact(path: Path, what: str, workdir: Path) -> None:
             raise UsageError(f"{what} {path} is inside {root}, where `{LAYOUT[stage][1]}` keeps its artifact: write it elsewhere")
 
 
+def check_stage_dirs(workdir: Path, stages) -> None:
+    """Refuse (``UsageError``, exit 2) a file where one of ``stages`` keeps its artifacts (``calib/``, ``packed/``...)."""
+    for stage in stages:
+        path = artifact_path(workdir, stage)
+        folder = path.parent if path.suffix == ".safetensors" else path
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"{folder} is a file, where `{LAYOUT[stage][1]}` keeps its artifacts: move it away")
+
+
 def check_output_file(path: Path, what: str, workdir: Path | None = None) -> None:
     """Refuse (``UsageError``, exit 2) an output file ``path`` that is a directory, an existing special
     file (a device, a pipe: the rename would replace it), a stage artifact of ``workdir``, or cannot be written."""

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .artifacts import check_writable_dir, require, stage_lock
+from .artifacts import check_stage_dirs, check_writable_dir, require, stage_lock
 from .config import load_config, parse_assignments
 from .console import console
 from .errors import BitfluxError
@@ -40,6 +40,7 @@ def _run(stage, config: str | None, overrides: dict, as_json: bool, *args, sets:
         with ExitStack() as locks:
             if writes:
                 check_writable_dir(cfg.workdir, "--workdir")
+                check_stage_dirs(cfg.workdir, writes)
             if needs and not Path(cfg.workdir).exists():  # nothing to lock in: say so before the lock makes it
                 require(cfg.workdir, needs)
             if os.environ.get("RANK", "0") == "0":

@@ -206,9 +206,13 @@ def bundled_configs() -> list[str]:
 
 def resolve_config_path(name: str) -> Path:
     """A path as given, else the bundled config of that name (``flux-dev`` or ``flux-dev.yaml``)."""
+    if not name.strip():
+        raise ConfigError(f"--config is empty: give a config file or a bundled config ({', '.join(bundled_configs())})")
     path = Path(name).expanduser()
     if path.is_file():
         return path
+    if path.is_dir():
+        raise ConfigError(f"{name}: is a directory, not a config file")
     bundled = resources.files("bitflux_cli.configs") / (name if name.endswith(".yaml") else f"{name}.yaml")
     if bundled.is_file():
         return Path(str(bundled))
@@ -322,7 +326,7 @@ def load_config(name: str | None = None, overrides: dict[str, Any] | None = None
     Raises ``ConfigError`` with one line naming the file (or the command line, for a value given
     there), the key and what was expected.
     """
-    path = resolve_config_path(name or DEFAULT_CONFIG)
+    path = resolve_config_path(DEFAULT_CONFIG if name is None else name)
     try:
         data = _yaml(path.read_text(encoding="utf-8"))
     except DuplicateKeyError as exc:

@@ -147,3 +147,9 @@ def test_unreadable_yaml_is_one_line(tmp_path, text, expected):
 def test_workdir_expands_the_home_directory(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert load_config("tiny", None, parse_assignments(["workdir=~/runs"])).workdir == tmp_path / "runs"
+
+
+@pytest.mark.parametrize("name, expected", [("", "--config is empty"), (".", "is a directory, not a config file")])
+def test_an_empty_or_directory_config_is_refused(name, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(name)

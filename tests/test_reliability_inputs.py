@@ -142,3 +142,9 @@ def test_generate_writes_the_format_its_out_suffix_names(tiny_chain, tmp_path):
 def test_a_missing_model_path_is_named(tiny_chain, tmp_path):
     refused(bitflux("generate", "x", "--workdir", tiny_chain["workdir"], "--out", tmp_path / "x.png",
                     "--set", f"model.path={tmp_path / 'none'}"), "model.path", "no such directory")
+
+
+def test_a_file_where_a_stage_keeps_its_artifacts_is_named(tmp_path):
+    (tmp_path / "calib").write_text("not a folder")
+    refused(bitflux("calibrate", "--workdir", tmp_path), "calib is a file", "bitflux calibrate")
+    assert (tmp_path / "calib").read_text() == "not a folder"
