@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from bitflux_cli.config import load_config
 from bitflux_cli.errors import ArtifactError
 from bitflux_cli.models import fp_skeleton, load_fp_transformer
-from bitflux_cli.streaming import block_names, blocks, head, load_block, prelude, streamed
+from bitflux_cli.streaming import advance, block_names, blocks, head, load_block, prelude, prelude_state, streamed
 from bitflux_cli.tensorfile import TensorFile, specs_of, write_tensorfile
 
 
@@ -89,6 +89,27 @@ def test_walking_the_blocks_by_hand_is_the_forward(tiny):
             state["encoder_hidden_states"], state["hidden_states"] = block(**state)
         velocity = head(skeleton, state["hidden_states"], state["temb"])
         assert torch.allclose(velocity, whole(**_kwargs(1))[0], rtol=1e-5, atol=1e-6)
+
+
+def test_walking_the_calls_in_batches_in_place_or_not_is_the_forward(tiny):
+    """prelude_state + advance over 4 calls in batches of 3 (a short last batch): in place over the
+    state's own tensors, or into new ones, both give the forward's velocity of every call."""
+    cfg, whole = tiny
+    skeleton, weights = fp_skeleton(cfg.model)
+    calls = [_kwargs(1), _kwargs(2)]  # 2 rows each
+    with torch.no_grad():
+        want = torch.cat([whole(**kw)[0] for kw in calls])
+    got = []
+    for in_place in (False, True):
+        state = prelude_state(skeleton, calls)
+        before = state["hidden_states"]
+        for name in block_names(skeleton):
+            state = advance(load_block(skeleton, weights, name, "cpu"), state, 3, "cpu", in_place=in_place)
+        assert (state["hidden_states"] is before) == in_place
+        with torch.no_grad():
+            got.append(head(skeleton, state["hidden_states"], state["temb"]))
+    assert torch.equal(got[0], got[1])  # writing over the inputs changes nothing
+    assert torch.allclose(got[0], want, rtol=1e-5, atol=1e-5)  # batches of 3 rows, not 2: other matmul blocking
 
 
 def test_quantize_checks_its_prompt_files_before_reading_any_weight(tmp_path, monkeypatch):
