@@ -138,6 +138,12 @@ def read_metadata(path: Path) -> dict:
     return CheckpointFile(path).meta
 
 
+def model_dtype(ckpt: "CheckpointFile") -> str:
+    """The dtype the checkpoint stores its float tensors besides scales and residuals in (the model's), e.g. "bfloat16"."""
+    dtypes = [e.dtype for n, e in ckpt.file.entries.items() if not n.endswith((".codes", ".scale", *(f".{r}" for r in RESIDUAL)))]
+    return str(max(set(dtypes), key=dtypes.count)).removeprefix("torch.")
+
+
 class CheckpointFile:
     """A checkpoint opened for reading one tensor at a time: header and metadata validated up front,
     each tensor checked against its sha256, dtype and shape (and codes and scales against the format)

@@ -8,7 +8,7 @@ import torch
 import bitflux_kernels
 
 from .artifacts import STAGE_ARTIFACTS, artifact_path, require, stage_lock
-from .checkpoint import CheckpointFile, to_runtime_2bit
+from .checkpoint import CheckpointFile, model_dtype, to_runtime_2bit
 from .config import Config, ModelConfig
 from .console import info
 from .errors import ArtifactError, UsageError
@@ -133,10 +133,10 @@ def packed_transformer(cfg: Config, device: torch.device | str = "cpu") -> torch
     """The workdir's packed 1.58-bit transformer (``packed_checkpoint``), in ``runtime_activations``'s
     mode, its Q/K/V (and single blocks' MLP input) projections fused when ``model.fuse_projections`` says so."""
     path = packed_checkpoint(cfg)
-    recorded = CheckpointFile(path).meta["config"].get("model", {}).get("dtype", cfg.model.dtype)
-    if recorded != cfg.model.dtype:
-        raise UsageError(f"{path} was quantized with model.dtype {recorded}, this run asks for {cfg.model.dtype}: "
-                         f"run it with --set model.dtype={recorded} (or quantize and pack again in {cfg.model.dtype})")
+    stored = model_dtype(CheckpointFile(path))  # of its dense tensors, whatever the configs that wrote it said
+    if stored != cfg.model.dtype:
+        raise UsageError(f"{path} holds a {stored} model, this run asks for model.dtype {cfg.model.dtype}: "
+                         f"run it with --set model.dtype={stored} (or quantize and pack again in {cfg.model.dtype})")
     transformer = load_quantized_transformer(path, cfg.model, cfg.quantization.activations, device)
     if cfg.model.fuse_projections:
         fuse_projections(transformer)

@@ -115,7 +115,7 @@ def test_a_cuda_device_on_a_machine_without_one_is_a_usage_error(tmp_path):
 
 def test_a_packed_file_runs_only_in_the_dtype_it_was_quantized_in(tiny_chain, tmp_path):
     refused(bitflux("generate", "x", "--workdir", tiny_chain["workdir"], "--out", tmp_path / "x.png",
-                    "--set", "model.dtype=bfloat16"), "model.dtype float32", "--set model.dtype=float32")
+                    "--set", "model.dtype=bfloat16"), "a float32 model", "--set model.dtype=float32")
     assert not (tmp_path / "x.png").exists()
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import diffusers
 
 from ..artifacts import atomic_dir
-from ..checkpoint import FORMAT, RESIDUAL, CheckpointFile
+from ..checkpoint import FORMAT, CheckpointFile, model_dtype
 from ..ternary import parameter_counts
 from ..models import build_meta_transformer
 from . import method_of
@@ -29,12 +29,6 @@ MODE_NAMES = {"none": "W2A16", "int8": "W2A8, int8", "fp8": "W2A8, float8 e4m3"}
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 QUANT_METHOD = "bitflux"
-
-
-def model_dtype(ckpt: CheckpointFile) -> str:
-    """The dtype the checkpoint stores its float tensors besides scales and residuals in (the model's), e.g. "bfloat16"."""
-    dtypes = [e.dtype for n, e in ckpt.file.entries.items() if not n.endswith((".codes", ".scale", *(f".{r}" for r in RESIDUAL)))]
-    return str(max(set(dtypes), key=dtypes.count)).removeprefix("torch.")
 
 
 def quantization_config(ckpt: CheckpointFile) -> dict:
