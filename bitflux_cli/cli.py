@@ -178,9 +178,24 @@ def _bench(cfg, random_weights: bool, kernels: bool, plot: Path | None) -> dict:
     return report
 
 
+# click's UsageError, the base of typer.BadParameter (recent typers bundle their own click)
+USAGE_ERRORS = tuple(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. click's usage errors (an unknown option, a flag value of the wrong
+    type, a missing argument) are one line and exit 2 too, not the usage text and a boxed message."""
     from .console import fix_mmap_threshold, quiet_libraries
     quiet_libraries()
     fix_mmap_threshold()
-    app()
+    try:
+        code = app(standalone_mode=False)
+    except USAGE_ERRORS as exc:
+        command = exc.ctx.command_path if exc.ctx is not None else "bitflux"
+        if exc.format_message():  # empty when click already printed the help (no command given)
+            console.print(f"[red]error:[/red] {exc.format_message()} (see `{command} --help`)", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:  # Ctrl-C while click itself runs
+        console.print("[red]interrupted[/red]")
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -148,3 +148,19 @@ def test_a_file_where_a_stage_keeps_its_artifacts_is_named(tmp_path):
     (tmp_path / "calib").write_text("not a folder")
     refused(bitflux("calibrate", "--workdir", tmp_path), "calib is a file", "bitflux calibrate")
     assert (tmp_path / "calib").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["quantize", "--bogus"], "No such option: --bogus (see `bitflux quantize --help`)"),
+    (["generate", "--steps", "abc", "x"], "Invalid value for '--steps'"),
+    (["generate"], "Missing argument 'prompt'"),
+    (["nosuch"], "No such command 'nosuch'"),
+])
+def test_the_console_script_puts_clicks_usage_errors_on_one_line(tmp_path, argv, expected):
+    import subprocess
+    import sys
+
+    code = f"import sys; sys.argv = ['bitflux', *{argv!r}]; from bitflux_cli.cli import main; main()"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 2 and res.stdout == "", (res.returncode, res.stdout)
+    assert len(res.stderr.strip().splitlines()) == 1 and expected in res.stderr, res.stderr
