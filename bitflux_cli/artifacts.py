@@ -158,6 +158,12 @@ def check_writable_dir(path: Path, what: str) -> None:
         raise UsageError(f"{what} {path}: cannot write in {base}")
 
 
+def artifact_folder(workdir: Path, stage: str) -> Path:
+    """The folder that holds ``stage``'s artifact in ``workdir`` (``calib/``, ``ternary/``, ``packed/``, ...)."""
+    path = artifact_path(workdir, stage)
+    return path.parent if path.suffix == ".safetensors" else path
+
+
 def _within(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
@@ -169,8 +175,7 @@ def check_not_an_artifact(path: Path, what: str, workdir: Path) -> None:
     if _within(workdir, path):
         raise UsageError(f"{what} {path} holds the work directory {workdir}: write it elsewhere")
     for stage in STAGE_ARTIFACTS:
-        root = artifact_path(workdir, stage)
-        root = root if root.suffix != ".safetensors" else root.parent
+        root = artifact_folder(workdir, stage)
         if _within(path, root):
             raise UsageError(f"{what} {path} is inside {root}, where `{LAYOUT[stage][1]}` keeps its artifact: write it elsewhere")
 
@@ -178,8 +183,7 @@ def check_not_an_artifact(path: Path, what: str, workdir: Path) -> None:
 def check_stage_dirs(workdir: Path, stages) -> None:
     """Refuse (``UsageError``, exit 2) a file where one of ``stages`` keeps its artifacts (``calib/``, ``packed/``...)."""
     for stage in stages:
-        path = artifact_path(workdir, stage)
-        folder = path.parent if path.suffix == ".safetensors" else path
+        folder = artifact_folder(workdir, stage)
         if folder.exists() and not folder.is_dir():
             raise UsageError(f"{folder} is a file, where `{LAYOUT[stage][1]}` keeps its artifacts: move it away")
 
