@@ -32,8 +32,9 @@ def _run(stage, config: str | None, overrides: dict, as_json: bool, *args, sets:
 
     ``writes``: the workdir stages the command may write. The workdir is checked first (a file, or
     not writable: exit 2), and, when the workdir does not exist yet, the artifact of the stage it
-    ``needs`` (missing then: exit 2, before the lock would create the workdir), then each of those stages is locked (``artifacts.stage_lock``) while the
-    stage runs, so a second run on them exits at once (1). Under torchrun rank 0 holds the locks.
+    ``needs`` (missing then: exit 2, before the lock would create the workdir); then each of those
+    stages is locked (``artifacts.stage_lock``) while the stage runs, so a second run on them exits
+    at once (1). Under torchrun rank 0 holds the locks.
     """
     try:
         cfg = load_config(config, overrides, parse_assignments(sets))

@@ -1,8 +1,8 @@
 """One validated config for every stage: defaults < YAML file < command-line flags."""
 
+import re
 from importlib import resources
 from pathlib import Path
-import re
 from typing import Any, Literal
 
 import yaml
