@@ -44,6 +44,8 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # huggingface_hub's note on an argument diffusers still passes when it resolves a hub id
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
 
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
