@@ -97,7 +97,7 @@ def quantize(cfg: Config) -> dict:
         quantize_block = METHODS[name](cfg, skeleton, calib)
     else:
         materialise(skeleton, weights, device)
-        trained = METHODS[name](cfg, pipe, calib)
+        trained = METHODS[name](cfg, pipe, calib, release_teacher=True)  # distill, the one method that is not streamed
         for lst in BLOCK_LISTS:
             getattr(skeleton, lst).to("meta")
         if rank != 0:

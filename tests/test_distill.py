@@ -130,6 +130,19 @@ def test_resume_across_world_sizes(setup, two_ranks, tmp_path):
     assert_same_codes(distill(to_one, setup["pipe"]), setup["single4"])
 
 
+def test_full_distill_releases_the_teacher_blocks_it_never_runs(setup, tmp_path):
+    """quantize's release_teacher: after the start, the teacher's blocks go to meta; training never
+    ran them, so the codes are those of a run that kept them."""
+    import copy
+
+    pipe = copy.deepcopy(setup["pipe"])
+    cfg = load_config(str(tiny(tmp_path, "released", setup["calib"], **FULL)))
+    codes = METHODS["distill"](cfg, pipe, load_calibration(cfg), release_teacher=True)
+    assert_same_codes(codes, setup["single4"], rtol=0)
+    assert all(p.is_meta for b in (*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks)
+               for p in b.parameters())
+
+
 def test_batch_must_divide_by_the_ranks(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(DISTILL, "init_distributed", lambda: (0, 3))
     with pytest.raises(UsageError, match=r"distill.batch \(4\) must be divisible by the number of ranks \(3\)"):

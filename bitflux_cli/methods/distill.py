@@ -62,6 +62,7 @@ from ..config import Config, DistillConfig
 from ..console import info, progress
 from ..distributed import init_distributed
 from ..errors import UsageError
+from ..streaming import BLOCK_LISTS
 from ..ternary import scoped_linears
 from .block_recon import reconstruct
 from .distill_blockwise import blockwise
@@ -176,7 +177,7 @@ def _student(teacher: torch.nn.Module, dc: DistillConfig, world: int) -> tuple[t
     return student.train(), ste
 
 
-def _full(run: Run, teacher: torch.nn.Module) -> dict:
+def _full(run: Run, teacher: torch.nn.Module, release_teacher: bool) -> dict:
     dc = run.dc
     student, ste = _student(teacher, dc, run.world)
     opt = optimizer(ste, dc.weight_lr, dc.scale_lr)
@@ -186,6 +187,9 @@ def _full(run: Run, teacher: torch.nn.Module) -> dict:
         run.restore(saved, student, ste, opt)
     elif run.init is not None:
         run.load(student, run.init())
+    if release_teacher:
+        for lst in BLOCK_LISTS:
+            getattr(teacher, lst).to("meta")
     with progress("distill", dc.steps - start, "steps") as advance:
         for step in range(start, dc.steps):
             run.train_step(student, opt, step)
@@ -200,10 +204,13 @@ def _host(t):
     return t.cpu() if torch.is_tensor(t) else tuple(map(_host, t))
 
 
-def distill(cfg: Config, pipe, calib: Calibration) -> dict:
+def distill(cfg: Config, pipe, calib: Calibration, release_teacher: bool = False) -> dict:
     """Train the ternary student on the recorded teacher velocities; return its codes and scales.
 
     Under torchrun every rank takes part (full mode only) and all return the same codes.
+    ``release_teacher`` (full mode): once the student is built and started, the teacher's blocks go
+    to the meta device, since training never runs them (23.8 GB a rank at FLUX size); ``quantize``,
+    which reads them from the files again afterwards, asks for it.
     """
     dc = cfg.quantization.distill
     rank, world = init_distributed()
@@ -219,4 +226,4 @@ def distill(cfg: Config, pipe, calib: Calibration) -> dict:
     if dc.init == "block-recon":
         run.init = lambda: {f"{name}.{k}": v for name, state in reconstruct(cfg, pipe, calib, _latent_state).items()
                             for k, v in state.items()}
-    return blockwise(run, pipe.transformer) if dc.mode == "blockwise" else _full(run, pipe.transformer)
+    return blockwise(run, pipe.transformer) if dc.mode == "blockwise" else _full(run, pipe.transformer, release_teacher)
