@@ -5,22 +5,12 @@ import hashlib
 import os
 
 import pytest
-from typer.testing import CliRunner
+from test_reliability_inputs import bitflux, refused
 
 from bitflux_cli.artifacts import stage_lock
-from bitflux_cli.cli import app
 from bitflux_cli.config import load_config
 from bitflux_cli.errors import BusyError
 from bitflux_cli.loader import packed_checkpoint
-
-
-def bitflux(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def refused(res, *words) -> None:
-    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
-    assert all(w in res.stderr for w in words), res.stderr
 
 
 def digest(path) -> str:

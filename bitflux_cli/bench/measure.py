@@ -42,9 +42,9 @@ def mode_activations(cfg: Config, mode: str, recorded: str | None = None) -> str
     return "fp8" if mode == "w2a8" and (cfg.quantization.activations or recorded) == "fp8" else ACTIVATIONS[mode]
 
 
-def recorded_activations(cfg: Config, random_weights: bool) -> str | None:
-    """The activation mode the workdir's packed checkpoint records (None with random weights)."""
-    return None if random_weights else CheckpointFile(require(cfg.workdir, "pack")).meta["activations"]
+def recorded_activations(cfg: Config) -> str:
+    """The activation mode the workdir's packed checkpoint records (a missing one names ``bitflux pack``)."""
+    return CheckpointFile(require(cfg.workdir, "pack")).meta["activations"]
 
 
 def random_transformer(model: ModelConfig, mode: str, device: torch.device | str, seed: int = 0,
@@ -141,7 +141,7 @@ def bench_model(cfg: Config, mode: str, device: torch.device | str, random_weigh
         net = load_fp_transformer(cfg.model, device).eval()  # read block by block onto the device, never whole on the host
     else:
         net = load_quantized_transformer(require(cfg.workdir, "pack"), cfg.model,
-                                         mode_activations(cfg, mode, recorded_activations(cfg, False)), device)
+                                         mode_activations(cfg, mode, recorded_activations(cfg)), device)
     if cfg.model.fuse_projections:
         net.fuse_qkv_projections() if mode == "bf16" else fuse_projections(net)
     return net
@@ -150,7 +150,7 @@ def bench_model(cfg: Config, mode: str, device: torch.device | str, random_weigh
 def measure(cfg: Config, random_weights: bool, device: torch.device | str = "cuda") -> dict:
     """Measured step (and image) latency and peak memory per mode and resolution on ``device``."""
     device = torch.device(device)
-    recorded = recorded_activations(cfg, random_weights)  # fails before loading anything
+    recorded = None if random_weights else recorded_activations(cfg)  # fails before loading anything
     compiled = "" if cfg.bench.compile == "none" else f", steps torch.compile(fullgraph=True, mode={cfg.bench.compile!r})"
     label = f"measured on {torch.cuda.get_device_name(device)} (CUDA events, median/p90 of {cfg.bench.iters}, batch 1{compiled})"
     per_mode = {}
