@@ -19,7 +19,7 @@ the tile sizes would then charge one trip's instructions to half its weights. An
 a kernel that reads only the 2-bit weights, and about 20 (bf16 out) / 11 (int8 out) for a decode
 that writes 2 / 1 bytes a weight.
 
-    TRITON_DEFAULT_FP_FUSION=1 python benchmarks/kernel_instructions.py [--arch 80 90] [--json out.json]
+    TRITON_DEFAULT_FP_FUSION=1 python benchmarks/kernel_instructions.py [--arch 80 90] [--json out.json] [--only decode]
 
 Prints a table and writes JSON (stdout with ``--json -``).
 """
@@ -109,7 +109,7 @@ def specs():
     for cfg in ACT_QUANT_SPACE.prune(ACT_QUANT_SPACE.configs(), aq):  # every config the autotuner may pick there
         rows_k, warps = (cfg.kwargs["ROWS"], cfg.kwargs["BLOCK_K"]), cfg.num_warps
         for fp8, name, q in ((False, "int8", "*i8"), (True, "fp8 e4m3 bytes", "*u8")):
-            c = {**cfg.kwargs, "FP8": fp8, "BYTES": fp8, "HAS_SUM": not fp8}
+            c = {**cfg.kwargs, "FP8": fp8, "BYTES": fp8, "HAS_SUM": not fp8, "PERMUTED": False}
             p = {"x_ptr": "*bf16", "q_ptr": q, "s_ptr": "*fp32", "sum_ptr": "*i32"}
             rows.append((f"act_quant -> {name}, {rows_k[0]}x{rows_k[1]}, {warps} warps (per activation)", act_quant_kernel,
                          _sig(act_quant_kernel, p, c), c, {"num_warps": warps}, rows_k[0] * rows_k[1], True, aq))
@@ -171,9 +171,11 @@ def loaded_weights(body: list[str], threads: int) -> int:
     return 4 * threads * sum(next((LOAD_BYTES[m] for m in op if m in LOAD_BYTES), 4) for op in loads)
 
 
-def measure(arch: int) -> list[dict]:
+def measure(arch: int, only: str = "") -> list[dict]:
     out = []
     for name, fn, signature, consts, options, weights, looped, ints in specs():
+        if only not in name:
+            continue
         signature, consts, attrs = specialize(fn, signature, consts, ints)
         k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
                            target=GPUTarget("cuda", arch, 32), options=options)
@@ -185,7 +187,8 @@ def measure(arch: int) -> list[dict]:
         out.append({"kernel": name, "arch": f"sm{arch}", "num_warps": options["num_warps"], "region": "K loop" if looped else "whole kernel",
                     "launch": ints, "sass_instructions": len(body), "weights": weights,
                     "thread_instructions_per_weight": round(len(body) * threads / weights, 3),
-                    "top_opcodes": dict(ops.most_common(8))})
+                    "top_opcodes": dict(ops.most_common(8)),
+                    "opcodes": dict(Counter(".".join(opcode(ins)) for ins in body).most_common())})
     return out
 
 
@@ -193,8 +196,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     ap.add_argument("--json", help="write the rows here ('-' for stdout)")
+    ap.add_argument("--only", default="", help="only the kernels whose name contains this")
     args = ap.parse_args()
-    rows = [r for arch in args.arch for r in measure(arch)]
+    rows = [r for arch in args.arch for r in measure(arch, args.only)]
     if args.json == "-":
         json.dump(rows, sys.stdout, indent=1)
         return

@@ -82,6 +82,9 @@ def save_checkpoint(path: Path, ternary: dict[str, tuple[torch.Tensor, torch.Ten
     return write_checkpoint(path, {m: list(c.shape) for m, (c, _) in ternary.items()}, specs, codec, meta)
 
 
+MAX_SCALE = 2.0 ** 64  # the bf16 decode's range (kernels/decode.py); a weight that large is no model's
+
+
 def ternary_specs(module: str, shape: tuple[int, int], codec: str, codes, scale) -> dict[str, Spec]:
     """Specs of one quantized module's ``codes`` (made from int8 codes [N, K] by ``codes()``, encoded
     with ``codec``) and ``scale`` [N] fp32 (``scale()``), for ``write_tensorfile``."""
@@ -216,8 +219,8 @@ class CheckpointFile:
         if tensor_sha256(t) != self.meta["checksums"][name]:
             raise ArtifactError(f"{self.path}: checksum mismatch in tensor {name}: the file was edited or corrupted")
         module, _, leaf = name.rpartition(".")
-        if module in self.modules and leaf == "scale" and not bool(torch.isfinite(t).all() and (t > 0).all()):
-            raise ArtifactError(f"{self.path}: {name} holds a NaN, infinite or non-positive scale")
+        if module in self.modules and leaf == "scale" and not bool(((t > 0) & (t < MAX_SCALE)).all()):
+            raise ArtifactError(f"{self.path}: {name} holds a NaN, infinite, non-positive or >= 2^64 scale")
         if module in self.modules and leaf == "codes" and not _valid_codes(t, self.codec):
             raise ArtifactError(f"{self.path}: {name} holds codes outside {{-1, 0, 1}}")
         if module in self.modules and leaf in RESIDUAL and not bool(torch.isfinite(t).all()):

@@ -14,18 +14,24 @@ loads) and writes each plane's outputs as contiguous 16-byte vectors.
   0xC0C0C0C0`` puts each byte's field of plane p at bits 7:6 inverted, which read as e4m3 ``-2``
   (u = 0: 0xC0), ``-0`` (u = 1: 0x80) or ``+2`` (u = 2: 0x40): again a shift and a ``lop3`` for four
   weights; the GEMM's per-column scale takes the factor 1/2.
-- **bf16 / fp16** (W2A16), the sign-bit trick: with u's two bits at bits 15:14 of a 16-bit half,
-  ``~bits & 0xC000`` is 0xC000 (u = 0: -2.0), 0x8000 (u = 1: -0.0) or 0x4000 (u = 2: +2.0), the
-  same patterns in bf16 and fp16. One byte permute puts lanes (0, 1) in bytes 1, 3 and lanes
-  (2, 3) in bytes 0, 2; then each output register (two weights, adjacent in K) is one shift and
-  one ``lop3``: ``~(y << (6 - 2p)) & 0xC000C000`` (lanes 0, 1) and ``~(y << (14 - 2p))`` (lanes 2, 3).
-  One packed ``fma.rn.{bf16,f16}x2`` by ``scale / 2`` (or 0.5) gives ``(u - 1) * scale`` exactly
-  as ``±round(scale)`` (the old fp32 product rounded once is the same number: rounding is odd-
-  symmetric), and ``±0`` for zeros. Under the interpreter the permute and the fma run as plain
-  integer and fp32 ops (same bits); the shifts and masks are the same code.
+- **bf16** (W2A16), one ``lop3`` per two weights and no float op: with u's two bits at bits 15:14
+  of a 16-bit half, ``S ^ (bits & 0xC000)``, where S is the bf16 of ``-scale * 2^64``, flips the
+  sign for u = 2 (``+scale``), keeps ``-scale`` for u = 0, and for u = 1 clears the exponent's top
+  bit: ``-scale * 2^-64`` (exponent - 128), a zero weight to 2^-128 of its row's other weights,
+  below anything bf16 resolves. The lift 2^64 (``LIFT``) puts every scale in [2^-63, 2^64) at an
+  exponent >= 128, so that bit is set; the GEMM takes it back exactly in its epilogue
+  (``addmm(..., alpha=2^-64)``: a power of two, in fp32). Rows with ``|scale| < 2^-63`` decode to
+  +0 (S = 0 and a zero mask). One byte permute puts lanes (0, 1) in bytes 1, 3 and lanes (2, 3) in
+  bytes 0, 2; then each output register (two weights, adjacent in K) is one shift and one ``lop3``:
+  ``S ^ ((y << (6 - 2p)) & M)`` (lanes 0, 1) and ``S ^ ((y << (14 - 2p)) & M)`` (lanes 2, 3).
+- **fp16**: its 5-bit exponent leaves no room for the lift, so its sign-bit trick takes a float op:
+  ``~bits & 0xC000`` is 0xC000 (u = 0: -2.0), 0x8000 (u = 1: -0.0) or 0x4000 (u = 2: +2.0), and one
+  packed ``fma.rn.f16x2`` by ``scale / 2`` gives ``(u - 1) * scale`` exactly as ``±round(scale)``
+  (rounding is odd-symmetric), and ``±0`` for zeros. Under the interpreter the permute and the fma
+  run as plain integer and fp32 ops (same bits); the shifts and masks are the same code.
 - **fp32** (rare at large M): per byte and plane ``(u - 1) * scale`` in fp32.
 
-The K padding decodes to 0 (bf16/fp16, e4m3 -0) or to the field of a zero code, u = 1 (raw fields).
+The K padding decodes as zero codes do: -0 (fp16, e4m3), a zero weight (bf16) or u = 1 (raw fields).
 Rows past N (``rows`` > N, byte outputs only: N rounded up to 8 for ``torch._int_mm``, 16 for
 ``torch._scaled_mm``) repeat rows ``n % N``; the GEMM's columns past N are never read.
 """
@@ -42,6 +48,7 @@ FIELDS_META = {"BLOCK_N": 8, "BLOCK_W": 64, "UNROLL": 2, "num_warps": 4}
 HALF_META = {"BLOCK_N": 8, "BLOCK_W": 64, "UNROLL": 2, "num_warps": 4}
 FLOAT_META = {"BLOCK_N": 32, "BLOCK_KQ": 128, "num_warps": 4}
 BYTE_DTYPES = (torch.uint8, torch.float8_e4m3fn)  # one byte a weight, from decode_fields_kernel
+LIFT = tl.constexpr(2.0 ** 64)  # the bf16 decode writes weights x LIFT (module docstring); the GEMM takes alpha = 1 / LIFT
 
 
 @triton.jit
@@ -107,53 +114,67 @@ def _lanes_01_23(words, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _mul_pairs(r, mult, mult_f32, DT: tl.constexpr, INTERPRET: tl.constexpr):
-    """Both 16-bit halves of r (patterns of DT) times ``mult`` (DT bits in both halves; ``mult_f32`` the
-    same value in fp32): one packed ``fma.rn`` with -0.0 added, exact here (±2 x mult, or ±0)."""
+def _fp16_pairs(r, mult, mult_f32, INTERPRET: tl.constexpr):
+    """Both fp16 halves of r times ``mult`` (fp16 bits in both halves; ``mult_f32`` the same value in
+    fp32): one packed ``fma.rn.f16x2`` with -0.0 added, exact here (±2 x mult, or ±0)."""
     if INTERPRET:
-        lo = (r & 0xFFFF).to(tl.uint16).to(DT, bitcast=True).to(tl.float32) * mult_f32
-        hi = (r >> 16).to(tl.uint16).to(DT, bitcast=True).to(tl.float32) * mult_f32
-        lo = lo.to(DT).to(tl.uint16, bitcast=True).to(tl.uint32)
-        hi = hi.to(DT).to(tl.uint16, bitcast=True).to(tl.uint32)
+        lo = (r & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32) * mult_f32
+        hi = (r >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32) * mult_f32
+        lo = lo.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+        hi = hi.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
         return lo | (hi << 16)
     else:
-        if DT == tl.bfloat16:
-            asm: tl.constexpr = "{ .reg .b32 z; mov.b32 z, 0x80008000; fma.rn.bf16x2 $0, $1, $2, z; }"
-        else:
-            asm: tl.constexpr = "{ .reg .b32 z; mov.b32 z, 0x80008000; fma.rn.f16x2 $0, $1, $2, z; }"
-        return tl.inline_asm_elementwise(asm, "=r,r,r", [r, mult], dtype=tl.uint32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise("{ .reg .b32 z; mov.b32 z, 0x80008000; fma.rn.f16x2 $0, $1, $2, z; }",
+                                         "=r,r,r", [r, mult], dtype=tl.uint32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _both_halves(v, DT: tl.constexpr):
+    """[BLOCK_N, 1] fp32 -> the DT bits of v in both 16-bit halves of a uint32."""
+    bits = v.to(DT).to(tl.uint16, bitcast=True).to(tl.uint32)
+    return bits | (bits << 16)
 
 
 @triton.jit
 def decode_half_kernel(w_ptr, scale_ptr, out_ptr, N, ROWS, KW, stride_wn, stride_on, HAS_SCALE: tl.constexpr,
                        INTERPRET: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
                        UNROLL: tl.constexpr):
-    """w: [N, 4 KW] uint8 -> out: [ROWS, 16 KW] bf16/fp16 ``(u - 1) * scale[n]`` (scale 1 without HAS_SCALE).
+    """w: [N, 4 KW] uint8 -> out: [ROWS, 16 KW] bf16 ``(u - 1) * scale[n] * LIFT`` or fp16
+    ``(u - 1) * scale[n]`` (scale 1 without HAS_SCALE).
 
     Written as uint32 pairs: word column wc, plane p, lanes (2h, 2h + 1) land at pair column
     ``64 (wc // 8) + 16 p + 2 (wc % 8) + h``. Strides in 32-bit words. Grid (cdiv(ROWS, BLOCK_N),),
     BLOCK_W words (a multiple of 8 dividing KW) a trip. EVEN: BLOCK_N divides ROWS, so no store
     needs a mask. (With ROWS a multiple of 16, as the JIT sees every FLUX N, a masked store's
     predicate is uniform per program and ptxas wraps each plane's stores in a branch: +27 SASS
-    instructions a trip, 1.83 -> 2.04 a weight on sm90.)
+    instructions a trip on sm90.)
     """
     DT: tl.constexpr = out_ptr.dtype.element_ty
     n, c, load_mask, mask = _tile(N, ROWS, BLOCK_N, BLOCK_W, True)
     if HAS_SCALE:
-        half = tl.load(scale_ptr + n, mask=load_mask, other=0.0) * 0.5  # [BLOCK_N, 1] fp32
+        scale = tl.load(scale_ptr + n, mask=load_mask, other=0.0)  # [BLOCK_N, 1] fp32
     else:
-        half = tl.full((BLOCK_N, 1), 0.5, tl.float32)
-    half = half.to(DT).to(tl.float32)  # rounded once: ±2 x half is then exact
-    bits = half.to(DT).to(tl.uint16, bitcast=True).to(tl.uint32)
-    mult = bits | (bits << 16)  # [BLOCK_N, 1] both halves
+        scale = tl.full((BLOCK_N, 1), 1.0, tl.float32)
+    if DT == tl.bfloat16:
+        lifted = (scale * LIFT).to(DT).to(tl.float32)  # [BLOCK_N, 1]: a power of two, exact
+        normal = tl.abs(lifted) >= 2.0  # the exponent's top bit is set
+        flip = tl.where(normal, _both_halves(-lifted, DT), 0)  # S, both halves
+        keep = tl.where(normal, 0xC000C000, 0).to(tl.uint32)  # M: the bits u may flip
+    else:
+        half = (scale * 0.5).to(DT).to(tl.float32)  # rounded once: ±2 x half is then exact
+        mult = _both_halves(half, DT)
     src = _src(w_ptr, n, c, N, ROWS, stride_wn)  # [BLOCK_N, BLOCK_W]
     e = tl.arange(0, 2 * BLOCK_W)[None, :]  # 2 wc + h
     dst = out_ptr.to(tl.pointer_type(tl.uint32)) + n * stride_on + (e // 16 * 64 + e % 16)  # [BLOCK_N, 2 BLOCK_W]
     for _ in tl.range(0, KW, BLOCK_W, loop_unroll_factor=UNROLL):
         y = _lanes_01_23(tl.load(src), INTERPRET)  # ROWS == N: rows past N wrapped
         for p in tl.static_range(4):
-            lanes01 = _mul_pairs(~(y << (6 - 2 * p)) & 0xC000C000, mult, half, DT, INTERPRET)  # [BLOCK_N, BLOCK_W]
-            lanes23 = _mul_pairs(~(y << (14 - 2 * p)) & 0xC000C000, mult, half, DT, INTERPRET)
+            if DT == tl.bfloat16:
+                lanes01 = flip ^ ((y << (6 - 2 * p)) & keep)  # [BLOCK_N, BLOCK_W]
+                lanes23 = flip ^ ((y << (14 - 2 * p)) & keep)
+            else:
+                lanes01 = _fp16_pairs(~(y << (6 - 2 * p)) & 0xC000C000, mult, half, INTERPRET)
+                lanes23 = _fp16_pairs(~(y << (14 - 2 * p)) & 0xC000C000, mult, half, INTERPRET)
             pairs = tl.reshape(tl.join(lanes01, lanes23), (BLOCK_N, 2 * BLOCK_W))  # column 2 wc + h
             if EVEN:
                 tl.store(dst + 16 * p, pairs)
@@ -185,6 +206,12 @@ def decode_float_kernel(w_ptr, scale_ptr, out_ptr, N, ROWS, KQ, stride_wn, strid
         tl.store(out + 32 * p, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def lift(dtype: torch.dtype) -> float:
+    """The factor ``decode`` writes ``dtype``'s weights with: 2^64 for bf16, 1 otherwise (undo it with
+    the GEMM's ``alpha = 1 / lift``: a power of two, exact)."""
+    return LIFT.value if dtype == torch.bfloat16 else 1.0
+
+
 def _fit(meta: dict, kw: int) -> dict:
     """``meta`` with BLOCK_W halved until it divides the row's word count (a multiple of 8)."""
     bw = meta["BLOCK_W"]
@@ -199,9 +226,11 @@ def decode(packed: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None 
 
     uint8: the raw fields ``u = codes + 1`` in {0, 1, 2} (1 past K; rows past N repeat rows ``n % N``).
     float8_e4m3fn: ``2 * codes`` (-0 past K; rows past N as for uint8).
-    float dtypes: ``(u - 1) * scale`` (scale: [N] fp32, optional), the same numbers as
-    ``(codes * scale)`` in fp32 rounded once to ``dtype``; columns past K are zeros (bf16/fp16 write
-    -0.0 for zero codes). Allocated with ``torch.empty`` on every call (see docs/KERNELS.md, "Scratch").
+    float dtypes: ``(u - 1) * scale * lift(dtype)`` (scale: [N] fp32, optional), the same numbers as
+    ``(codes * scale)`` in fp32 rounded once to ``dtype``, times ``lift(dtype)``; columns past K are
+    zero weights. fp16/fp32 zeros are ±0; bf16 zeros are ±(lifted scale) x 2^-128 or smaller, and
+    rows with ``|scale| < 2^-63`` are all +0 (module docstring). Allocated with ``torch.empty`` on
+    every call (see docs/KERNELS.md, "Scratch").
     """
     n, kq = packed.shape
     rows = n if rows is None else rows

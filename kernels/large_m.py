@@ -4,8 +4,9 @@ At thousands of tokens a linear is compute-bound, so the decode-in-register GEMM
 tie cuBLAS; here cuBLAS does the GEMM and the only extra work is the decode (decode.py), a
 bandwidth-bound pass over one layer's weight (about 2.25 bytes a weight for bf16).
 
-- W2A16: ``W' = codes * scale`` decoded in x's dtype (one rounding per weight), then
-  ``addmm(bias, x, W'^T)``: bias in cuBLAS's epilogue, nothing after it.
+- W2A16: ``W' = codes * scale * lift`` decoded in x's dtype (one rounding per weight; ``lift`` is
+  2^64 for bf16, decode.py), then ``addmm(bias, x, W'^T, alpha=1 / lift)``: the lift and the bias in
+  cuBLAS's fp32 epilogue, nothing after it.
 - W2A8: per-token int8 ``q`` and its sums ``sum_k q`` (act_quant.py), the raw fields ``u = codes + 1``
   decoded into [N8, Kp] (N8 = N rounded up to 8, what ``torch._int_mm`` needs; half the decode's
   work of ``u - 1``), ``torch._int_mm`` -> int32 [M, N8] ``= q @ codes^T + sum_k q``, and one epilogue
@@ -24,7 +25,7 @@ import triton.language as tl
 
 from .act_quant import act_quant
 from .common import interpreting, launch_fixed, output_for, store_scaled
-from .decode import decode
+from .decode import decode, lift
 
 DECODE_MIN_M = 512  # the text stream of a FLUX double block runs at 512; a guess until measured on a GPU
 EPILOGUE_META = {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4}
@@ -50,10 +51,11 @@ def w2a16_cublas(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bi
                  in_features: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """x2 [M, K] float, packed [N, Kp/4] uint8, scale [N] fp32 -> y [M, N] in x's dtype (into ``out`` if given)."""
     y = output_for(x2, packed, scale, bias, in_features, out)
-    w = decode(packed, x2.dtype, scale=scale)[:, :in_features]  # [N, K] view of [N, Kp] scratch
+    w = decode(packed, x2.dtype, scale=scale)[:, :in_features]  # [N, K] view of [N, Kp] scratch, x lift
+    alpha = 1.0 / lift(x2.dtype)
     if bias is None:
-        return torch.mm(x2, w.t(), out=y)
-    return torch.addmm(bias.to(x2.dtype), x2, w.t(), out=y)
+        return torch.addmm(y, x2, w.t(), beta=0, alpha=alpha, out=y)  # beta 0: y's contents are never read
+    return torch.addmm(bias.to(x2.dtype), x2, w.t(), alpha=alpha, out=y)
 
 
 def w2a8_cublas(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,

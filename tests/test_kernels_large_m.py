@@ -44,17 +44,34 @@ def test_decode_fp8_is_twice_the_codes_exactly(n, k, extra_rows):
 @pytest.mark.parametrize("n,k", [(37, 97), (64, 200), (96, 480)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_decode_float_with_and_without_scale_is_exact(n, k, dtype):
-    from bitflux_kernels.decode import decode
+    from bitflux_kernels.decode import decode, lift
 
     codes, packed, g = _codes(n, k, seed=1)
     # scales representable in dtype: code * scale is then exact, whatever rounding mode the cast uses
     # (Triton's interpreter truncates fp32 -> bf16, compiled kernels round to nearest even)
     scale = (torch.rand(n, generator=g) + 0.5).to(dtype).float()
-    plain = decode(packed, dtype).cpu()
-    scaled = decode(packed, dtype, scale=scale.to(DEVICE)).cpu()
-    assert plain.dtype == scaled.dtype == dtype
-    assert torch.equal(plain[:, :k], codes.to(dtype)) and not plain[:, k:].any()
-    assert torch.equal(scaled[:, :k], (codes.float() * scale[:, None]).to(dtype)) and not scaled[:, k:].any()
+    scale[::5] *= -1  # the kernels take any sign (checkpoints hold positive scales)
+    for s in (None, scale):
+        out = decode(packed, dtype, scale=None if s is None else s.to(DEVICE)).cpu().float()  # [N, Kp]
+        lifted = (torch.ones(n) if s is None else s)[:, None] * lift(dtype)  # [N, 1]
+        assert torch.equal(out[:, :k][codes != 0], (codes.float() * lifted)[codes != 0])
+        zero = torch.cat([out[:, :k][codes == 0], out[:, k:].flatten()])  # zero codes and the K padding
+        assert (zero.abs() <= lifted.abs().max() * 2.0 ** -127).all()
+        if dtype != torch.bfloat16:
+            assert not zero.any()
+
+
+def test_decode_bf16_lift_covers_every_scale_from_2_to_the_minus_63_to_2_to_the_64():
+    from bitflux_kernels.decode import decode, lift
+
+    codes, packed, _ = _codes(8, 128, seed=3)
+    scale = torch.tensor([2.0 ** -63, -(2.0 ** -63), 2.0 ** 63 * 1.5, 1e-3, 2.0 ** -64, -1e-30, 0.0, 7.0])
+    out = decode(packed, torch.bfloat16, scale=scale.to(DEVICE)).cpu().double() / lift(torch.bfloat16)  # [8, 128]
+    exact = codes.double() * scale.to(torch.bfloat16).double()[:, None]
+    lifted, c = [0, 1, 2, 3, 7], codes[[0, 1, 2, 3, 7]]  # rows whose scale the lift covers
+    assert torch.equal(out[lifted][c != 0], exact[lifted][c != 0])
+    assert (out[lifted][c == 0].abs() <= scale[lifted, None].abs().expand_as(c)[c == 0] * 2.0 ** -127).all()
+    assert torch.equal(out[4:7], torch.zeros(3, 128, dtype=torch.double))  # below 2^-63: zero rows
 
 
 def test_decode_rejects_what_it_cannot_read():
