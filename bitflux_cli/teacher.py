@@ -91,19 +91,23 @@ def run_pipeline(pipe, prompts: list[str] | Embeds, gen: GenerateConfig, seed: i
 def record_transformer_calls(pipe, prompts: list[str] | Embeds, gen: GenerateConfig, seed: int,
                              keep: int) -> tuple[list[dict], np.ndarray]:
     """The keyword arguments (on the host) of ``keep`` evenly spaced transformer calls of a real
-    denoising run, and the run's images [B, H, W, 3] in [0, 1]."""
-    calls = []
+    denoising run (spaced over its ``gen.steps`` steps, one call each), and the run's images
+    [B, H, W, 3] in [0, 1]. Only the kept calls are copied to the host."""
+    wanted = set(np.linspace(0, gen.steps - 1, num=min(keep, gen.steps)).round().astype(int).tolist())
+    calls, seen = [], 0
 
     def hook(_module, _args, kwargs):
-        calls.append({k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in kwargs.items()})
+        nonlocal seen
+        if seen in wanted:
+            calls.append({k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in kwargs.items()})
+        seen += 1
 
     handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         images = run_pipeline(pipe, prompts, gen, seed)
     finally:
         handle.remove()
-    idx = np.linspace(0, len(calls) - 1, num=min(keep, len(calls))).round().astype(int)
-    return [calls[i] for i in sorted(set(idx.tolist()))], images
+    return calls, images
 
 
 @torch.no_grad()

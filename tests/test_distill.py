@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -266,3 +267,18 @@ def test_damaged_or_foreign_state_is_refused_naming_the_file(setup, tmp_path):
     write_saved(state, {k: v for k, v in saved.items() if k in ("fingerprint", "step")}, model, saved["optimizer"])
     with pytest.raises(ArtifactError, match=f"its latent tensors do not fit this model .*first {re.escape(name)}"):
         distill(config, setup["pipe"])
+
+
+def test_recorded_calls_are_the_evenly_spaced_steps_and_only_those_are_kept(setup):
+    pipe, gen = setup["pipe"], load_config(str(setup["tmp"] / "source.yaml")).generate
+    every = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda _m, _a, kw: every.append(kw["timestep"].clone()),
+                                                        with_kwargs=True)
+    try:
+        calls, _ = record_transformer_calls(pipe, REPORT_PROMPTS[:2], gen, seed=10_000, keep=4)
+    finally:
+        handle.remove()
+    assert len(every) == gen.steps and len(calls) == min(4, gen.steps)
+    want = np.linspace(0, gen.steps - 1, num=len(calls)).round().astype(int)
+    assert [c["timestep"].tolist() for c in calls] == [every[i].tolist() for i in want]
+    assert all(t.device.type == "cpu" for c in calls for t in c.values() if torch.is_tensor(t))
