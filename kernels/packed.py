@@ -41,6 +41,10 @@ PERMUTE_META = {"BLOCK": 1024, "num_warps": 4}
 
 GEMV_CONFIGS = ((128, 8, 4, 4), (128, 8, 4, 3), (64, 8, 4, 4), (256, 8, 8, 3))  # TOKENS = 16, 32
 GEMM_CONFIGS = ((128, 4, 4, 3), (128, 8, 8, 3), (256, 4, 8, 3), (128, 2, 4, 4))  # TOKENS = 64, 128
+# each family's smallest, kept by every prune: with fp32 x (an fp32 decoded tile) several configs need
+# more than the 99 KB of shared memory of an A10 / L4 (sm86/89), which the autotuner skips only
+# when it has another candidate; these fit (tests/test_kernels_compile.py)
+SMALLEST = {GEMV_CONFIGS: GEMV_CONFIGS[2], GEMM_CONFIGS: GEMM_CONFIGS[3]}
 
 
 def _configs():
@@ -55,13 +59,17 @@ def _configs():
 
 
 def _prune(configs, named_args, **kwargs):
-    """The GEMV's configs at TOKENS <= 32, the GEMM's above; row tiles that fit N, dividing it if any do."""
+    """The GEMV's configs at TOKENS <= 32, the GEMM's above; row tiles that fit N, dividing it if any
+    do; and always the family's smallest (``SMALLEST``), so that a GPU with little shared memory
+    keeps one that launches."""
     tokens = kwargs.get("TOKENS", named_args.get("TOKENS"))
     shape = {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_W"], c.num_warps, c.num_stages): c for c in configs}
-    mine = [shape[t] for t in (GEMV_CONFIGS if tokens <= 32 else GEMM_CONFIGS) if t in shape] or configs
+    family = GEMV_CONFIGS if tokens <= 32 else GEMM_CONFIGS
+    mine = [shape[t] for t in family if t in shape] or configs
     fit = [c for c in mine if c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(named_args["N"]))]
-    even = [c for c in fit if named_args["N"] % c.kwargs["BLOCK_N"] == 0]
-    return even or fit or mine[:1]
+    kept = [c for c in fit if named_args["N"] % c.kwargs["BLOCK_N"] == 0] or fit
+    smallest = shape.get(SMALLEST[family])
+    return kept + [smallest] if smallest is not None and smallest not in kept else kept or mine[:1]
 
 
 SPACE = Space(_configs, _prune, key=("N", "KW", "WPS", "TOKENS"), interp={"BLOCK_N": 16, "BLOCK_W": 8})

@@ -109,6 +109,11 @@ def test_m_bucket_and_pruner_keep_a_config_for_every_flux_shape():
             kept = packed._prune(packed.SPACE.configs(), {"N": n}, TOKENS=tokens)
             assert kept and all(n % c.kwargs["BLOCK_N"] == 0 for c in kept)
             assert {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_W"], c.num_warps, c.num_stages) for c in kept} <= set(own)
+    for n in (8, 48, 100, 3072):  # every prune keeps the config that fits 99 KB of shared memory, or is it
+        for tokens, own in ((16, packed.GEMV_CONFIGS), (128, packed.GEMM_CONFIGS)):
+            kept = [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_W"], c.num_warps, c.num_stages)
+                    for c in packed._prune(packed.SPACE.configs(), {"N": n}, TOKENS=tokens)]
+            assert packed.SMALLEST[own] in kept and len(set(kept)) == len(kept)
 
 
 @pytest.mark.parametrize("launcher", ["packed", "packed_int8", "packed_fp8", "w2a16_cublas", "w2a8_cublas", "w2fp8_cublas"])

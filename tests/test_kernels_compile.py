@@ -79,6 +79,28 @@ def _compile_all(arch: int) -> None:
                        target=GPUTarget("cuda", arch, 32), options=options)
 
 
+def _smallest_fit_99_kb() -> None:
+    """The prune's last-resort configs (packed.SMALLEST) with fp32 x, the largest shared-memory
+    footprint, at the most tokens of their family, fit the 99 KB an sm86/sm89 block may use."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from bitflux_kernels.packed import GEMM_CONFIGS, GEMV_CONFIGS, SMALLEST, packed_kernel
+
+    for family, tokens in ((GEMV_CONFIGS, 32), (GEMM_CONFIGS, 128)):
+        bn, bw, warps, stages = SMALLEST[family]
+        consts = {"ONE_SPLIT": False, "HAS_XSCALE": False, "HAS_BIAS": True, "PATTERN": tl.bfloat16, "DOT": tl.float32,
+                  "PRECISION": "ieee", "BLOCK_N": bn, "BLOCK_W": bw, "TOKENS": tokens}
+        ptrs = {"w_ptr": "*u8", "part_ptr": "*fp32", "sx_ptr": "*fp32", "scale_ptr": "*fp32", "xp_ptr": "*fp32",
+                "bias_ptr": "*fp32", "y_ptr": "*fp32"}
+        signature = {a: ptrs.get(a, C if a in consts else I32) for a in packed_kernel.arg_names}
+        k = triton.compile(ASTSource(fn=packed_kernel, signature=signature, constexprs=consts),
+                           target=GPUTarget("cuda", 86, 32), options={"num_warps": warps, "num_stages": stages})
+        assert k.metadata.shared <= 99 * 1024, (SMALLEST[family], tokens, k.metadata.shared)
+
+
 def test_kernels_compile_for_sm80_and_sm90():
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
@@ -88,3 +110,4 @@ def test_kernels_compile_for_sm80_and_sm90():
 if __name__ == "__main__":
     for arch in (80, 90):
         _compile_all(arch)
+    _smallest_fit_99_kb()
