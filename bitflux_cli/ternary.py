@@ -60,8 +60,11 @@ class TernaryLinear(nn.Module):
 
     ``backend`` ("reference", "torch" or "triton", see ``bitflux_kernels.select_backend``) is
     resolved when the layer is built on, moved to (``.to``, ``.cuda``, ``to_empty``) or loaded onto
-    a device, never in ``forward``: ``forward`` is one call of ``torch.ops.bitflux.w2a16``/``w2a8``/``w2fp8``,
-    so ``torch.compile(fullgraph=True)`` traces it. It may also be set by hand.
+    a device: ``forward`` is one call of ``torch.ops.bitflux.w2a16``/``w2a8``/``w2fp8``, so
+    ``torch.compile(fullgraph=True)`` traces it. Offload hooks (diffusers' group offloading,
+    accelerate's ``cpu_offload``) move the tensors with ``param.data = ...``, which bypasses all of
+    those: ``forward`` resolves again when ``packed`` is no longer on the device the backend was
+    resolved for (a constant comparison for Dynamo when nothing moved). It may also be set by hand.
     """
 
     def __init__(self, in_features, out_features, bias=True, activations="none", device=None, dtype=None,
@@ -84,6 +87,7 @@ class TernaryLinear(nn.Module):
     def _resolve_backend(self) -> None:
         device = self.packed.device
         self.backend = None if device.type == "meta" else bitflux_kernels.select_backend(device)
+        self.backend_device = device
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -107,6 +111,8 @@ class TernaryLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
+        if self.packed.device != self.backend_device:  # moved by an offload hook's ``.data =``
+            self._resolve_backend()
         if self.backend is None:
             raise RuntimeError("TernaryLinear is on the meta device: load or move it to a device first")
         y = OPS[self.activations](x, self.packed, self.scale, self.bias, self.in_features, self.backend)

@@ -75,6 +75,21 @@ def test_backend_is_resolved_on_build_move_and_load(monkeypatch):
     assert layer.to("cpu").backend == "reference" and "backend=reference" in repr(layer)
 
 
+def test_backend_follows_tensors_an_offload_hook_moves_without_apply(monkeypatch):
+    """accelerate's set_module_tensor_to_device (what its cpu_offload and diffusers' group offloading
+    do: ``param.data = ...``) never calls ``_apply``; forward resolves the backend for the new device."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    monkeypatch.delenv("BITFLUX_BACKEND", raising=False)
+    layer = TernaryLinear.from_codes(torch.ones(48, 200, dtype=torch.int8), torch.full((48,), 0.5), torch.zeros(48))
+    shell = TernaryLinear(200, 48, device="meta")
+    for name, t in layer.state_dict().items():
+        set_module_tensor_to_device(shell, name, "cpu", value=t)
+    assert shell.backend is None and shell.packed.device.type == "cpu"  # still resolved for meta
+    y = shell(torch.ones(3, 200))
+    assert shell.backend == "torch" and torch.equal(y, torch.full((3, 48), 100.0))
+
+
 @pytest.mark.parametrize("op", ["w2a16", "w2a8", "w2fp8"])
 @pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
 def test_custom_op_opcheck_and_fullgraph_compile(op, backend):
