@@ -28,6 +28,7 @@ from .common import interpreting, launch_fixed, output_for, store_scaled
 from .decode import decode, lift
 
 DECODE_MIN_M = 512  # the text stream of a FLUX double block runs at 512; a guess until measured on a GPU
+INT_MM_MIN_M = 16  # CUDA's torch._int_mm refuses 16 rows or fewer
 EPILOGUE_META = {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4}
 
 
@@ -68,6 +69,8 @@ def w2a8_cublas(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bia
     kq = packed.shape[1]
     qsum = torch.empty(m, dtype=torch.int32, device=x2.device)
     q, sx = act_quant(x2, 4 * kq, sums=qsum)  # q: [M, Kp] int8 zero-padded, sx: [M] fp32, qsum: [M] int32
+    if q.is_cuda and m <= INT_MM_MIN_M:  # CUDA's _int_mm takes more than 16 rows (the op routes M >= 512 here)
+        q = F.pad(q, (0, 0, 0, INT_MM_MIN_M + 1 - m))  # [17, Kp]: zero tokens, never read back
     u = decode(packed, torch.uint8, rows=-(-n // 8) * 8).view(torch.int8)  # [N8, Kp] in {0, 1, 2}
     acc = torch._int_mm(q, u.t())  # [M, N8] int32: q @ codes^T + qsum
     grid = (triton.cdiv(m, EPILOGUE_META["BLOCK_M"]), triton.cdiv(n, EPILOGUE_META["BLOCK_N"]))
@@ -86,8 +89,12 @@ def fp8_gemm_ok(x2: torch.Tensor) -> bool:
 
 def w2fp8_cublas(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                  in_features: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-token fp8 e4m3 x, then ``torch._scaled_mm`` against the decoded ``2 * codes`` -> y [M, N] in x's dtype."""
+    """Per-token fp8 e4m3 x, then ``torch._scaled_mm`` against the decoded ``2 * codes`` -> y [M, N] in x's dtype.
+    Only where ``fp8_gemm_ok(x2)``; the packed kernel serves fp8 everywhere else (``ops.launcher``)."""
     y = output_for(x2, packed, scale, bias, in_features, out)
+    if not fp8_gemm_ok(x2):
+        raise ValueError(f"torch._scaled_mm's row-wise fp8 GEMM needs bf16 x on an sm89+ GPU, got {x2.dtype} on "
+                         f"{x2.device}: use packed.packed_gemm(..., activations='fp8')")
     m, n = y.shape
     if m == 0:
         return y
