@@ -12,6 +12,7 @@ autotuning) is excluded; each figure is the median of ``iters`` runs, with input
 enough buffer sets that the L2 cache cannot hold them.
 """
 
+import contextlib
 import math
 import statistics
 import time
@@ -149,6 +150,22 @@ def bench_kernels(shapes=FLUX_SHAPES, ms=FLUX_MS, device=None, iters=None) -> di
         ms = list(dict.fromkeys(min(m, CPU_MAX_M) for m in ms))
     gen = torch.Generator().manual_seed(0)
     rows = []
+    with torch.cuda.device(device) if cuda else contextlib.nullcontext():  # events, graphs, capability: this device
+        _run_rows(rows, shapes, ms, dtype, device, gen, iters, cuda)
+    return {
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "scaled_down": not cuda,
+        "iters": iters,
+        "baseline": rows[0]["backend"] if rows else None,
+        "checks_passed": all(r.get("check", "pass") == "pass" for r in rows),
+        "results": rows,
+    }
+
+
+def _run_rows(rows: list, shapes, ms, dtype, device, gen, iters: int, cuda: bool) -> None:
+    """Append the check and timing rows of every (shape, M) to ``rows``."""
     for n, k in shapes:
         for m in ms:
             sets = _sets(m, n, k, dtype, device, gen)
@@ -169,16 +186,6 @@ def bench_kernels(shapes=FLUX_SHAPES, ms=FLUX_MS, device=None, iters=None) -> di
                         raise
                     rows.append(row | {"error": str(exc).splitlines()[0]})
             del sets
-    return {
-        "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
-        "dtype": str(dtype).removeprefix("torch."),
-        "scaled_down": not cuda,
-        "iters": iters,
-        "baseline": rows[0]["backend"] if rows else None,
-        "checks_passed": all(r.get("check", "pass") == "pass" for r in rows),
-        "results": rows,
-    }
 
 
 def _time(fn, sets, iters, cuda, device, mnk, base) -> dict:

@@ -86,7 +86,7 @@ def _epilogue(acc, offs_m, offs_n, M, N, sx_ptr, scale_ptr, bias_ptr, y_ptr, str
         y *= tl.load(sx_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & mask_n[None, :])
 
 
@@ -110,7 +110,7 @@ def packed_kernel(xp_ptr, w_ptr, part_ptr, sx_ptr, scale_ptr, bias_ptr, y_ptr, M
     offs_t = tl.arange(0, 16 * BLOCK_W)
     offs_m = tl.program_id(2) * TOKENS + tl.arange(0, TOKENS)
     w_ptrs = w_ptr.to(tl.pointer_type(tl.uint32)) + (offs_n % N)[:, None].to(tl.int64) * stride_wn + offs_w[None, :]
-    x_ptrs = xp_ptr + (offs_m % M)[None, :] * (16 * KW) + offs_t[:, None]  # [16 BLOCK_W, TOKENS]: x^T, tokens past M wrapped
+    x_ptrs = xp_ptr + (offs_m % M)[None, :].to(tl.int64) * (16 * KW) + offs_t[:, None]  # [16 BLOCK_W, TOKENS]: x^T, tokens past M wrapped
     shifts = tl.reshape(2 * tl.arange(0, 8), (1, 1, 8))  # fields 7 - s and 15 - s to bits 15:14 and 31:30
     acc = tl.zeros((BLOCK_N, TOKENS), dtype=tl.float32)
     for w0 in range(start, end, BLOCK_W):
@@ -124,7 +124,7 @@ def packed_kernel(xp_ptr, w_ptr, part_ptr, sx_ptr, scale_ptr, bias_ptr, y_ptr, M
     if ONE_SPLIT:
         _epilogue(acc, offs_m, offs_n, M, N, sx_ptr, scale_ptr, bias_ptr, y_ptr, stride_ym, HAS_XSCALE, HAS_BIAS)
     else:
-        ptrs = part_ptr + (tl.program_id(1) * M + offs_m[:, None]) * N + offs_n[None, :]
+        ptrs = part_ptr + (tl.program_id(1) * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
         tl.store(ptrs, acc, mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
@@ -136,7 +136,7 @@ def reduce_kernel(part_ptr, sx_ptr, scale_ptr, bias_ptr, y_ptr, M, N, SPLIT, str
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for s in range(0, SPLIT):
-        acc += tl.load(part_ptr + (s * M + m) * N + offs_n, mask=offs_n < N, other=0.0)
+        acc += tl.load(part_ptr + (s * M + m).to(tl.int64) * N + offs_n, mask=offs_n < N, other=0.0)
     offs_m = m + tl.arange(0, 1)
     _epilogue(acc[None, :], offs_m, offs_n, M, N, sx_ptr, scale_ptr, bias_ptr, y_ptr, stride_ym, HAS_XSCALE, HAS_BIAS)
 

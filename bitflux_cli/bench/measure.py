@@ -81,10 +81,15 @@ def random_transformer(model: ModelConfig, mode: str, device: torch.device | str
 
 
 def time_cuda(fn: Callable[[], object], warmup: int, iters: int) -> dict:
-    """Median and p90 milliseconds of ``fn`` over ``iters`` CUDA-event-timed runs after ``warmup``."""
+    """Median and p90 milliseconds of ``fn`` over ``iters`` CUDA-event-timed runs after ``warmup``.
+
+    The current device's peak-memory counter is reset after the warm-up: ``max_memory_allocated``
+    afterwards is the timed runs' peak (what is held plus one run), without autotuning, Triton's
+    benchmark buffers or compilation, which a cold cache spends in the first calls only."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -97,17 +102,11 @@ def time_cuda(fn: Callable[[], object], warmup: int, iters: int) -> dict:
     return {"median_ms": statistics.median(times), "p90_ms": p90, "iters": iters}
 
 
-def _fresh_peak(device: torch.device) -> None:
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-
-
 def _steps(net: nn.Module, cfg: Config, device: torch.device) -> dict:
     out = {}
     step = net if cfg.bench.compile == "none" else torch.compile(net, fullgraph=True, mode=cfg.bench.compile)
     for res in cfg.bench.resolutions:
         inputs = dummy_inputs(net, 1, res, cfg.generate.max_sequence_length, device, torch_dtype(cfg.model))
-        _fresh_peak(device)
         with torch.inference_mode():
             t = time_cuda(lambda: step(**inputs), max(cfg.bench.warmup, cfg.bench.compile != "none"), cfg.bench.iters)
         out[str(res)] = {"step": t, "step_peak_bytes": torch.cuda.max_memory_allocated(device)}
@@ -122,7 +121,6 @@ def _images(net: nn.Module, cfg: Config, device: torch.device, per_res: dict) ->
             pipe(prompt="a photo of a red circle above a blue square", height=res, width=res,
                  num_inference_steps=g.steps, guidance_scale=g.guidance, max_sequence_length=g.max_sequence_length,
                  generator=torch.Generator(device).manual_seed(g.seed))
-        _fresh_peak(device)
         with torch.inference_mode():
             t = time_cuda(image, min(cfg.bench.warmup, 1), cfg.bench.iters)
         per_res[str(res)].update(image=t, image_peak_bytes=torch.cuda.max_memory_allocated(device),
@@ -148,8 +146,14 @@ def bench_model(cfg: Config, mode: str, device: torch.device | str, random_weigh
 
 
 def measure(cfg: Config, random_weights: bool, device: torch.device | str = "cuda") -> dict:
-    """Measured step (and image) latency and peak memory per mode and resolution on ``device``."""
+    """Measured step (and image) latency and peak memory per mode and resolution on ``device``
+    (made the current device: CUDA events, streams and graphs follow it)."""
     device = torch.device(device)
+    with torch.cuda.device(device):
+        return _measure(cfg, random_weights, device)
+
+
+def _measure(cfg: Config, random_weights: bool, device: torch.device) -> dict:
     recorded = None if random_weights else recorded_activations(cfg)  # fails before loading anything
     compiled = "" if cfg.bench.compile == "none" else f", steps torch.compile(fullgraph=True, mode={cfg.bench.compile!r})"
     label = f"measured on {torch.cuda.get_device_name(device)} (CUDA events, median/p90 of {cfg.bench.iters}, batch 1{compiled})"
@@ -166,6 +170,7 @@ def measure(cfg: Config, random_weights: bool, device: torch.device | str = "cud
             _images(net, cfg, device, per_res)
         per_mode[mode] = per_res
         del net
+        torch.compiler.reset()  # drop the mode's compiled graphs (and CUDA-graph pools) before the next one
         gc.collect()
         torch.cuda.empty_cache()
     per_resolution = {str(r): {m: {**per_mode[m][str(r)], "source": "measured"} for m in MODES}

@@ -7,7 +7,7 @@ from rich.table import Table
 
 from ..artifacts import check_output_file
 from ..config import Config
-from ..models import build_meta_transformer, model_id
+from ..models import build_meta_transformer, model_id, resolve_device
 from .accounting import GB, storage
 from .memory import MODES, memory_projection
 from .profiles import PROFILES, gpu_profile, profile_for_device
@@ -36,6 +36,12 @@ def _notes(cuda: bool, device: str, profile: dict | None, present: str | None, r
     return notes
 
 
+def _cuda_device(cfg: Config) -> torch.device:
+    """The CUDA device bench measures on: the transformer's ``model.device`` when it names one, else cuda."""
+    device = resolve_device(cfg.model)
+    return device if device.type == "cuda" else torch.device("cuda")
+
+
 def run_bench(cfg: Config, gpu: str | None, random_weights: bool, plot: Path | None) -> dict:
     """Benchmark the configured transformer; returns the JSON report (see the keys below).
 
@@ -52,7 +58,8 @@ def run_bench(cfg: Config, gpu: str | None, random_weights: bool, plot: Path | N
     if plot is not None:
         check_output_file(plot, "--plot", cfg.workdir)  # and a bad plot path
     cuda = torch.cuda.is_available()
-    device = torch.cuda.get_device_name() if cuda else "cpu"
+    measured_on = _cuda_device(cfg) if cuda else None
+    device = torch.cuda.get_device_name(measured_on) if cuda else "cpu"
     present = profile_for_device(device) if cuda else None
     if profile is None and present is not None:
         profile = gpu_profile(present)
@@ -67,7 +74,7 @@ def run_bench(cfg: Config, gpu: str | None, random_weights: bool, plot: Path | N
     if cuda:
         from .measure import measure  # CUDA-only path
 
-        latency["measured"] = measure(cfg, random_weights)
+        latency["measured"] = measure(cfg, random_weights, measured_on)
     report = {
         "model": model_id(cfg.model),
         "storage": {"label": STORAGE_LABEL, "bf16_bytes": st["bf16_bytes"], "codecs": st["codecs"], "residual": st["residual"]},
