@@ -5,13 +5,20 @@ import torch
 from .layout import PLANES, unpack_2bit
 
 
+def _token_scale(xf: torch.Tensor, qmax: float) -> torch.Tensor:
+    """``max(|x_row|, 1e-12) / qmax`` [M] fp32, IEEE-divided on every device: CUDA divides a tensor by
+    a Python number as a multiply by its reciprocal (one ulp off at times), so the divisor is a tensor."""
+    amax = xf.abs().amax(dim=-1).clamp_min(1e-12)  # [M]
+    return amax / torch.full_like(amax, qmax)
+
+
 def quantize_activations_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token symmetric int8 quantization: x [M, K] -> (q [M, K] int8, scale [M] fp32).
 
-    ``scale = max(|x_row|) / 127`` (1 for an all-zero row), ``q = round(x / scale)``.
+    ``scale = max(|x_row|, 1e-12) / 127``, ``q = round(x / scale)``.
     """
     xf = x.float()
-    scale = xf.abs().amax(dim=-1).clamp_min(1e-12) / 127.0  # [M]
+    scale = _token_scale(xf, 127.0)  # [M]
     q = torch.round(xf / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
@@ -24,7 +31,7 @@ def quantize_activations_fp8(x: torch.Tensor, width: int | None = None) -> tuple
     K; scale [M] fp32). ``scale = max(|x_row|) / 448``, ``q = e4m3(x / scale)`` rounded to nearest
     even by torch's cast (the kernels use this same function, so they match it bit for bit)."""
     xf = x.float()
-    scale = xf.abs().amax(dim=-1).clamp_min(1e-12) / FP8_MAX  # [M]
+    scale = _token_scale(xf, FP8_MAX)  # [M]
     v = (xf / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX)  # [M, K]
     if width is not None and width > v.shape[1]:
         v = torch.nn.functional.pad(v, (0, width - v.shape[1]))  # [M, width]
