@@ -3,7 +3,7 @@
 # shows, in order of value, each step time-boxed so the call ends inside 9 minutes:
 #  1. every kernel test compiled for the GPU (no TRITON_INTERPRET: tests/test_kernels_* run on CUDA
 #     against the float64 reference) and the `gpu`-marked tests (inductor, CUDA graph capture, bench);
-#  2. `bitflux bench --kernels`: every FLUX shape checked, then timed eagerly and from CUDA graphs beside
+#  2. `bitflux bench --kernels` (its function, a JSON per shape): every FLUX shape checked, then timed eagerly and from CUDA graphs beside
 #     cuBLAS bf16 and the int8/fp8 ceilings;
 #  3. the FLUX.1-dev transformer at full size with random weights: step latency and peak memory,
 #     bf16 / W2A16 / W2A8 at 1024².
@@ -11,7 +11,7 @@
 # benchmarks/results/ with this command beside them).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 # bitflux laid out as pyproject.toml installs it (kernels/ as bitflux_kernels, configs/ as bitflux_cli.configs),
 # copied rather than built: nothing to compile, and no build tools needed there
@@ -28,7 +28,16 @@ timeout 210 python3 -m pytest -q -p no:cacheprovider -n 8 --maxfail=10 -rf tests
     tests/test_kernels_packed.py tests/test_kernels_large_m.py tests/test_kernels_dispatch.py tests/test_kernels_bench.py \
     tests/test_bench_measure_gpu.py > "$OUT/pytest-gpu.log" 2>&1
 tail -40 "$OUT/pytest-gpu.log"
-timeout 150 bash -c "$BITFLUX bench --kernels --json" > "$OUT/h200-kernels.json" 2> "$OUT/h200-kernels.err"
+# what `bitflux bench --kernels --json` runs (bench_kernels), one FLUX shape a file as each finishes:
+# a timeout keeps the shapes done
+timeout 150 python3 -P -c "
+import json, os
+from bitflux_kernels.bench import FLUX_SHAPES, bench_kernels
+for n, k in FLUX_SHAPES:
+    report = bench_kernels(shapes=[(n, k)])
+    with open(os.path.join(os.environ['OUT'], f'h200-kernels-{n}x{k}.json'), 'w') as f:
+        json.dump(report, f, indent=1)
+" 2> "$OUT/h200-kernels.err"
 timeout 120 bash -c "$BITFLUX bench --config flux-dev --random-weights --json --set bench.resolutions=[1024]" \
     > "$OUT/h200-flux-dev-random.json" 2> "$OUT/h200-flux-dev-random.err"
 tail -3 "$OUT"/*.err
