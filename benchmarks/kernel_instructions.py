@@ -19,7 +19,7 @@ the tile sizes would then charge one trip's instructions to half its weights. An
 a kernel that reads only the 2-bit weights, and about 20 (bf16 out) / 11 (int8 out) for a decode
 that writes 2 / 1 bytes a weight.
 
-    TRITON_DEFAULT_FP_FUSION=1 python benchmarks/kernel_instructions.py [--arch 80 90] [--json out.json] [--only decode]
+    TRITON_DEFAULT_FP_FUSION=1 python benchmarks/kernel_instructions.py [--arch 80 90] [--json out.json] [--only decode GEMV]
 
 Prints a table and writes JSON (stdout with ``--json -``).
 """
@@ -171,10 +171,10 @@ def loaded_weights(body: list[str], threads: int) -> int:
     return 4 * threads * sum(next((LOAD_BYTES[m] for m in op if m in LOAD_BYTES), 4) for op in loads)
 
 
-def measure(arch: int, only: str = "") -> list[dict]:
+def measure(arch: int, only: tuple[str, ...] = ("",)) -> list[dict]:
     out = []
     for name, fn, signature, consts, options, weights, looped, ints in specs():
-        if only not in name:
+        if not any(o in name for o in only):
             continue
         signature, consts, attrs = specialize(fn, signature, consts, ints)
         k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
@@ -196,9 +196,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     ap.add_argument("--json", help="write the rows here ('-' for stdout)")
-    ap.add_argument("--only", default="", help="only the kernels whose name contains this")
+    ap.add_argument("--only", nargs="+", default=[""], help="only the kernels whose name contains one of these")
     args = ap.parse_args()
-    rows = [r for arch in args.arch for r in measure(arch, args.only)]
+    rows = [r for arch in args.arch for r in measure(arch, tuple(args.only))]
     if args.json == "-":
         json.dump(rows, sys.stdout, indent=1)
         return
