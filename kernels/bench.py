@@ -22,8 +22,12 @@ import torch
 from .layout import pack_2bit
 from .reference import QUANTIZERS, ternary_linear_reference, ternary_linear_torch
 
-FLUX_SHAPES = ((3072, 3072), (9216, 3072), (12288, 3072), (18432, 3072), (3072, 12288), (3072, 15360))  # (N, K)
-FLUX_MS = (1, 16, 256, 1024, 4096, 4608)
+# (N, K) of every FLUX.1-dev block linear, fused or not: attention / out projections, fused QKV and a single
+# block's norm, FF up and proj_mlp, a double block's norm, FF down, a single block's proj_out, a fused linear1
+FLUX_SHAPES = ((3072, 3072), (9216, 3072), (12288, 3072), (18432, 3072), (3072, 12288), (3072, 15360), (21504, 3072))
+# tokens: a modulation linear at batch 1 / 16, small-batch serving, the text stream (512, where the
+# cuBLAS route starts), the image stream at 1024² (4096) and a single block's text + image (4608)
+FLUX_MS = (1, 16, 256, 512, 1024, 4096, 4608)
 CPU_SCALE = 16
 CPU_MAX_M = 256
 ROTATE_BYTES = 256 << 20  # bytes one pass over the rotated buffer sets touches (> 5x the H100's 50 MB L2)
