@@ -13,6 +13,7 @@ enough buffer sets that the L2 cache cannot hold them.
 """
 
 import contextlib
+import functools
 import math
 import statistics
 import time
@@ -34,6 +35,7 @@ ROTATE_BYTES = 256 << 20  # bytes one pass over the rotated buffer sets touches 
 MAX_SETS = 16
 CHECK_TOL = 1e-2  # relative error against the float64 reference with the same activation quantization (bf16 out)
 MODES = {"w2a16": "none", "w2a8": "int8", "w2fp8": "fp8"}
+ROUTE_MS = (256, 512, 1024)  # around DECODE_MIN_M: both routes timed, to set the threshold from data
 
 
 def _sets(m, n, k, dtype, device, gen):
@@ -90,18 +92,29 @@ def _graph_ms(fn, sets, iters):
     return _events_ms(lambda i: graphs[i % len(graphs)].replay(), iters)
 
 
-def _backends(cuda, k):
-    """(name, fn(set), activation mode or None) triples; the first is the dense baseline."""
-    dense = ("torch_bf16_matmul" if cuda else "torch_matmul", lambda s: torch.nn.functional.linear(s["x"], s["w"], s["bias"]), None)
-    if cuda:
-        from . import ops
+def _backends(cuda, k, m):
+    """(name, fn(set), activation mode or None, launcher(x) or None) of the rows of one (shape, M); the
+    first is the dense baseline. The launcher is what ``check`` writes with on CUDA: the op's own
+    route, or at M in ``ROUTE_MS`` also each route forced (rows ``..._route_packed`` / ``_cublas``)."""
+    dense = ("torch_bf16_matmul" if cuda else "torch_matmul", lambda s: torch.nn.functional.linear(s["x"], s["w"], s["bias"]), None, None)
+    if not cuda:
+        return [dense] + [(f"torch_{name}", lambda s, a=a: ternary_linear_torch(s["x"], s["packed"], s["scale"], s["bias"], k, a),
+                           a, None) for name, a in MODES.items()] + \
+            [("reference_w2a16", lambda s: ternary_linear_reference(s["x"], s["packed"], s["scale"], s["bias"], k), None, None)]
+    from . import ops
+    from .large_m import w2a8_cublas, w2a16_cublas, w2fp8_cublas
+    from .packed import packed_gemm
 
-        modes = {name: a for name, a in MODES.items() if a != "fp8" or torch.cuda.get_device_capability() >= (8, 9)}
-        return [dense] + [(f"triton_{name}", lambda s, op=ops.OPS[a]: op(s["x"], s["packed"], s["scale"], s["bias"], k,
-                                                                           "triton"), a) for name, a in modes.items()]
-    return [dense] + [(f"torch_{name}", lambda s, a=a: ternary_linear_torch(s["x"], s["packed"], s["scale"], s["bias"], k, a), a)
-                      for name, a in MODES.items()] + \
-        [("reference_w2a16", lambda s: ternary_linear_reference(s["x"], s["packed"], s["scale"], s["bias"], k), None)]
+    modes = {name: a for name, a in MODES.items() if a != "fp8" or torch.cuda.get_device_capability() >= (8, 9)}
+    rows = [dense] + [(f"triton_{name}", lambda s, op=ops.OPS[a]: op(s["x"], s["packed"], s["scale"], s["bias"], k, "triton"),
+                       a, lambda x, a=a: ops.launcher(x, a)) for name, a in modes.items()]
+    if m in ROUTE_MS:
+        cublas = {"none": w2a16_cublas, "int8": w2a8_cublas, "fp8": w2fp8_cublas}
+        for name, a in modes.items():
+            for route, launch in (("packed", functools.partial(packed_gemm, activations=a)), ("cublas", cublas[a])):
+                rows.append((f"triton_{name}_route_{route}",
+                             lambda s, f=launch: f(s["x"], s["packed"], s["scale"], s["bias"], k), a, lambda x, f=launch: f))
+    return rows
 
 
 def _ceilings(s):
@@ -117,15 +130,14 @@ def _ceilings(s):
     return out
 
 
-def check(s, k, mode, cuda) -> float:
+def check(s, k, mode, launcher=None) -> float:
     """Relative error of the path that serves ``mode`` against the float64 reference with the same
-    activation quantization; on CUDA the op's Triton launcher writes into a NaN-filled output."""
+    activation quantization; on CUDA ``launcher(x)`` (the Triton launcher a row times) writes into a
+    NaN-filled output."""
     ref = ternary_linear_reference(s["x"], s["packed"], s["scale"], s["bias"], k, mode)
-    if cuda:
-        from .ops import launcher
-
+    if launcher is not None:
         y = torch.full_like(ref, float("nan"))
-        launcher(s["x"], mode)(s["x"], s["packed"], s["scale"], s["bias"], k, out=y)
+        launcher(s["x"])(s["x"], s["packed"], s["scale"], s["bias"], k, out=y)
     else:
         y = ternary_linear_torch(s["x"], s["packed"], s["scale"], s["bias"], k, mode)
     if torch.isnan(y).any():
@@ -174,12 +186,12 @@ def _run_rows(rows: list, shapes, ms, dtype, device, gen, iters: int, cuda: bool
         for m in ms:
             sets = _sets(m, n, k, dtype, device, gen)
             base = {}
-            runs = [(name, fn, mode, False) for name, fn, mode in _backends(cuda, k)]
-            runs += [(name, fn, None, True) for name, fn in (_ceilings(sets[0]) if cuda else [])]
-            for name, fn, mode, ceiling in runs:
+            runs = [(name, fn, mode, launcher, False) for name, fn, mode, launcher in _backends(cuda, k, m)]
+            runs += [(name, fn, None, None, True) for name, fn in (_ceilings(sets[0]) if cuda else [])]
+            for name, fn, mode, launcher, ceiling in runs:
                 row = {"n": n, "k": k, "m": m, "backend": name}
                 if mode is not None:
-                    err = check(sets[0], k, mode, cuda)
+                    err = check(sets[0], k, mode, launcher)
                     row.update(rel_err=err, check="pass" if err < CHECK_TOL else "FAIL")
                 if ceiling:
                     row["ceiling"] = True
