@@ -22,9 +22,9 @@ BITFLUX="python3 -P -c 'from bitflux_cli.cli import main; main()'"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__)"
 } | tee "$OUT/env.txt"
-# 8 workers (pytest-xdist is on the image): the ~160 kernel compiles and ~90 autotune keys are CPU-bound,
+# 12 of the 16 cores as workers (pytest-xdist is on the image): the ~160 kernel compiles and ~90 autotune keys are CPU-bound,
 # one process took well over the time box; the full log is written as it goes, so a timeout still reports
-timeout 210 python3 -m pytest -q -p no:cacheprovider -n 8 --maxfail=10 -rf tests/test_kernels_common.py \
+timeout 210 python3 -m pytest -q -p no:cacheprovider -n 12 --maxfail=10 -rf tests/test_kernels_common.py \
     tests/test_kernels_packed.py tests/test_kernels_large_m.py tests/test_kernels_dispatch.py tests/test_kernels_bench.py \
     tests/test_bench_measure_gpu.py > "$OUT/pytest-gpu.log" 2>&1
 tail -40 "$OUT/pytest-gpu.log"
