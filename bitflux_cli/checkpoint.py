@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import bitflux_kernels as bk
-from bitflux_kernels.layout import base3_bytes, padded_k
+from bitflux_kernels.layout import MAX_SCALE, base3_bytes, padded_k
 from bitflux_kernels.ops import OPS
 
 from .errors import ArtifactError
@@ -80,9 +80,6 @@ def save_checkpoint(path: Path, ternary: dict[str, tuple[torch.Tensor, torch.Ten
     for m, (codes, scale) in ternary.items():
         specs |= ternary_specs(m, codes.shape, codec, lambda c=codes: c, lambda s=scale: s)
     return write_checkpoint(path, {m: list(c.shape) for m, (c, _) in ternary.items()}, specs, codec, meta)
-
-
-MAX_SCALE = 2.0 ** 64  # the bf16 decode's range (kernels/decode.py); a weight that large is no model's
 
 
 def ternary_specs(module: str, shape: tuple[int, int], codec: str, codes, scale) -> dict[str, Spec]:

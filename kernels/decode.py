@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from .common import interpreting, launch_fixed
+from .layout import MAX_SCALE
 
 ZERO_BYTE = tl.constexpr(0x55)  # four fields of u = 1: four zero weights
 # a trip: 8 rows x 64 words (8 groups: 8k weights, 64 a thread), unrolled twice; every FLUX Kp/16 is a multiple of 64
@@ -48,7 +49,7 @@ FIELDS_META = {"BLOCK_N": 8, "BLOCK_W": 64, "UNROLL": 2, "num_warps": 4}
 HALF_META = {"BLOCK_N": 8, "BLOCK_W": 64, "UNROLL": 2, "num_warps": 4}
 FLOAT_META = {"BLOCK_N": 32, "BLOCK_KQ": 128, "num_warps": 4}
 BYTE_DTYPES = (torch.uint8, torch.float8_e4m3fn)  # one byte a weight, from decode_fields_kernel
-LIFT = tl.constexpr(2.0 ** 64)  # the bf16 decode writes weights x LIFT (module docstring); the GEMM takes alpha = 1 / LIFT
+LIFT = tl.constexpr(MAX_SCALE)  # the bf16 decode writes weights x LIFT (module docstring); the GEMM takes alpha = 1 / LIFT
 
 
 @triton.jit

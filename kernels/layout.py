@@ -25,6 +25,9 @@ import torch
 GROUP = 128  # weights per packed group along K
 PLANES = 4  # 2-bit fields per byte
 LANE = GROUP // PLANES  # bytes per group, and weights per K-slice
+# per-row scales run in (0, MAX_SCALE): the bf16 decode lifts them by this factor (decode.LIFT), and
+# a lifted scale must stay below bf16's 2^128
+MAX_SCALE = 2.0 ** 64
 
 
 def padded_k(k: int) -> int:
