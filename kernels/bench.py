@@ -167,7 +167,26 @@ def bench_kernels(shapes=FLUX_SHAPES, ms=FLUX_MS, device=None, iters=None) -> di
     gen = torch.Generator(device).manual_seed(0)  # drawn where they are used: 4.4 G weights take ~70 s on a CPU
     rows = []
     with torch.cuda.device(device) if cuda else contextlib.nullcontext():  # events, graphs, capability: this device
-        _run_rows(rows, shapes, ms, dtype, device, gen, iters, cuda)
+        for n, k in shapes:
+            for m in ms:
+                sets = _sets(m, n, k, dtype, device, gen)
+                base = {}
+                runs = [(name, fn, mode, launcher, False) for name, fn, mode, launcher in _backends(cuda, k, m)]
+                runs += [(name, fn, None, None, True) for name, fn in (_ceilings(sets[0]) if cuda else [])]
+                for name, fn, mode, launcher, ceiling in runs:
+                    row = {"n": n, "k": k, "m": m, "backend": name}
+                    if mode is not None:
+                        err = check(sets[0], k, mode, launcher)
+                        row.update(rel_err=err, check="pass" if err < CHECK_TOL else "FAIL")
+                    if ceiling:
+                        row["ceiling"] = True
+                    try:
+                        rows.append(row | _time(fn, sets if not ceiling else sets[:1], iters, cuda, device, m * n * k, base))
+                    except RuntimeError as exc:  # cuBLAS refusing a ceiling's shape (e.g. torch._int_mm at M <= 16)
+                        if not ceiling:
+                            raise
+                        rows.append(row | {"error": str(exc).splitlines()[0]})
+                del sets
     return {
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
@@ -178,30 +197,6 @@ def bench_kernels(shapes=FLUX_SHAPES, ms=FLUX_MS, device=None, iters=None) -> di
         "checks_passed": all(r.get("check", "pass") == "pass" for r in rows),
         "results": rows,
     }
-
-
-def _run_rows(rows: list, shapes, ms, dtype, device, gen, iters: int, cuda: bool) -> None:
-    """Append the check and timing rows of every (shape, M) to ``rows``."""
-    for n, k in shapes:
-        for m in ms:
-            sets = _sets(m, n, k, dtype, device, gen)
-            base = {}
-            runs = [(name, fn, mode, launcher, False) for name, fn, mode, launcher in _backends(cuda, k, m)]
-            runs += [(name, fn, None, None, True) for name, fn in (_ceilings(sets[0]) if cuda else [])]
-            for name, fn, mode, launcher, ceiling in runs:
-                row = {"n": n, "k": k, "m": m, "backend": name}
-                if mode is not None:
-                    err = check(sets[0], k, mode, launcher)
-                    row.update(rel_err=err, check="pass" if err < CHECK_TOL else "FAIL")
-                if ceiling:
-                    row["ceiling"] = True
-                try:
-                    rows.append(row | _time(fn, sets if not ceiling else sets[:1], iters, cuda, device, m * n * k, base))
-                except RuntimeError as exc:  # cuBLAS refusing a ceiling's shape (e.g. torch._int_mm at M <= 16)
-                    if not ceiling:
-                        raise
-                    rows.append(row | {"error": str(exc).splitlines()[0]})
-            del sets
 
 
 def _time(fn, sets, iters, cuda, device, mnk, base) -> dict:
