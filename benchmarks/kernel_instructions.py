@@ -58,6 +58,22 @@ def _sig(fn, ptrs, consts):
     return {a: ptrs.get(a, "constexpr" if a in consts else "i32") for a in fn.arg_names}
 
 
+PACKED_DTYPES = {"bf16": (tl.bfloat16, tl.bfloat16, "tf32"), "fp16": (tl.float16, tl.float16, "tf32"),
+                 "fp32": (tl.bfloat16, tl.float32, "ieee")}  # x dtype -> (pattern, dot operand, dot precision)
+
+
+def packed_args(cfg: tuple, tokens: int, x: str = "bf16", one_split: bool = False, has_xscale: bool = False):
+    """(signature, constexprs, options) of ``packed_kernel`` for autotune config ``cfg`` = (BLOCK_N,
+    BLOCK_W, num_warps, num_stages) at ``tokens`` a program, activations of dtype ``x``."""
+    bn, bw, warps, stages = cfg
+    pattern, dot, precision = PACKED_DTYPES[x]
+    c = {"ONE_SPLIT": one_split, "HAS_XSCALE": has_xscale, "HAS_BIAS": True, "PATTERN": pattern, "DOT": dot,
+         "PRECISION": precision, "BLOCK_N": bn, "BLOCK_W": bw, "TOKENS": tokens}
+    p = {"xp_ptr": f"*{x}", "w_ptr": "*u8", "part_ptr": "*fp32", "sx_ptr": "*fp32", "scale_ptr": "*fp32",
+         "bias_ptr": f"*{x}", "y_ptr": f"*{x}"}
+    return _sig(packed_kernel, p, c), c, {"num_warps": warps, "num_stages": stages}
+
+
 def specs():
     """(name, kernel, signature, constexprs, options, weights per loop trip or per program (None: counted
     from the loop's global loads), looped, runtime ints).
@@ -71,23 +87,17 @@ def specs():
     """
     rows = []
     gemm = {"M": 256, "N": 3072, "KW": 192, "WPS": 32, "stride_wn": 192, "stride_ym": 3072}  # split_count: 6 splits
-    for has_sx, name, (bn, bw, warps, stages) in ((False, "W2A16", GEMM_CONFIGS[2]), (False, "W2A16", GEMM_CONFIGS[1]),
-                                                  (True, "W2A8", GEMM_CONFIGS[2])):
-        c = {"ONE_SPLIT": False, "HAS_XSCALE": has_sx, "HAS_BIAS": True, "PATTERN": tl.bfloat16, "DOT": tl.bfloat16,
-             "PRECISION": "tf32", "BLOCK_N": bn, "BLOCK_W": bw, "TOKENS": 128}
-        p = {"xp_ptr": "*bf16", "w_ptr": "*u8", "part_ptr": "*fp32", "sx_ptr": "*fp32", "scale_ptr": "*fp32",
-             "bias_ptr": "*bf16", "y_ptr": "*bf16"}
+    for has_sx, name, cfg in ((False, "W2A16", GEMM_CONFIGS[2]), (False, "W2A16", GEMM_CONFIGS[1]),
+                              (True, "W2A8", GEMM_CONFIGS[2])):
+        bn, bw, warps, _ = cfg
         rows.append((f"GEMM {name} M=256, {bn}x({bw}x16) x 128 tokens, {warps} warps, split-K", packed_kernel,
-                     _sig(packed_kernel, p, c), c, {"num_warps": warps, "num_stages": stages}, bn * bw * 16, True, gemm))
+                     *packed_args(cfg, 128, has_xscale=has_sx), bn * bw * 16, True, gemm))
     gemv = {"M": 1, "N": 18432, "KW": 192, "WPS": 96, "stride_wn": 192, "stride_ym": 18432}
     for has_sx, name in ((False, "W2A16"), (True, "W2A8")):
-        for bn, bw, warps, stages in (GEMV_CONFIGS[0], GEMV_CONFIGS[3]):
-            c = {"ONE_SPLIT": False, "HAS_XSCALE": has_sx, "HAS_BIAS": True, "PATTERN": tl.bfloat16, "DOT": tl.bfloat16,
-                 "PRECISION": "tf32", "BLOCK_N": bn, "BLOCK_W": bw, "TOKENS": 16}
-            p = {"xp_ptr": "*bf16", "w_ptr": "*u8", "part_ptr": "*fp32", "sx_ptr": "*fp32", "scale_ptr": "*fp32",
-                 "bias_ptr": "*bf16", "y_ptr": "*bf16"}
-            rows.append((f"GEMV {name} M=1, {bn}x({bw}x16), {warps} warps, split-K", packed_kernel, _sig(packed_kernel, p, c),
-                         c, {"num_warps": warps, "num_stages": stages}, bn * bw * 16, True, gemv))
+        for cfg in (GEMV_CONFIGS[0], GEMV_CONFIGS[3]):
+            bn, bw, warps, _ = cfg
+            rows.append((f"GEMV {name} M=1, {bn}x({bw}x16), {warps} warps, split-K", packed_kernel,
+                         *packed_args(cfg, 16, has_xscale=has_sx), bn * bw * 16, True, gemv))
     dec = {"N": 3072, "ROWS": 3072, "KW": 192, "stride_wn": 192}  # strides in 32-bit words
     for fp8, name in ((False, "decode -> raw fields u (W2A8 int8)"), (True, "decode -> e4m3 2 x codes (W2A8 fp8)")):
         c = {**{k: v for k, v in FIELDS_META.items() if k != "num_warps"}, "FP8": fp8, "EVEN": True}

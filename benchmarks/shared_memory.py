@@ -16,38 +16,30 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel_instructions import _sig, specialize  # noqa: E402  (turns the interpreter off first)
+from kernel_instructions import PACKED_DTYPES, packed_args, specialize  # noqa: E402  (turns the interpreter off first)
 
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from bitflux_kernels.packed import GEMM_CONFIGS, GEMV_CONFIGS, SMALLEST, packed_kernel  # noqa: E402
 
 LIMIT_KB = {80: 163, 86: 99, 90: 227}
-DTYPES = {"bf16": (tl.bfloat16, tl.bfloat16, "tf32"), "fp16": (tl.float16, tl.float16, "tf32"),
-          "fp32": (tl.bfloat16, tl.float32, "ieee")}  # x dtype -> (pattern, dot operand, dot precision)
 
 
 def measure() -> list[dict]:
     rows = []
     ints = {"M": 3, "N": 3072, "KW": 192, "WPS": 96, "stride_wn": 192, "stride_ym": 3072}
     for arch, limit in LIMIT_KB.items():
-        for xdt, (pattern, dot, precision) in DTYPES.items():
+        for xdt in PACKED_DTYPES:
             for family, tokens in ((GEMV_CONFIGS, 16), (GEMV_CONFIGS, 32), (GEMM_CONFIGS, 64), (GEMM_CONFIGS, 128)):
                 for cfg in family:
-                    bn, bw, warps, stages = cfg
                     shared = []
                     for one_split in (False, True):
-                        c = {"ONE_SPLIT": one_split, "HAS_XSCALE": False, "HAS_BIAS": True, "PATTERN": pattern,
-                             "DOT": dot, "PRECISION": precision, "BLOCK_N": bn, "BLOCK_W": bw, "TOKENS": tokens}
-                        p = {"xp_ptr": f"*{xdt}", "w_ptr": "*u8", "part_ptr": "*fp32", "sx_ptr": "*fp32",
-                             "scale_ptr": "*fp32", "bias_ptr": f"*{xdt}", "y_ptr": f"*{xdt}"}
-                        sig, consts, attrs = specialize(packed_kernel, _sig(packed_kernel, p, c), c, ints)
+                        signature, consts, options = packed_args(cfg, tokens, xdt, one_split)
+                        sig, consts, attrs = specialize(packed_kernel, signature, consts, ints)
                         k = triton.compile(ASTSource(fn=packed_kernel, signature=sig, constexprs=consts, attrs=attrs),
-                                           target=GPUTarget("cuda", arch, 32),
-                                           options={"num_warps": warps, "num_stages": stages})
+                                           target=GPUTarget("cuda", arch, 32), options=options)
                         shared.append(k.metadata.shared)
                     rows.append({"arch": f"sm{arch}", "x": xdt, "tokens": tokens, "config": list(cfg),
                                  "smallest": cfg == SMALLEST[family], "shared_kb": round(max(shared) / 1024, 1),

@@ -15,6 +15,19 @@ pytest.importorskip("triton")
 I32, C = "i32", "constexpr"
 
 
+def _packed_spec(xdt, pattern, dot, prec, has_sx, one, cfg, tokens):
+    """(kernel, signature, constexprs, options) of packed_kernel in autotune config ``cfg`` at ``tokens``."""
+    from bitflux_kernels.packed import packed_kernel
+
+    bn, bw, warps, stages = cfg
+    consts = {"ONE_SPLIT": one, "HAS_XSCALE": has_sx, "HAS_BIAS": True, "PATTERN": pattern, "DOT": dot,
+              "PRECISION": prec, "BLOCK_N": bn, "BLOCK_W": bw, "TOKENS": tokens}
+    ptrs = {"w_ptr": "*u8", "part_ptr": "*fp32", "sx_ptr": "*fp32", "scale_ptr": "*fp32", "xp_ptr": f"*{xdt}",
+            "bias_ptr": f"*{xdt}", "y_ptr": f"*{xdt}"}
+    signature = {a: ptrs.get(a, C if a in consts else I32) for a in packed_kernel.arg_names}
+    return packed_kernel, signature, consts, {"num_warps": warps, "num_stages": stages}
+
+
 def _specs():
     """(kernel, signature, constexprs, options) for representative autotune configs."""
     import triton.language as tl
@@ -22,22 +35,16 @@ def _specs():
     from bitflux_kernels.act_quant import act_quant_kernel
     from bitflux_kernels.decode import FIELDS_META, FLOAT_META, HALF_META, decode_fields_kernel, decode_float_kernel, decode_half_kernel
     from bitflux_kernels.large_m import EPILOGUE_META, int_epilogue_kernel
-    from bitflux_kernels.packed import (GEMM_CONFIGS, GEMV_CONFIGS, PERMUTE_META, REDUCE_META, packed_kernel,
-                                        permute_x_kernel, reduce_kernel)
+    from bitflux_kernels.packed import GEMM_CONFIGS, GEMV_CONFIGS, PERMUTE_META, REDUCE_META, permute_x_kernel, reduce_kernel
 
     def sig(fn, ptrs, consts):
         return {a: ptrs.get(a, C if a in consts else I32) for a in fn.arg_names}
 
-    base = {"w_ptr": "*u8", "part_ptr": "*fp32", "sx_ptr": "*fp32", "scale_ptr": "*fp32"}
-    for xdt, pattern, dot, prec, has_sx, one, (bn, bw, warps, stages), tokens in (
-            ("bf16", tl.bfloat16, tl.bfloat16, "tf32", True, False, GEMV_CONFIGS[0], 16),
-            ("fp16", tl.float16, tl.float16, "tf32", False, True, GEMV_CONFIGS[1], 32),
-            ("fp32", tl.bfloat16, tl.float32, "ieee", False, False, GEMM_CONFIGS[0], 64),
-            ("bf16", tl.bfloat16, tl.bfloat16, "tf32", True, True, GEMM_CONFIGS[2], 128)):
-        consts = {"ONE_SPLIT": one, "HAS_XSCALE": has_sx, "HAS_BIAS": True, "PATTERN": pattern, "DOT": dot,
-                  "PRECISION": prec, "BLOCK_N": bn, "BLOCK_W": bw, "TOKENS": tokens}
-        ptrs = {**base, "xp_ptr": f"*{xdt}", "bias_ptr": f"*{xdt}", "y_ptr": f"*{xdt}"}
-        yield packed_kernel, sig(packed_kernel, ptrs, consts), consts, {"num_warps": warps, "num_stages": stages}
+    for spec in (("bf16", tl.bfloat16, tl.bfloat16, "tf32", True, False, GEMV_CONFIGS[0], 16),
+                 ("fp16", tl.float16, tl.float16, "tf32", False, True, GEMV_CONFIGS[1], 32),
+                 ("fp32", tl.bfloat16, tl.float32, "ieee", False, False, GEMM_CONFIGS[0], 64),
+                 ("bf16", tl.bfloat16, tl.bfloat16, "tf32", True, True, GEMM_CONFIGS[2], 128)):
+        yield _packed_spec(*spec)
     consts = {"HAS_XSCALE": True, "HAS_BIAS": True, "BLOCK_N": REDUCE_META["BLOCK_N"]}
     ptrs = {"part_ptr": "*fp32", "sx_ptr": "*fp32", "scale_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
     yield reduce_kernel, sig(reduce_kernel, ptrs, consts), consts, {"num_warps": REDUCE_META["num_warps"]}
@@ -87,17 +94,13 @@ def _smallest_fit_99_kb() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from bitflux_kernels.packed import GEMM_CONFIGS, GEMV_CONFIGS, SMALLEST, packed_kernel
+    from bitflux_kernels.packed import GEMM_CONFIGS, GEMV_CONFIGS, SMALLEST
 
     for family, tokens in ((GEMV_CONFIGS, 32), (GEMM_CONFIGS, 128)):
-        bn, bw, warps, stages = SMALLEST[family]
-        consts = {"ONE_SPLIT": False, "HAS_XSCALE": False, "HAS_BIAS": True, "PATTERN": tl.bfloat16, "DOT": tl.float32,
-                  "PRECISION": "ieee", "BLOCK_N": bn, "BLOCK_W": bw, "TOKENS": tokens}
-        ptrs = {"w_ptr": "*u8", "part_ptr": "*fp32", "sx_ptr": "*fp32", "scale_ptr": "*fp32", "xp_ptr": "*fp32",
-                "bias_ptr": "*fp32", "y_ptr": "*fp32"}
-        signature = {a: ptrs.get(a, C if a in consts else I32) for a in packed_kernel.arg_names}
-        k = triton.compile(ASTSource(fn=packed_kernel, signature=signature, constexprs=consts),
-                           target=GPUTarget("cuda", 86, 32), options={"num_warps": warps, "num_stages": stages})
+        fn, signature, consts, options = _packed_spec("fp32", tl.bfloat16, tl.float32, "ieee", False, False,
+                                                      SMALLEST[family], tokens)
+        k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
+                           target=GPUTarget("cuda", 86, 32), options=options)
         assert k.metadata.shared <= 99 * 1024, (SMALLEST[family], tokens, k.metadata.shared)
 
 
