@@ -74,8 +74,6 @@ class BlockReconConfig(_Section):
     # only when changed, so files without a residual keep their bytes
     residual_lr: float = Field(default=1e-3, ge=0, exclude_if=lambda lr: lr == 1e-3)
     context_weight: float = Field(default=1.0, ge=0)  # text-stream output loss (vs the FP block on the same inputs); 0: image stream only
-    input_scales: bool = False  # per-input-channel scales folded into the modulation and V (methods/input_scales.py)
-    input_scale_lr: float = Field(default=1e-3, gt=0)
     inputs: Literal["quantized", "fp"] = "quantized"  # a block's inputs: the quantized chain's activations, or the FP chain's
     seed: int = 0
 

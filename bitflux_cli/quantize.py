@@ -121,8 +121,6 @@ def quantize(cfg: Config) -> dict:
                 residuals = ({sub: v[2] for sub, v in made.items() if len(v) == 3}
                              or block_residuals(block_name, block, codes, residual_rank, calib))
                 probe.fp_step(block_name, block)
-                for sub, b in getattr(quantize_block, "biases", {}).items():  # input_scales folded into these biases
-                    block.get_submodule(sub).bias.data.copy_(b)
                 parts.append(Path(tmp) / f"{len(parts):03d}.safetensors")
                 _write_part(parts[-1], block_name, block, codes, residuals)
                 probe.q_step(block_name, _to_ternary(block, codes, activations, residuals))

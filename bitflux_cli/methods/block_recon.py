@@ -28,7 +28,6 @@ from ..console import info, progress
 from ..residual import block_residuals
 from ..streaming import advance, block_names, blocks, outputs, prelude_state, run_block
 from ..ternary import block_linears
-from . import input_scales
 from .act_aware import alphas, search, threshold_codes
 from .ste import STELinear, attach_ste, optimizer
 
@@ -77,9 +76,6 @@ class BlockRecon:
         del start
         ste = attach_ste(block, init, rc.weight_lr > 0, residuals=residuals)
         opt = optimizer(ste, rc.weight_lr, rc.scale_lr, rc.residual_lr)
-        scales = input_scales.attach(block, ste) if rc.input_scales else {}
-        if scales:
-            opt.add_param_group({"params": list(scales.values()), "lr": rc.input_scale_lr})
         key = f"blocks.{name}"
         target = self.calib.records(lambda k: k == key, limit=n)[key][:n]  # [C, tokens, D] on the host; a batch a step goes over
         norm = target.float().square().mean().to(device)
@@ -99,9 +95,6 @@ class BlockRecon:
                 loss.backward()
                 opt.step()
                 step_done()
-        if scales:
-            input_scales.fold(block, ste, scales)
-            self.biases = {sub: m.bias.detach().clone() for sub, m in ste.items() if m.bias is not None}
         out = {sub: self.keep(m) for sub, m in ste.items()}
         self.state = advance(block if rc.inputs == "quantized" else fp_block, self.state, rc.batch, device, in_place=True)
         return out

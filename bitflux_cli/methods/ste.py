@@ -34,7 +34,6 @@ class STELinear(nn.Module):
         up, down = (None, None) if residual is None else (nn.Parameter(t.detach().float().clone()) for t in residual)
         self.register_parameter("residual_up", up)  # [N, r]
         self.register_parameter("residual_down", down)  # [r, K]
-        self.register_parameter("input_scale", None)  # [dim <= K]: log of the first dim input channels' scale (input_scales)
 
     def ternary_weight(self) -> torch.Tensor:  # [N, K]: value s*q, gradient identity to w, q to s
         w = self.weight
@@ -42,9 +41,6 @@ class STELinear(nn.Module):
         return self.log_scale.exp()[:, None] * q + (w - w.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
-        if self.input_scale is not None:
-            c = self.input_scale.exp()  # [dim]
-            x = x * torch.cat([c, c.new_ones(x.shape[-1] - c.numel())]).to(x.dtype)
         y = nn.functional.linear(x, self.ternary_weight().to(x.dtype), self.bias)
         if self.residual_up is None:
             return y
