@@ -36,10 +36,6 @@ def _gather(hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # [B, L, 
     return torch.gather(hidden, 1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
-def _bcast(lam: torch.Tensor, like: torch.Tensor) -> torch.Tensor:  # [B] -> [B, 1, ...] in like's dtype
-    return lam.reshape(-1, *[1] * (like.dim() - 1)).to(like.dtype)
-
-
 class BlockRecon:
     """The block-recon method over a walk of the blocks: called with each FP block in execution
     order, it trains that block's ternary copy (with a rank-``residual_rank`` residual in each linear
@@ -86,8 +82,6 @@ class BlockRecon:
         context_weight = rc.context_weight if name != self.last else 0.0  # the last text output is unused
         # the FP block's text stream on the student's inputs [C, T, D], on the host: once a block, not at every step
         fp_context = outputs(fp_block, self.state, rc.batch, device, ("context",))["context"] if context_weight else None
-        prior = {sub: (lin.weight.detach().float(), self.calib.second_moment(f"{name}.{sub}").to(device))
-                 for sub, lin in block_linears(fp_block)} if rc.weight_prior else {}  # {linear: (W [N, K], d [K])}
         with progress(f"block-recon {name}", rc.steps, "steps") as step_done:
             for _ in range(rc.steps):
                 idx = torch.randint(n, (min(rc.batch, n),), generator=self.gen)
@@ -97,21 +91,6 @@ class BlockRecon:
                 if context_weight:
                     fp_text = fp_context[idx].to(device).float()
                     loss = loss + context_weight * (context.float() - fp_text).square().mean() / fp_text.square().mean()
-                if prior:  # the d-weighted weight error act-aware minimises, relative, averaged over the linears
-                    loss = loss + rc.weight_prior * sum((d * (ste[sub].ternary_weight() - w).square()).mean() / (d * w.square()).mean()
-                                                        for sub, (w, d) in prior.items()) / len(prior)
-                if rc.mixup:  # a convex mix of two calls' inputs (all streams), the FP block's outputs on it as target
-                    j = torch.randint(n, (len(idx),), generator=self.gen)
-                    lam = torch.rand(len(idx), generator=self.gen)
-                    mixed = {k: self.state[k][idx] * _bcast(lam, self.state[k]) + self.state[k][j] * _bcast(1 - lam, self.state[k])
-                             for k in ("hidden_states", "encoder_hidden_states", "temb")} | {"image_rotary_emb": self.state["image_rotary_emb"]}
-                    with torch.no_grad():
-                        fp_c, fp_h = run_block(fp_block, mixed, slice(None), device)
-                    c_m, h_m = run_block(block, mixed, slice(None), device)
-                    mix_loss = (h_m.float() - fp_h.float()).square().mean() / fp_h.float().square().mean()
-                    if context_weight:
-                        mix_loss = mix_loss + context_weight * (c_m.float() - fp_c.float()).square().mean() / fp_c.float().square().mean()
-                    loss = loss + rc.mixup * mix_loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
