@@ -20,3 +20,5 @@ run batch-32 --set quantization.block_recon.batch=32
 run weight-lr-2e-4 --set quantization.block_recon.weight_lr=2e-4
 run context-weight-3 --set quantization.block_recon.context_weight=3
 run context-weight-0.3 --set quantization.block_recon.context_weight=0.3
+run steps-500 --set quantization.block_recon.steps=500
+run steps-250 --set quantization.block_recon.steps=250
