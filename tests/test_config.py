@@ -29,6 +29,18 @@ def test_precedence_flag_over_yaml_over_default(tmp_path):
     assert load_config(str(path), {"generate.steps": 3}, sets).generate.steps == 3  # a named flag over --set
 
 
+def test_numbers_in_exponent_form_are_numbers(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-3 as a string; a strict float field then refused what a user typed
+    cfg = load_config("tiny", None, parse_assignments(["generate.guidance=4e0", "quantization.block_recon.scale_lr=1e-3"]))
+    assert cfg.generate.guidance == 4.0 and cfg.quantization.block_recon.scale_lr == 1e-3
+    path = tmp_path / "c.yaml"
+    path.write_text("generate:\n  guidance: 35E-1\n")
+    assert load_config(str(path)).generate.guidance == 3.5
+    assert parse_assignments(["x=1e", "y=1.2.3", "z=4"]) == {"x": "1e", "y": "1.2.3", "z": 4}  # still strings, ints
+    with pytest.raises(ConfigError, match="generate.guidance: input should be a finite number"):
+        load_config("tiny", None, parse_assignments(["generate.guidance=1e999"]))
+
+
 @pytest.mark.parametrize("items, expected", [
     (["generate.steps"], "expected KEY=VALUE"),
     (["generate.steps=[1"], "not YAML"),
