@@ -15,6 +15,8 @@ import sys
 from bitflux_cli.config import load_config, parse_assignments
 from bitflux_cli.evaluate import score_pipeline
 from bitflux_cli.loader import pipeline_for
+from bitflux_cli.miniworld.scorer import paired_stderr
+from bitflux_cli.miniworld.world import balanced_prompts
 from bitflux_cli.teacher import fp_pipeline
 from bitflux_cli.ternary import _set_submodule, scoped_linears
 
@@ -34,6 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(None, {"workdir": args.workdir}, parse_assignments([]))
     report = {"command": f"python benchmarks/fp_groups.py {' '.join(sys.argv[1:])}", "groups": {}}
+    specs = balanced_prompts(cfg.eval.split, cfg.eval.seed, cfg.eval.per_category)  # the prompts score_pipeline scores
     with fp_pipeline(cfg) as (fp, _):
         report["full precision"] = _summary(score_pipeline(cfg, fp, "fp"))
         fp_linears = dict(scoped_linears(fp.transformer))
@@ -45,7 +48,10 @@ def main() -> None:
                 for name in swapped:
                     _set_submodule(pipe.transformer, name, fp_linears[name])
                 got = score_pipeline(cfg, pipe, "fp-group")
-            report["groups"][group] = _summary(got) | {"fp_linears": len(swapped), "minus_ternary_paired": _paired(report["1.58-bit"], got)}
+            diff = got["overall"] - report["1.58-bit"]["overall"]
+            report["groups"][group] = _summary(got) | {
+                "fp_linears": len(swapped), "minus_ternary": round(diff, 4),
+                "minus_ternary_paired_stderr": round(paired_stderr(specs, got["per_prompt"], report["1.58-bit"]["per_prompt"]), 4)}
             print(f"{group}: {len(swapped)} linears FP, {got['overall']:.4f}", flush=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
@@ -53,12 +59,6 @@ def main() -> None:
 
 def _summary(score: dict) -> dict:
     return {k: score[k] for k in ("overall", "overall_stderr", "categories", "per_prompt")}
-
-
-def _paired(base: dict, other: dict) -> tuple[float, float]:  # mean difference over prompts, its standard error
-    d = [b - a for a, b in zip(base["per_prompt"], other["per_prompt"])]
-    mean = sum(d) / len(d)
-    return round(mean, 4), round((sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5, 4)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ from torch import nn
 
 from bitflux_cli.artifacts import atomic_file
 from bitflux_cli.config import load_config
+from bitflux_cli.miniworld.scorer import paired_stderr
+from bitflux_cli.miniworld.world import balanced_prompts
 from bitflux_cli.ternary import scoped_linears
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -220,16 +222,6 @@ def bitflux_rows(path: Path, fp: float, transformer: nn.Module) -> dict:
                         for m, r in report["methods"].items()}}
 
 
-def paired_stderr(cfg, a: list[float], b: list[float]) -> float:
-    """Standard error of overall(a) - overall(b) from per-prompt scores on the same prompts and seeds."""
-    from bitflux_cli.miniworld.scorer import overall_stderr
-    from bitflux_cli.miniworld.world import balanced_prompts
-    per_category: dict[str, list[float]] = {}
-    for spec, x, y in zip(balanced_prompts(cfg.eval.split, cfg.eval.seed, cfg.eval.per_category), a, b):
-        per_category.setdefault(spec.category, []).append(x - y)
-    return overall_stderr(per_category)
-
-
 def versions() -> dict:
     """Installed version of each library in ``LIBRARIES`` (None: not installed)."""
     out = {}
@@ -287,6 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["bitflux"] = bitflux_rows(args.bitflux, fp, build_meta_transformer(cfg.model))
     report["peers"] = {}
     write(report, args.out)
+    specs = balanced_prompts(cfg.eval.split, cfg.eval.seed, cfg.eval.per_category)  # the prompts score_pipeline scores
     for name in names:
         library, settings, apply = PEERS[name]
         entry = {"library": library, "version": report["versions"][library], "settings": settings}
@@ -297,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
             entry["traceback_tail"] = traceback.format_exc().strip().splitlines()[-6:]
         else:
             entry |= r | {"ratio_to_fp": r["overall"] / fp,
-                          "diff_to_fp_stderr": paired_stderr(cfg, r["per_prompt"], report["fp"]["per_prompt"])}
+                          "diff_to_fp_stderr": paired_stderr(specs, r["per_prompt"], report["fp"]["per_prompt"])}
         report["peers"][name] = entry
         write(report, args.out)  # after every peer: a long run keeps what it measured
     print(table(report))

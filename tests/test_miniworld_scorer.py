@@ -174,3 +174,16 @@ def test_standard_error_is_over_prompts_within_categories():
         by_category.setdefault(spec.category, []).append(p)
     assert result["overall_stderr"] == pytest.approx(s.overall_stderr(by_category)) and result["overall_stderr"] > 0
     assert sorted(set(result["per_prompt"])) == [0.0, 1.0]
+
+
+def test_paired_error_is_the_error_of_the_per_prompt_differences():
+    specs = w.balanced_prompts(per_category=4)
+    rng = np.random.default_rng(0)
+    a, b = rng.random(len(specs)).tolist(), rng.random(len(specs)).tolist()
+    by_category = {}
+    for spec, x, y in zip(specs, a, b):
+        by_category.setdefault(spec.category, []).append(x - y)
+    assert s.paired_stderr(specs, a, b) == pytest.approx(s.overall_stderr(by_category))
+    assert s.paired_stderr(specs, a, a) == 0.0  # the same scores: no error in their difference
+    with pytest.raises(ValueError):
+        s.paired_stderr(specs, a, b[:-1])  # scores of other prompts

@@ -184,6 +184,14 @@ def evaluate(images_by_prompt: Mapping[PromptSpec, list[np.ndarray]]
             "images_per_prompt": sum(len(images) for _, images in pairs) / len(pairs), "per_prompt": per_prompt}
 
 
+def paired_stderr(specs: Sequence[PromptSpec], a: Sequence[float], b: Sequence[float]) -> float:
+    """Standard error of overall(a) - overall(b), from two models' per-prompt scores on the same ``specs`` and seeds."""
+    per_category: dict[str, list[float]] = {}
+    for spec, x, y in zip(specs, a, b, strict=True):
+        per_category.setdefault(spec.category, []).append(x - y)
+    return overall_stderr(per_category)
+
+
 def overall_stderr(per_category: Mapping[str, Sequence[float]]) -> float:
     """Standard error of the mean of category means, from per-prompt scores (or per-prompt differences
     of two models on the same prompts and seeds: the paired error of a difference)."""
