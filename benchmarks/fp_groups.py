@@ -42,17 +42,19 @@ def main() -> None:
         fp_linears = dict(scoped_linears(fp.transformer))
         with pipeline_for(cfg) as (pipe, _):
             report["1.58-bit"] = _summary(score_pipeline(cfg, pipe, "ternary"))
-        for group, pattern in GROUPS.items():
-            with pipeline_for(cfg) as (pipe, _):  # a fresh packed model for each group
+            for group, pattern in GROUPS.items():
                 swapped = [n for n in fp_linears if re.search(pattern, n)]
+                packed = {name: pipe.transformer.get_submodule(name) for name in swapped}
                 for name in swapped:
                     _set_submodule(pipe.transformer, name, fp_linears[name])
                 got = score_pipeline(cfg, pipe, "fp-group")
-            diff = got["overall"] - report["1.58-bit"]["overall"]
-            report["groups"][group] = _summary(got) | {
-                "fp_linears": len(swapped), "minus_ternary": round(diff, 4),
-                "minus_ternary_paired_stderr": round(paired_stderr(specs, got["per_prompt"], report["1.58-bit"]["per_prompt"]), 4)}
-            print(f"{group}: {len(swapped)} linears FP, {got['overall']:.4f}", flush=True)
+                for name, module in packed.items():  # the packed model again for the next group
+                    _set_submodule(pipe.transformer, name, module)
+                diff = got["overall"] - report["1.58-bit"]["overall"]
+                report["groups"][group] = _summary(got) | {
+                    "fp_linears": len(swapped), "minus_ternary": round(diff, 4),
+                    "minus_ternary_paired_stderr": round(paired_stderr(specs, got["per_prompt"], report["1.58-bit"]["per_prompt"]), 4)}
+                print(f"{group}: {len(swapped)} linears FP, {got['overall']:.4f}", flush=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
 
