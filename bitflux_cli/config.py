@@ -73,8 +73,6 @@ class BlockReconConfig(_Section):
     # Adam on the residual's factors (quantization.residual_rank > 0); 0 keeps its start fit. Recorded
     # only when changed, so files without a residual keep their bytes
     residual_lr: float = Field(default=1e-3, ge=0, exclude_if=lambda lr: lr == 1e-3)
-    # Adam on each row's threshold (log space, sigmoid surrogate gradient); 0 keeps act-aware's thresholds
-    threshold_lr: float = Field(default=0.0, ge=0, exclude_if=lambda lr: lr == 0)
     context_weight: float = Field(default=1.0, ge=0)  # text-stream output loss (vs the FP block on the same inputs); 0: image stream only
     inputs: Literal["quantized", "fp"] = "quantized"  # a block's inputs: the quantized chain's activations, or the FP chain's
     seed: int = 0

@@ -74,8 +74,8 @@ class BlockRecon:
                  for sub, lin in block_linears(block)} if self.residual_rank else {}  # act-aware's codes, which the residual starts by correcting
         residuals = block_residuals(name, block, start, self.residual_rank, self.calib)  # {} at rank 0
         del start
-        ste = attach_ste(block, init, rc.weight_lr > 0, residuals=residuals, train_threshold=rc.threshold_lr > 0)
-        opt = optimizer(ste, rc.weight_lr, rc.scale_lr, rc.residual_lr, rc.threshold_lr)
+        ste = attach_ste(block, init, rc.weight_lr > 0, residuals=residuals)
+        opt = optimizer(ste, rc.weight_lr, rc.scale_lr, rc.residual_lr)
         key = f"blocks.{name}"
         target = self.calib.records(lambda k: k == key, limit=n)[key][:n]  # [C, tokens, D] on the host; a batch a step goes over
         norm = target.float().square().mean().to(device)

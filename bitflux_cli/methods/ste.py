@@ -25,29 +25,20 @@ class STELinear(nn.Module):
     """
 
     def __init__(self, linear: nn.Linear, threshold: torch.Tensor, scale: torch.Tensor, train_weight: bool = True,
-                 residual: tuple[torch.Tensor, torch.Tensor] | None = None, train_threshold: bool = False):
+                 residual: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         self.weight = nn.Parameter(linear.weight.detach().float().clone(), requires_grad=train_weight)
         self.log_scale = nn.Parameter(scale.detach().float().log().clone())
         self.register_buffer("threshold", threshold.detach().float().clone())
-        self.register_parameter("threshold_shift", nn.Parameter(torch.zeros_like(self.threshold)) if train_threshold else None)  # [N], log space
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
         up, down = (None, None) if residual is None else (nn.Parameter(t.detach().float().clone()) for t in residual)
         self.register_parameter("residual_up", up)  # [N, r]
         self.register_parameter("residual_down", down)  # [r, K]
 
-    def effective_threshold(self) -> torch.Tensor:  # [N]
-        return self.threshold if self.threshold_shift is None else self.threshold * self.threshold_shift.exp()
-
     def ternary_weight(self) -> torch.Tensor:  # [N, K]: value s*q, gradient identity to w, q to s
-        w, t, s = self.weight, self.effective_threshold(), self.log_scale.exp()
-        q = threshold_codes(w.detach(), t.detach())
-        out = s[:, None] * q + (w - w.detach())
-        if self.threshold_shift is None:
-            return out
-        a = w.detach().abs()  # the threshold's gradient through a sigmoid of width 0.1 t around it
-        soft = torch.sigmoid((a - t[:, None]) / (0.1 * t.detach()[:, None]))
-        return out + s.detach()[:, None] * torch.sign(w.detach()) * (soft - soft.detach())
+        w = self.weight
+        q = threshold_codes(w.detach(), self.threshold)
+        return self.log_scale.exp()[:, None] * q + (w - w.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
         y = nn.functional.linear(x, self.ternary_weight().to(x.dtype), self.bias)
@@ -60,7 +51,7 @@ class STELinear(nn.Module):
         """(codes [N, K] int8, scale [N] fp32) of the current latent weight, then (up [N, r], down [r, K])
         bf16 when the layer has a residual (gathered when FSDP shards them)."""
         weight, log_scale = (_full(p.detach()) for p in (self.weight, self.log_scale))
-        out = (threshold_codes(weight, self.effective_threshold().detach()).to(torch.int8), log_scale.exp().float())
+        out = (threshold_codes(weight, self.threshold).to(torch.int8), log_scale.exp().float())
         if self.residual_up is None:
             return out
         return (*out, tuple(_full(p.detach()).to(torch.bfloat16) for p in (self.residual_up, self.residual_down)))
@@ -75,7 +66,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:  # a DTensor's whole tensor: a colle
 
 
 def attach_ste(model: nn.Module, init: dict[str, tuple[torch.Tensor, torch.Tensor]], train_weight: bool = True,
-               source: nn.Module | None = None, residuals: dict | None = None, train_threshold: bool = False) -> dict[str, STELinear]:
+               source: nn.Module | None = None, residuals: dict | None = None) -> dict[str, STELinear]:
     """Replace the named modules of ``model`` in place by ``STELinear`` from {name: (threshold [N], scale [N])}
     and, for the names in ``residuals``, their starting residual {name: (up [N, r], down [r, K])}.
 
@@ -85,13 +76,12 @@ def attach_ste(model: nn.Module, init: dict[str, tuple[torch.Tensor, torch.Tenso
     for name, (threshold, scale) in init.items():
         linear = (source or model).get_submodule(name)
         residual = (residuals or {}).get(name)
-        out[name] = STELinear(linear, threshold, scale, train_weight, residual, train_threshold).to(linear.weight.device)
+        out[name] = STELinear(linear, threshold, scale, train_weight, residual).to(linear.weight.device)
         _set_submodule(model, name, out[name])
     return out
 
 
-def optimizer(modules: dict[str, STELinear], weight_lr: float, scale_lr: float, residual_lr: float = 0.0,
-              threshold_lr: float = 0.0) -> torch.optim.Adam:
+def optimizer(modules: dict[str, STELinear], weight_lr: float, scale_lr: float, residual_lr: float = 0.0) -> torch.optim.Adam:
     """Adam over the scales, the latent weights when ``weight_lr`` > 0, and the residual factors of the
     layers that have one when ``residual_lr`` > 0."""
     groups = [{"params": [m.log_scale for m in modules.values()], "lr": scale_lr}]
@@ -100,9 +90,6 @@ def optimizer(modules: dict[str, STELinear], weight_lr: float, scale_lr: float, 
     residual = [p for m in modules.values() if m.residual_up is not None for p in (m.residual_up, m.residual_down)]
     if residual and residual_lr > 0:
         groups.append({"params": residual, "lr": residual_lr})
-    shifts = [m.threshold_shift for m in modules.values() if m.threshold_shift is not None]
-    if shifts and threshold_lr > 0:
-        groups.append({"params": shifts, "lr": threshold_lr})
     return torch.optim.Adam(groups)
 
 
