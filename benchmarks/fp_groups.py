@@ -11,6 +11,9 @@ import argparse
 import json
 import re
 import sys
+from contextlib import contextmanager
+
+import torch
 
 from bitflux_cli.config import load_config, parse_assignments
 from bitflux_cli.evaluate import score_pipeline
@@ -43,20 +46,30 @@ def main() -> None:
         with pipeline_for(cfg) as (pipe, _):
             report["1.58-bit"] = _summary(score_pipeline(cfg, pipe, "ternary"))
             for group, pattern in GROUPS.items():
-                swapped = [n for n in fp_linears if re.search(pattern, n)]
-                packed = {name: pipe.transformer.get_submodule(name) for name in swapped}
-                for name in swapped:
-                    _set_submodule(pipe.transformer, name, fp_linears[name])
-                got = score_pipeline(cfg, pipe, "fp-group")
-                for name, module in packed.items():  # the packed model again for the next group
-                    _set_submodule(pipe.transformer, name, module)
+                with fp_group(pipe.transformer, fp_linears, pattern) as swapped:
+                    got = score_pipeline(cfg, pipe, "fp-group")
                 diff = got["overall"] - report["1.58-bit"]["overall"]
                 report["groups"][group] = _summary(got) | {
-                    "fp_linears": len(swapped), "minus_ternary": round(diff, 4),
+                    "fp_linears": swapped, "minus_ternary": round(diff, 4),
                     "minus_ternary_paired_stderr": round(paired_stderr(specs, got["per_prompt"], report["1.58-bit"]["per_prompt"]), 4)}
-                print(f"{group}: {len(swapped)} linears FP, {got['overall']:.4f}", flush=True)
+                print(f"{group}: {swapped} linears FP, {got['overall']:.4f}", flush=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
+
+
+@contextmanager
+def fp_group(transformer: torch.nn.Module, fp_linears: dict[str, torch.nn.Module], pattern: str):
+    """The packed ``transformer`` with the FP linears whose names match ``pattern`` in place of its
+    ternary ones (yields how many), and its ternary ones back afterwards."""
+    swapped = [n for n in fp_linears if re.search(pattern, n)]
+    packed = {name: transformer.get_submodule(name) for name in swapped}
+    for name in swapped:
+        _set_submodule(transformer, name, fp_linears[name])
+    try:
+        yield len(swapped)
+    finally:
+        for name, module in packed.items():
+            _set_submodule(transformer, name, module)
 
 
 def _summary(score: dict) -> dict:
