@@ -1,7 +1,7 @@
-"""Load bitflux's GGUF exports (TQ2_0, TQ1_0) with ComfyUI-GGUF's own code and compare them with the BFL export.
+"""Load bitflux's GGUF exports (TQ2_0, TQ1_0, Q2_K) with ComfyUI-GGUF's own code and compare them with the BFL export.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/comfyui_gguf_check.py --comfyui /tmp/comfyui-min \
-        --comfyui-gguf /tmp/comfyui-gguf/ComfyUI-GGUF --gguf flux-tq2_0.gguf flux-tq1_0.gguf \
+        --comfyui-gguf /tmp/comfyui-gguf/ComfyUI-GGUF --gguf flux-tq2_0.gguf flux-tq1_0.gguf flux-q2_k.gguf \
         --bfl flux-bfl.safetensors --workdir WORKDIR [--scratch DIR] [--prepared-by JSON] [--out JSON]
 
 ``--comfyui-gguf`` is a folder holding city96/ComfyUI-GGUF's files as its repository has them (``GGUF_FILES``,
@@ -29,7 +29,7 @@ unmodified); it is imported the way ComfyUI imports a custom node (a package nam
 Controls (must fail): a copy of the TQ2_0 file with each 66-byte block of ``double_blocks.0.img_attn.qkv.weight``
 having its two 32-byte halves of ``qs`` swapped (a bit-plane layout error), and a copy of the TQ1_0 file with the
 256-blocks of every row of ``single_blocks.0.linear1.weight`` in reverse order (the scales, equal along a row,
-cannot show it): the codes must differ from the BFL file's and the forward error must exceed max(3e-2, 10 x the
+cannot show it; a Q2_K file's ``qs`` are the TQ2_0 file's bytes, so it gets no control of its own): the codes must differ from the BFL file's and the forward error must exceed max(3e-2, 10 x the
 match's). The copies are written to ``--scratch`` and deleted afterwards.
 
 Shims (recorded in the JSON): ComfyUI-GGUF's ``nodes.py`` (the UI node classes; imports ComfyUI's ``nodes``,
@@ -80,6 +80,11 @@ GGUF_SHIMS = {
                   "calculate_weight raises if called",
 }
 H = 3072
+
+
+def ternary_type(type_name: str) -> bool:
+    """Whether a ggml type name is one of the ternary tensors' (TQ2_0, TQ1_0, Q2_K), not a dense one."""
+    return type_name not in ("F32", "F16", "BF16")
 
 
 def gguf_sha(path: Path) -> str:
@@ -175,7 +180,7 @@ def compare_tensor(dequant, t, ref):
             "max_rel_diff": (diff[nz] / r[nz].abs()).max().item() if nz.any() else 0.0,
             "rel_l2": rel(r, g32) if r.norm() > 0 else diff.max().item(),
             "zero_where_ref_zero": bool((g32[~nz] == 0).all())}
-    if out["type"].startswith("TQ"):
+    if ternary_type(out["type"]):
         out["codes_equal"] = bool(torch.equal(torch.sign(g32), torch.sign(r)))
     return out, seconds
 
@@ -394,15 +399,15 @@ def main() -> None:
                     tensors[name] = {"in_bfl": False}
                     continue
                 tensors[name], seconds = compare_tensor(dequant, t, bfl[name])
-                if tensors[name]["type"].startswith("TQ"):
+                if ternary_type(tensors[name]["type"]):
                     tq_s += seconds
                     tq_weights += bfl[name].numel()
                 else:
                     other_s += seconds
         fallbacks = [s for s in cap.lines() if s.startswith("Falling back")]
         missing = sorted(set(bfl) - set(sd))
-        tq = {k: v for k, v in tensors.items() if v.get("type", "").startswith("TQ")}
-        dense = {k: v for k, v in tensors.items() if v.get("type") and not v["type"].startswith("TQ")}
+        tq = {k: v for k, v in tensors.items() if ternary_type(v.get("type", "F32"))}
+        dense = {k: v for k, v in tensors.items() if v.get("type") and not ternary_type(v["type"])}
         inexact = {k: v for k, v in tensors.items() if not v.get("exact_fp32")}
         entry["tensors_vs_bfl"] = {
             "compared": len(tensors), "not_in_bfl": [k for k, v in tensors.items() if not v.get("in_bfl", True)],
@@ -429,13 +434,13 @@ def main() -> None:
             "ns_per_ternary_weight": round(tq_s / tq_weights * 1e9, 2), "dense_bf16_f32_s": round(other_s, 3),
             "flux_dev_ternary_weights": full, "flux_dev_ternary_s_per_forward_extrapolated": round(tq_s / tq_weights * full, 1),
             "note": "ComfyUI-GGUF's dequantize_tensor to fp32, one CPU thread (OMP_NUM_THREADS=1); the TQ types "
-                    "go through the gguf package's numpy dequantizer. Each Linear dequantizes its weight in "
+                    "go through the gguf package's numpy dequantizer, Q2_K through ComfyUI-GGUF's torch one. Each Linear dequantizes its weight in "
                     "every forward, so this is the dequantize time of one forward; the FLUX.1-dev figure scales "
                     "it linearly to 19 + 38 blocks",
         }
         print(f"{path.name}: {entry['tensors_vs_bfl']['exact_fp32']}/{len(tensors)} tensors exact in fp32, "
               f"{entry['tensors_vs_bfl']['exact_bf16']} in bf16, codes {entry['tensors_vs_bfl']['ternary_codes_equal']}, "
-              f"max rel diff {entry['tensors_vs_bfl']['inexact_fp32_max_rel_diff']:.3e}; TQ dequantize {tq_s:.1f} s",
+              f"max rel diff {entry['tensors_vs_bfl']['inexact_fp32_max_rel_diff']:.3e}; ternary dequantize {tq_s:.1f} s",
               file=sys.stderr)
         entry["model"] = run_gguf(sd, (torch.bfloat16, torch.float32))
         for k, v in entry["model"]["forward"].items():
@@ -450,8 +455,10 @@ def main() -> None:
              "tq1_0": ("single_blocks.0.linear1.weight", "reverse-blocks")}
     for path in args.gguf:
         reader = gguf.GGUFReader(str(path))
-        qtype = next(t.tensor_type for t in reader.tensors if t.tensor_type.name.startswith("TQ"))
+        qtype = next(t.tensor_type for t in reader.tensors if t.tensor_type.name not in ("F32", "F16", "BF16"))
         del reader
+        if qtype.name.lower() not in plans:  # q2_k: its qs are TQ2_0's bytes, which the tq2_0 control covers
+            continue
         name, how = plans[qtype.name.lower()]
         dst = scratch / f"control-{how}-{path.name}"
         ctrl = patch_tensor(path, dst, name, how)

@@ -145,7 +145,7 @@ def evaluate(suite: Annotated[Optional[str], typer.Option(help="mini (the miniat
 @app.command()
 def export(out: Annotated[Path, typer.Argument(help="File (gguf, bfl) or directory (diffusers) to write.")],
            fmt: Annotated[str, typer.Option("--format", "-f", help="gguf (ternary as ggml TQ2_0/TQ1_0, stable-diffusion.cpp / ComfyUI-GGUF), bfl (one safetensors file in the original BFL naming: ComfyUI, stable-diffusion.cpp, diffusers from_single_file) or diffusers (a transformer directory as save_pretrained writes it: config.json, the checkpoint, a model card; FluxTransformer2DModel.from_pretrained loads it once bitflux_cli is imported).")],
-           codec: Annotated[Optional[str], typer.Option(help="gguf only: tq2_0 (2.06 bits a weight, default) or tq1_0 (1.69).")] = None,
+           codec: Annotated[Optional[str], typer.Option(help="gguf only: tq2_0 (2.06 bits a weight, default), tq1_0 (1.69) or q2_k (2.63, exact too; read in torch by ComfyUI-GGUF, which dequantizes the TQ types in numpy).")] = None,
            ternary: Annotated[bool, typer.Option("--ternary", help="bfl only: keep ternary codes and scales instead of dequantized bf16 weights.")] = False,
            config: ConfigOpt = None, workdir: WorkdirOpt = None, as_json: JsonOpt = False, sets: SetOpt = None):
     """Export the workdir's packed 1.58-bit transformer for other tools (GGUF, BFL single file, diffusers directory)."""

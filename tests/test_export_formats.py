@@ -158,7 +158,7 @@ def test_tq1_0_bytes_equal_the_gguf_packages_own_quantizer():
     assert np.array_equal(ours, gguf.quants.quantize(w, gguf.GGMLQuantizationType.TQ1_0))
 
 
-@pytest.mark.parametrize("codec", ["tq2_0", "tq1_0"])
+@pytest.mark.parametrize("codec", ["tq2_0", "tq1_0", "q2_k"])
 def test_gguf_reads_back_as_codes_times_fp16_scale(narrow, tmp_path, codec):
     cfg, wd = narrow
     out = tmp_path / f"m-{codec}.gguf"
@@ -219,9 +219,10 @@ def test_bfl_ternary_is_a_valid_checkpoint_with_bfl_names_that_safetensors_reads
         assert f.metadata()["base_model"] == "test:random-flux" and f.metadata()["method"] == "absmean"
 
 
-def test_full_width_gguf_holds_every_tensor_as_codes_times_fp16_scale(full, tmp_path):
+@pytest.mark.parametrize("codec", ["tq2_0", "q2_k"])
+def test_full_width_gguf_holds_every_tensor_as_codes_times_fp16_scale(full, tmp_path, codec):
     cfg, wd = full
-    res = CliRunner().invoke(app, ["export", "--workdir", str(wd), "--format", "gguf", "--codec", "tq2_0",
+    res = CliRunner().invoke(app, ["export", "--workdir", str(wd), "--format", "gguf", "--codec", codec,
                                    str(tmp_path / "f.gguf"), "--json"])
     assert res.exit_code == 0, res.stderr
     assert json.loads(res.stdout)["ternary_tensors"] == 13
@@ -289,7 +290,7 @@ def test_tensor_bytes_predicts_the_exported_sizes(narrow, tmp_path):
     assert safetensors_data(artifact_path(wd, "pack")) == planned["packed_2bit"]
     export(cfg, "bfl", tmp_path / "b.safetensors")
     assert safetensors_data(tmp_path / "b.safetensors") == planned["bf16"]
-    for codec in ("tq2_0", "tq1_0"):
+    for codec in ("tq2_0", "tq1_0", "q2_k"):
         export(cfg, "gguf", tmp_path / f"{codec}.gguf", codec)
         reader = gguf.GGUFReader(tmp_path / f"{codec}.gguf")
         data = sum(int(t.n_bytes) for t in reader.tensors)

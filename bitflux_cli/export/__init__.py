@@ -1,6 +1,6 @@
 """Export the workdir's packed 1.58-bit transformer for other tools: one module per format.
 
-- ``gguf``: GGUF with the ternary tensors as ggml TQ2_0 / TQ1_0 (stable-diffusion.cpp, ComfyUI-GGUF);
+- ``gguf``: GGUF with the ternary tensors as ggml TQ2_0, TQ1_0 or Q2_K (stable-diffusion.cpp, ComfyUI-GGUF);
 - ``bfl``: one safetensors file in the original BFL key naming (ComfyUI, stable-diffusion.cpp,
   diffusers' ``from_single_file``), dequantized bf16 or ternary-coded;
 - ``diffusers``: a transformer directory (config.json, the bitflux checkpoint, a model card), written
@@ -27,7 +27,7 @@ from ..loader import check_dense_tensors
 from .keys import Entry, swap_halves
 
 FORMATS = ("gguf", "bfl", "diffusers")
-GGUF_CODECS = ("tq2_0", "tq1_0")
+GGUF_CODECS = ("tq2_0", "tq1_0", "q2_k")
 EXPORT_FILES = {"config.json", "diffusion_pytorch_model.safetensors", "README.md"}  # what --format diffusers writes
 
 
@@ -99,7 +99,7 @@ def export(cfg: Config, fmt: str, out: Path, codec: str | None = None, ternary: 
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if fmt != "gguf" and codec is not None:
-        raise UsageError("--codec applies to --format gguf only (tq2_0 or tq1_0)")
+        raise UsageError(f"--codec applies to --format gguf only ({', '.join(GGUF_CODECS)})")
     if fmt != "bfl" and ternary:
         raise UsageError("--ternary applies to --format bfl only")
     if fmt == "diffusers":  # a directory, replaced as a whole
@@ -147,7 +147,7 @@ def tensor_bytes(arch: dict, dtype_bytes: int = 2) -> dict[str, int]:
 
     ``dtype_bytes``: the model dtype's size (2 for bf16). Keys: ``bf16`` (the FP transformer, and the
     BFL single file), ``packed_2bit`` / ``packed_base3`` (the bitflux checkpoint, the diffusers
-    directory and ``bfl --ternary``), ``gguf_tq2_0`` / ``gguf_tq1_0`` (1-D tensors as F32).
+    directory and ``bfl --ternary``), ``gguf_tq2_0`` / ``gguf_tq1_0`` / ``gguf_q2_k`` (1-D tensors as F32).
     """
     from bitflux_kernels.layout import base3_bytes, padded_k
 
@@ -163,7 +163,7 @@ def tensor_bytes(arch: dict, dtype_bytes: int = 2) -> dict[str, int]:
     out = {"bf16": total * dtype_bytes}
     out["packed_2bit"] = sum(n * padded_k(k) // 4 for n, k in weights.values()) + 4 * rows + sum(dense.values()) * dtype_bytes
     out["packed_base3"] = sum(base3_bytes(n, k) for n, k in weights.values()) + 4 * rows + sum(dense.values()) * dtype_bytes
-    for codec, block in (("tq2_0", 66), ("tq1_0", 54)):
+    for codec, block in (("tq2_0", 66), ("tq1_0", 54), ("q2_k", 84)):
         out[f"gguf_{codec}"] = sum(n * k // 256 * block for n, k in weights.values()) + one_d * 4 \
             + (sum(dense.values()) - one_d) * dtype_bytes
     return out

@@ -1,7 +1,7 @@
-"""GGUF export: the ternary linears as ggml TQ2_0 or TQ1_0, in the BFL naming stable-diffusion.cpp
+"""GGUF export: the ternary linears as ggml TQ2_0, TQ1_0 or Q2_K, in the BFL naming stable-diffusion.cpp
 and ComfyUI-GGUF read for FLUX (``general.architecture = "flux"``).
 
-Both ggml types cut a row into blocks of 256 weights along K, each with one fp16 scale ``d``:
+The ggml types cut a row into blocks of 256 weights along K, each with an fp16 scale ``d``:
 ``w = d * t`` with ``t`` in {-1, 0, 1}. bitflux has one fp32 scale per row, so every block of row n
 gets ``d = fp16(scale[n])``: exact up to the fp16 rounding of the scale. Block layouts (ggml-quants.c):
 
@@ -12,6 +12,11 @@ gets ``d = fp16(scale[n])``: exact up to the fp16 rounding of the scale. Block l
   five a byte, most significant first, as ``ceil(q * 256 / 243)``: qs[j] (j < 32) holds weights j,
   32+j, .., 128+j; qs[32+j] (j < 16) holds 160+j, 176+j, .., 224+j; qh[j] holds 240+j, 244+j,
   248+j, 252+j as the four high trits (the fifth is 0).
+- Q2_K (84 bytes, 2.625 bits a weight): ``scales[16]``, ``qs[64]``, ``d``, ``dmin``; weight i of 16-weight
+  sub-block s is ``d * (scales[s] & 15) * q - dmin * (scales[s] >> 4)``, ``qs`` laid out as TQ2_0's. With
+  every ``scales`` byte 0x11, ``d = dmin = fp16(scale[n])`` and ``q = t + 1`` (TQ2_0's bytes), that is
+  ``d * t``: a general 2-bit type that holds ternary weights exactly, for readers without the TQ types'
+  fast paths (ComfyUI-GGUF dequantizes Q2_K in torch, TQ2_0/TQ1_0 in numpy on the CPU).
 
 1-D tensors are F32 (as ComfyUI-GGUF's converter writes them), other tensors keep their dtype
 (BF16, F16 or F32). The file is written one tensor at a time.
@@ -26,12 +31,14 @@ import torch
 from ..artifacts import atomic_file
 from ..checkpoint import CheckpointFile, to_runtime_2bit
 from ..errors import UsageError
-from . import bfl_tensor, method_of, provenance
+from . import GGUF_CODECS, bfl_tensor, method_of, provenance
 from .keys import bfl_modules, bfl_table
 
 QK = 256  # weights a TQ block
-TYPES = {"tq2_0": gguf.GGMLQuantizationType.TQ2_0, "tq1_0": gguf.GGMLQuantizationType.TQ1_0}
-FILE_TYPES = {"tq2_0": gguf.LlamaFileType.MOSTLY_TQ2_0, "tq1_0": gguf.LlamaFileType.MOSTLY_TQ1_0}
+TYPES = {"tq2_0": gguf.GGMLQuantizationType.TQ2_0, "tq1_0": gguf.GGMLQuantizationType.TQ1_0,
+         "q2_k": gguf.GGMLQuantizationType.Q2_K}
+FILE_TYPES = {"tq2_0": gguf.LlamaFileType.MOSTLY_TQ2_0, "tq1_0": gguf.LlamaFileType.MOSTLY_TQ1_0,
+              "q2_k": gguf.LlamaFileType.MOSTLY_Q2_K}
 _DENSE = {torch.bfloat16: gguf.GGMLQuantizationType.BF16, torch.float16: gguf.GGMLQuantizationType.F16,
           torch.float32: gguf.GGMLQuantizationType.F32}
 ROWS = 4096  # rows encoded at a time: bounds TQ1_0's temporaries
@@ -42,7 +49,7 @@ def fp16_scale(scale: torch.Tensor, name: str) -> torch.Tensor:
     half = scale.half()
     if not bool(torch.isfinite(half).all() and (half > 0).all()):
         bad = float(scale[~(torch.isfinite(half) & (half > 0))][0])
-        raise UsageError(f"{name}: scale {bad:g} does not fit a GGUF TQ block's fp16 scale")
+        raise UsageError(f"{name}: scale {bad:g} does not fit a GGUF block's fp16 scale")
     return half
 
 
@@ -52,6 +59,15 @@ def tq2_0_blocks(packed: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
     qs = packed.reshape(n, -1, QK // 4)  # [N, K/256, 64]
     d = half.view(torch.uint8).reshape(n, 1, 2).expand(n, qs.shape[1], 2)
     return torch.cat([qs, d], dim=2).reshape(n, -1)
+
+
+def q2_k_blocks(packed: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
+    """packed [N, K/4] uint8 (bitflux 2-bit layout, K % 256 == 0), half [N] fp16 -> [N, K/256 * 84] uint8."""
+    n = packed.shape[0]
+    qs = packed.reshape(n, -1, QK // 4)  # [N, K/256, 64]
+    scales = torch.full((n, qs.shape[1], QK // 16), 0x11, dtype=torch.uint8)  # sub-block scale 1, min 1
+    d = half.view(torch.uint8).reshape(n, 1, 2).expand(n, qs.shape[1], 2)  # d, and dmin the same
+    return torch.cat([scales, qs, d, d], dim=2).reshape(n, -1)
 
 
 def tq1_0_blocks(codes: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
@@ -77,13 +93,16 @@ def _ternary(ckpt: CheckpointFile, parts: tuple[str, ...], codec: str, name: str
     for m in parts:
         n, k = ckpt.modules[m]
         half = fp16_scale(ckpt.read(f"{m}.scale"), name)
-        if codec == "tq2_0":
+        if codec in TWO_BIT:
             packed = to_runtime_2bit(ckpt.read(f"{m}.codes"), ckpt.codec, n, k)  # [N, K/4]
-            out.append(tq2_0_blocks(packed, half))
+            out.append(TWO_BIT[codec](packed, half))
         else:
             codes = ckpt.codes(m)
             out += [tq1_0_blocks(codes[i:i + ROWS], half[i:i + ROWS]) for i in range(0, n, ROWS)]
     return torch.cat(out, dim=0)
+
+
+TWO_BIT = {"tq2_0": tq2_0_blocks, "q2_k": q2_k_blocks}  # the codecs that reuse the 2-bit layout's bytes
 
 
 def check_gguf_compatible(ckpt: CheckpointFile) -> None:
@@ -91,14 +110,14 @@ def check_gguf_compatible(ckpt: CheckpointFile) -> None:
     bad = {m: k for m, (_, k) in ckpt.modules.items() if k % QK}
     if bad:
         m, k = next(iter(sorted(bad.items())))
-        raise UsageError(f"{ckpt.path}: GGUF TQ1_0/TQ2_0 need K % 256 == 0, and {len(bad)} quantized layers have "
+        raise UsageError(f"{ckpt.path}: GGUF's 256-weight blocks need K % 256 == 0, and {len(bad)} quantized layers have "
                          f"other widths (e.g. {m}: K = {k}); export this model with --format bfl or diffusers instead")
 
 
 def write_gguf(ckpt: CheckpointFile, out: Path, codec: str = "tq2_0") -> dict:
     """Write ``ckpt`` as a GGUF file at ``out``; returns its size and tensor counts."""
     if codec not in TYPES:
-        raise UsageError(f"--codec {codec!r}: GGUF takes tq2_0 or tq1_0")
+        raise UsageError(f"--codec {codec!r}: GGUF takes {', '.join(GGUF_CODECS)}")
     check_gguf_compatible(ckpt)
     arch = ckpt.meta["architecture"]
     fused = {m: parts for m, parts in bfl_modules(arch).items() if parts[0] in ckpt.modules}
