@@ -37,8 +37,10 @@ class STELinear(nn.Module):
 
     def ternary_weight(self) -> torch.Tensor:  # [N, K]: value s*q, gradient identity to w, q to s
         w = self.weight
-        q = threshold_codes(w.detach(), self.threshold)
-        return self.log_scale.exp()[:, None] * q + (w - w.detach())
+        value = self.log_scale.exp()[:, None] * threshold_codes(w.detach(), self.threshold)
+        if not (torch.is_grad_enabled() and w.requires_grad):  # forwards without a backward: two passes fewer
+            return value
+        return value + (w - w.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
         y = nn.functional.linear(x, self.ternary_weight().to(x.dtype), self.bias)
