@@ -99,6 +99,34 @@ def import_comfy(root: Path):
     return flux_model, model_detection, ops
 
 
+def file_record(path: Path) -> dict:
+    """{"bytes", "sha256"} of a source file read for a check."""
+    data = path.read_bytes()
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def inputs():
+    """The inputs of tests/test_export_formats.py's from_single_file test: img tokens [1, 16, 64] (4x4 packed 2x2
+    latent tokens), T5 context [1, 8, 4096], pooled CLIP [1, 768] (bf16), img_ids, txt_ids, timestep, guidance."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    img = torch.randn(1, 16, 64, generator=gen).bfloat16()
+    txt = torch.randn(1, 8, 4096, generator=gen).bfloat16()
+    y = torch.randn(1, 768, generator=gen).bfloat16()
+    img_ids = torch.stack([torch.zeros(16), torch.arange(16.) // 4, torch.arange(16.) % 4], -1)
+    txt_ids = torch.zeros(8, 3)
+    return img, txt, y, img_ids, txt_ids, torch.tensor([0.7]), torch.tensor([3.5])
+
+
+def embedded_in_bf16(timestep, guidance) -> dict:
+    """{"t", "g"}: the values diffusers' FluxTransformer2DModel embeds in bf16 (x 1000 in bf16: guidance 3500
+    becomes 3504), for ComfyUI, which multiplies by 1000 in fp32."""
+    import torch
+
+    return {name: (v.to(torch.bfloat16) * 1000).float() / 1000 for name, v in (("t", timestep), ("g", guidance))}
+
+
 def swapped(sd: dict, key: str, a: slice, b: slice) -> dict:
     """A copy of ``sd`` with rows ``a`` and ``b`` of ``key``.weight and ``key``.bias exchanged."""
     out = dict(sd)
@@ -126,10 +154,7 @@ def main() -> None:
     from bitflux_cli.loader import load_quantized_transformer
 
     torch.manual_seed(0)
-    files = {}
-    for path, commit in FILES.items():
-        data = (args.comfyui / path).read_bytes()
-        files[path] = {"commit": commit, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    files = {path: {"commit": commit} | file_record(args.comfyui / path) for path, commit in FILES.items()}
     report = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "commands": args.prepared_by,
               "comfyui": {"repo": "comfyanonymous/ComfyUI", "anchor_commit": ANCHOR, "files": files,
                           "shimmed_imports": SHIMS,
@@ -173,19 +198,12 @@ def main() -> None:
                       "strict_error": strict_error, "params": sum(p.numel() for p in model.parameters()),
                       "state_dict_keys": len(model.state_dict()), "file_keys": len(sd), "seconds": round(time.time() - t, 1)}
 
-    # the inputs of tests/test_export_formats.py::test_full_width_bfl_file_loads_with_from_single_file_...
-    gen = torch.Generator().manual_seed(0)
-    img = torch.randn(1, 16, 64, generator=gen).bfloat16()  # 4x4 packed 2x2 latent tokens
-    txt = torch.randn(1, 8, 4096, generator=gen).bfloat16()
-    y = torch.randn(1, 768, generator=gen).bfloat16()
-    img_ids = torch.stack([torch.zeros(16), torch.arange(16.) // 4, torch.arange(16.) % 4], -1)
-    txt_ids = torch.zeros(8, 3)
-    timestep, guidance = torch.tensor([0.7]), torch.tensor([3.5])
+    img, txt, y, img_ids, txt_ids, timestep, guidance = inputs()
 
     packed = load_quantized_transformer(artifact_path(args.workdir, "pack"))  # bf16, TernaryLinear blocks
     # diffusers' FluxTransformer2DModel multiplies timestep and guidance by 1000 in the model dtype (bf16), which
     # rounds guidance 3500 to 3504; ComfyUI multiplies by 1000 in fp32. ComfyUI is given the values diffusers embeds.
-    as_embedded = {name: (v.to(torch.bfloat16) * 1000).float() / 1000 for name, v in (("t", timestep), ("g", guidance))}
+    as_embedded = embedded_in_bf16(timestep, guidance)
     with torch.no_grad():
         ref = packed(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=timestep,
                      img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]

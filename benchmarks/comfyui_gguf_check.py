@@ -42,7 +42,6 @@ stand-in (ComfyUI-GGUF's ``__init__.py`` imports it only to test that it runs in
 
 import argparse
 import contextlib
-import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -56,7 +55,7 @@ import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from comfyui_check import import_comfy, rel
+from comfyui_check import embedded_in_bf16, file_record, import_comfy, inputs, rel
 
 REPO = "city96/ComfyUI-GGUF"
 COMMIT = "795e45156ece99afbc3efef911e63fcb46e6a20d"  # HEAD of the stored snapshot, 2025-12-18 "Use int64 for index in dequant"
@@ -85,14 +84,6 @@ H = 3072
 def ternary_type(type_name: str) -> bool:
     """Whether a ggml type name is one of the ternary tensors' (TQ2_0, TQ1_0, Q2_K), not a dense one."""
     return type_name not in ("F32", "F16", "BF16")
-
-
-def gguf_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def import_comfyui_gguf(root: Path):
@@ -143,19 +134,6 @@ class Captured(logging.Handler):
 
     def lines(self):
         return self.records + [s for s in self.stdout.getvalue().splitlines() if s]
-
-
-def inputs():
-    """comfyui_check.py's inputs (those of tests/test_export_formats.py's from_single_file test)."""
-    import torch
-
-    gen = torch.Generator().manual_seed(0)
-    img = torch.randn(1, 16, 64, generator=gen).bfloat16()  # 4x4 packed 2x2 latent tokens
-    txt = torch.randn(1, 8, 4096, generator=gen).bfloat16()
-    y = torch.randn(1, 768, generator=gen).bfloat16()
-    img_ids = torch.stack([torch.zeros(16), torch.arange(16.) // 4, torch.arange(16.) % 4], -1)
-    txt_ids = torch.zeros(8, 3)
-    return img, txt, y, img_ids, txt_ids, torch.tensor([0.7]), torch.tensor([3.5])
 
 
 def compare_tensor(dequant, t, ref):
@@ -250,14 +228,11 @@ def main() -> None:
     import torch
     from safetensors.torch import load_file
 
-    from bitflux_cli.artifacts import artifact_path
+    from bitflux_cli.artifacts import artifact_path, file_sha256
     from bitflux_cli.loader import load_quantized_transformer
 
     torch.manual_seed(0)
-    files = {}
-    for path, commit in GGUF_FILES.items():
-        data = (args.comfyui_gguf / path).read_bytes()
-        files[path] = {"last_changed_in": commit, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    files = {path: {"last_changed_in": commit} | file_record(args.comfyui_gguf / path) for path, commit in GGUF_FILES.items()}
     report = {
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "commands": args.prepared_by,
         "comfyui_gguf": {
@@ -287,7 +262,7 @@ def main() -> None:
     bfl = load_file(str(args.bfl))
     report["bfl"] = {"file": args.bfl.name, "bytes": args.bfl.stat().st_size, "tensors": len(bfl)}
     img, txt, y, img_ids, txt_ids, timestep, guidance = inputs()
-    as_embedded = {n: (v.to(torch.bfloat16) * 1000).float() / 1000 for n, v in (("t", timestep), ("g", guidance))}
+    as_embedded = embedded_in_bf16(timestep, guidance)
 
     def comfy_out(m, dtype):  # comfyui_check.py's comfy_out: bf16 gets the values diffusers embeds, fp32 the raw ones
         t, g = (as_embedded["t"], as_embedded["g"]) if dtype == torch.bfloat16 else (timestep, guidance)
@@ -386,7 +361,7 @@ def main() -> None:
     report["files"] = {}
     scratch = args.scratch or args.gguf[0].parent
     for path in args.gguf:
-        entry = report["files"][path.name] = {"bytes": path.stat().st_size, "sha256": gguf_sha(path)}
+        entry = report["files"][path.name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
         sd, entry["load"] = load_gguf(loader, path)
         entry["detect_arch_from_tensor_names"] = convert.detect_arch(set(sd)).arch
         print(f"{path.name}: gguf_sd_loader arch {entry['load']['arch']!r}, types {entry['load']['tensor_types_in_state_dict']}",
