@@ -53,21 +53,25 @@ def fp16_scale(scale: torch.Tensor, name: str) -> torch.Tensor:
     return half
 
 
-def tq2_0_blocks(packed: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
-    """packed [N, K/4] uint8 (bitflux 2-bit layout, K % 256 == 0), half [N] fp16 -> [N, K/256 * 66] uint8."""
+def _two_bit_parts(packed: torch.Tensor, half: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """packed [N, K/4] uint8 (bitflux 2-bit layout, K % 256 == 0), half [N] fp16 -> a 256-block's quants
+    [N, K/256, 64] and its fp16 scale's bytes [N, K/256, 2]."""
     n = packed.shape[0]
-    qs = packed.reshape(n, -1, QK // 4)  # [N, K/256, 64]
-    d = half.view(torch.uint8).reshape(n, 1, 2).expand(n, qs.shape[1], 2)
-    return torch.cat([qs, d], dim=2).reshape(n, -1)
+    qs = packed.reshape(n, -1, QK // 4)
+    return qs, half.view(torch.uint8).reshape(n, 1, 2).expand(n, qs.shape[1], 2)
+
+
+def tq2_0_blocks(packed: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
+    """packed [N, K/4] uint8, half [N] fp16 -> [N, K/256 * 66] uint8."""
+    qs, d = _two_bit_parts(packed, half)
+    return torch.cat([qs, d], dim=2).reshape(len(packed), -1)
 
 
 def q2_k_blocks(packed: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
-    """packed [N, K/4] uint8 (bitflux 2-bit layout, K % 256 == 0), half [N] fp16 -> [N, K/256 * 84] uint8."""
-    n = packed.shape[0]
-    qs = packed.reshape(n, -1, QK // 4)  # [N, K/256, 64]
-    scales = torch.full((n, qs.shape[1], QK // 16), 0x11, dtype=torch.uint8)  # sub-block scale 1, min 1
-    d = half.view(torch.uint8).reshape(n, 1, 2).expand(n, qs.shape[1], 2)  # d, and dmin the same
-    return torch.cat([scales, qs, d, d], dim=2).reshape(n, -1)
+    """packed [N, K/4] uint8, half [N] fp16 -> [N, K/256 * 84] uint8."""
+    qs, d = _two_bit_parts(packed, half)
+    scales = torch.full((*qs.shape[:2], QK // 16), 0x11, dtype=torch.uint8)  # sub-block scale 1, min 1
+    return torch.cat([scales, qs, d, d], dim=2).reshape(len(packed), -1)  # d, and dmin the same
 
 
 def tq1_0_blocks(codes: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
