@@ -3,7 +3,8 @@
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator
@@ -371,9 +372,24 @@ def parse_assignments(items: list[str] | None) -> dict[str, Any]:
         if not sep or not key.strip():
             raise ConfigError(f"--set {_clip(item)}: expected KEY=VALUE, e.g. --set quantization.block_recon.steps=4000")
         try:
-            out[key.strip()] = _yaml(value)
+            parsed = _yaml(value)
         except DuplicateKeyError as exc:
             raise ConfigError(f"--set {_clip(item)}: {exc}") from None
         except _YAML_FAILURES as exc:
             raise ConfigError(f"--set {_clip(item)}: the value is not YAML ({_yaml_error(exc)})") from None
+        # a text field takes the text as typed: model.revision=1234e56 is not a float, workdir=123 not an int
+        out[key.strip()] = value.strip() if parsed is not None and not isinstance(parsed, str) \
+            and _is_text_field(key.strip()) else parsed
     return out
+
+
+def _is_text_field(key: str) -> bool:
+    """Whether the dotted ``key`` names a ``Config`` field that holds only text: str, Path, or either or None."""
+    model, annotation = Config, None
+    for part in key.split("."):
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return False
+        model = annotation = field.annotation
+    kinds = (set(get_args(annotation)) if get_origin(annotation) in (Union, UnionType) else {annotation}) - {type(None)}
+    return bool(kinds) and kinds <= {str, Path}

@@ -1,5 +1,7 @@
 """Config: bundled names, precedence (flags > YAML > defaults), one-line errors."""
 
+from pathlib import Path
+
 import pytest
 
 from bitflux_cli.config import bundled_configs, load_config, parse_assignments
@@ -165,3 +167,12 @@ def test_workdir_expands_the_home_directory(monkeypatch, tmp_path):
 def test_an_empty_or_directory_config_is_refused(name, expected):
     with pytest.raises(ConfigError, match=expected):
         load_config(name)
+
+
+def test_text_fields_take_the_value_as_typed():
+    sets = parse_assignments(["workdir=123", "model.revision=1234e56", "model.path=null", "generate.steps=5",
+                              "calibration.prompts.data_dir=2024-01-01", "bench.gpu=on"])
+    assert sets == {"workdir": "123", "model.revision": "1234e56", "model.path": None, "generate.steps": 5,
+                    "calibration.prompts.data_dir": "2024-01-01", "bench.gpu": "on"}
+    cfg = load_config("tiny", None, sets | {"bench.gpu": None})
+    assert cfg.workdir == Path("123") and cfg.model.revision == "1234e56" and cfg.model.path is None
