@@ -92,7 +92,7 @@ def optimizer(modules: dict[str, STELinear], weight_lr: float, scale_lr: float, 
     residual = [p for m in modules.values() if m.residual_up is not None for p in (m.residual_up, m.residual_down)]
     if residual and residual_lr > 0:
         groups.append({"params": residual, "lr": residual_lr})
-    return torch.optim.Adam(groups)
+    return torch.optim.Adam(groups, foreach=True)  # CPU defaults to a Python loop over the tensors
 
 
 def absmean_init(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
