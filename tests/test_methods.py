@@ -1,6 +1,7 @@
 """Quantization methods on the tiny model: exact ternary codes, and each lowers the error it targets vs absmean."""
 
 import copy
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from bitflux_cli.calibrate import load_calibration, teacher_kwargs
 from bitflux_cli.config import load_config
 from bitflux_cli.fidelity import IMAGE, REPORT_PROMPTS, TEXT, _block_outputs
 from bitflux_cli.methods import METHODS, run_method
-from bitflux_cli.methods.act_aware import weighted_error
+from bitflux_cli.methods.act_aware import search, weighted_error
 from bitflux_cli.models import load_pipeline
 from bitflux_cli.teacher import record_transformer_calls, velocity_errors
 from bitflux_cli.ternary import quantize_transformer, scoped_linears
@@ -76,6 +77,16 @@ def test_act_aware_lowers_the_weighted_layer_error(setup):
         assert (e_aa <= e_am * (1 + 1e-5)).all(), name
         total_aa, total_am = total_aa + e_aa.sum().item(), total_am + e_am.sum().item()
     assert total_aa < 0.9 * total_am
+
+
+def test_act_aware_search_in_row_chunks_equals_one_pass(monkeypatch):
+    module = sys.modules["bitflux_cli.methods.act_aware"]  # the package exports a function of the same name
+    weight, d = torch.randn(1000, 384, generator=torch.Generator().manual_seed(0)).bfloat16(), torch.rand(384) * 3
+    whole = search(weight, d, [0.5, 0.3, 0.7, 1.0])
+    monkeypatch.setattr(module, "_CHUNK", 384 * 100)  # chunks of 64 rows, the last one 40
+    chunked = search(weight, d, [0.5, 0.3, 0.7, 1.0])
+    assert torch.equal(chunked[0], whole[0])
+    torch.testing.assert_close(chunked[1], whole[1], rtol=1e-6, atol=0)
 
 
 def test_block_recon_lowers_the_block_output_error(setup):

@@ -26,7 +26,18 @@ def weighted_error(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tenso
 
 def search(weight: torch.Tensor, d: torch.Tensor, alphas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row threshold [N] and scale [N] minimising ``weighted_error`` over t = alpha * mean|w|."""
-    a = weight.detach().float().abs()  # [N, K]
+    # rows are independent: chunks bound the temporaries. Power-of-two chunks keep FLUX's shapes' bits (CPU
+    # gemv rounds chunks of 1365 rows, or an odd N's, in the last bit otherwise); the mini model is one chunk
+    rows = 1 << max(4, (_CHUNK // weight.shape[1]).bit_length() - 1)
+    found = [_search_rows(chunk, d, alphas) for chunk in weight.detach().split(rows)]
+    return torch.cat([t for t, _ in found]), torch.cat([s for _, s in found])
+
+
+_CHUNK = 1 << 22  # elements of an [rows, K] float temporary: 16 MB, reused from the heap instead of page-faulted
+
+
+def _search_rows(weight: torch.Tensor, d: torch.Tensor, alphas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    a = weight.float().abs()  # [N, K]
     d = d.float().to(a.device)  # [K]
     dw = d * a  # [N, K]; w q = |w| where q != 0
     mean_abs = a.mean(1)  # [N]
