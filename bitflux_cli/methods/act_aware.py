@@ -29,6 +29,7 @@ def search(weight: torch.Tensor, d: torch.Tensor, alphas: list[float]) -> tuple[
     # rows are independent: chunks bound the temporaries. Power-of-two chunks keep FLUX's shapes' bits (CPU
     # gemv rounds chunks of 1365 rows, or an odd N's, in the last bit otherwise); the mini model is one chunk
     rows = 1 << max(4, (_CHUNK // weight.shape[1]).bit_length() - 1)
+    d = d.float().to(weight.device)  # [K], once for every chunk
     found = [_search_rows(chunk, d, alphas) for chunk in weight.detach().split(rows)]
     return torch.cat([t for t, _ in found]), torch.cat([s for _, s in found])
 
@@ -37,8 +38,7 @@ _CHUNK = 1 << 22  # elements of an [rows, K] float temporary: 16 MB, reused from
 
 
 def _search_rows(weight: torch.Tensor, d: torch.Tensor, alphas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    a = weight.float().abs()  # [N, K]
-    d = d.float().to(a.device)  # [K]
+    a = weight.float().abs()  # [N, K]; d: [K] float on its device
     dw = d * a  # [N, K]; w q = |w| where q != 0
     mean_abs = a.mean(1)  # [N]
     total = (dw * a).sum(1)  # [N]
