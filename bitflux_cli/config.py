@@ -76,7 +76,6 @@ class BlockReconConfig(_Section):
     residual_lr: float = Field(default=1e-3, ge=0, exclude_if=lambda lr: lr == 1e-3)
     context_weight: float = Field(default=1.0, ge=0)  # text-stream output loss (vs the FP block on the same inputs); 0: image stream only
     inputs: Literal["quantized", "fp"] = "quantized"  # a block's inputs: the quantized chain's activations, or the FP chain's
-    ema: float = Field(default=0.0, ge=0, lt=1)  # experiment: Polyak average of latents and scales
     seed: int = 0
 
 

@@ -82,8 +82,6 @@ class BlockRecon:
         context_weight = rc.context_weight if name != self.last else 0.0  # the last text output is unused
         # the FP block's text stream on the student's inputs [C, T, D], on the host: once a block, not at every step
         fp_context = outputs(fp_block, self.state, rc.batch, device, ("context",))["context"] if context_weight else None
-        params = [p for m in ste.values() for p in (m.weight, m.log_scale)]
-        avg = [p.detach().clone() for p in params] if rc.ema else None
         with progress(f"block-recon {name}", rc.steps, "steps") as step_done:
             for _ in range(rc.steps):
                 idx = torch.randint(n, (min(rc.batch, n),), generator=self.gen)
@@ -96,13 +94,7 @@ class BlockRecon:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                if avg is not None:
-                    torch._foreach_lerp_(avg, [p.detach() for p in params], 1 - rc.ema)
                 step_done()
-        if avg is not None:
-            with torch.no_grad():
-                for p, a in zip(params, avg):
-                    p.copy_(a)
         out = {sub: self.keep(m) for sub, m in ste.items()}
         self.state = advance(block if rc.inputs == "quantized" else fp_block, self.state, rc.batch, device, in_place=True)
         return out
