@@ -76,9 +76,6 @@ class BlockReconConfig(_Section):
     residual_lr: float = Field(default=1e-3, ge=0, exclude_if=lambda lr: lr == 1e-3)
     context_weight: float = Field(default=1.0, ge=0)  # text-stream output loss (vs the FP block on the same inputs); 0: image stream only
     inputs: Literal["quantized", "fp"] = "quantized"  # a block's inputs: the quantized chain's activations, or the FP chain's
-    # experiment: match the FP block's response to moving each call's text stream towards another call's
-    sensitivity_weight: float = Field(default=0.0, ge=0)
-    sensitivity_eps: float = Field(default=0.1, gt=0)
     seed: int = 0
 
 

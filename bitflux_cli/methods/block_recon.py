@@ -91,8 +91,6 @@ class BlockRecon:
                 if context_weight:
                     fp_text = fp_context[idx].to(device).float()
                     loss = loss + context_weight * (context.float() - fp_text).square().mean() / fp_text.square().mean()
-                if rc.sensitivity_weight:
-                    loss = loss + rc.sensitivity_weight * self._sensitivity(block, fp_block, idx, context, hidden)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -100,27 +98,6 @@ class BlockRecon:
         out = {sub: self.keep(m) for sub, m in ste.items()}
         self.state = advance(block if rc.inputs == "quantized" else fp_block, self.state, rc.batch, device, in_place=True)
         return out
-
-
-    def _sensitivity(self, block, fp_block, idx, context, hidden) -> torch.Tensor:
-        """Relative error of the student's change of output against the FP block's, when each call's text
-        stream moves ``sensitivity_eps`` of the way towards another call's of the batch (all streams, all tokens)."""
-        rc, device = self.cfg.quantization.block_recon, self.device
-        partner = idx[torch.randperm(len(idx), generator=self.gen)]
-        enc = self.state["encoder_hidden_states"]
-        moved_enc = enc[idx] + rc.sensitivity_eps * (enc[partner] - enc[idx])  # [B, T, D]
-        rope = tuple(r.to(device) for r in self.state["image_rotary_emb"])
-        kw = dict(hidden_states=self.state["hidden_states"][idx].to(device), temb=self.state["temb"][idx].to(device),
-                  image_rotary_emb=rope)
-        with torch.no_grad():
-            fp0 = fp_block(encoder_hidden_states=enc[idx].to(device), **kw)
-            fp1 = fp_block(encoder_hidden_states=moved_enc.to(device), **kw)
-        st1 = block(encoder_hidden_states=moved_enc.to(device), **kw)
-        loss = 0.0
-        for s0, s1, f0, f1 in zip((context, hidden), st1, fp0, fp1):
-            want = (f1 - f0).float()
-            loss = loss + ((s1 - s0).float() - want).square().mean() / want.square().mean().clamp_min(1e-12)
-        return loss
 
 
 def block_recon(cfg: Config, transformer, calib: Calibration) -> BlockRecon:
