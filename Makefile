@@ -35,8 +35,8 @@ mini-model: $(STAMP)
 
 # glibc hands every freed block over 32 MB back to the kernel and faults it in again on the next allocation: at
 # FLUX's full width (the stand-in tests) that was a third of their time. Kept in the heap, the stand-in chain
-# took 86 s instead of 121 s and the suite 8:01 instead of 8:39 (one fresh-clone run each), for 10.6 GB peak
-# instead of 9.1 GB.
+# took 86 s instead of 121 s and the suite 8:01 instead of 8:39 (one fresh-clone run each; this machine's speed
+# varies by the hour, the next fresh clone took 8:59), for 10.6 GB peak instead of 9.1 GB.
 TEST_MALLOC := MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=1073741824
 
 test: $(STAMP)

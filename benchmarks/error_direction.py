@@ -6,7 +6,7 @@ error goes; the same for the FP model with seeded Gaussian weight noise (0.2 of 
 ``noise_curve.py``'s level with the ternary model's velocity error), whose error points nowhere in
 particular.
 
-A diagnostic, not a method. Usage (about 2 min on 2 CPU cores, after ``make demo``):
+A diagnostic, not a method. Usage (about 30 s on 2 CPU cores, after ``make demo``):
     python benchmarks/error_direction.py runs/demo benchmarks/results/error-direction.json
 """
 
@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 import torch
+from noise_curve import weight_noise  # benchmarks/, the script's own folder
 
 from bitflux_cli.config import load_config, parse_assignments
 from bitflux_cli.loader import pipeline_for
@@ -81,8 +82,7 @@ def _noisy(transformer: torch.nn.Module) -> torch.nn.Module:
     out = copy.deepcopy(transformer)
     gen = torch.Generator().manual_seed(0)
     for _, m in scoped_linears(out):
-        w = m.weight  # [N, K]
-        m.weight.copy_(w + NOISE * w.square().mean(1, keepdim=True).sqrt() * torch.randn(w.shape, generator=gen))
+        m.weight.add_(weight_noise(m.weight, NOISE, gen))
     return out
 
 

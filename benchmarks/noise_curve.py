@@ -9,7 +9,7 @@ element's sign drawn at random (the same magnitudes), and W - E with each row's 
 same values, elsewhere in the row). If those score like FP, what costs the points is where the ternary
 error points, not how large it is.
 
-A diagnostic, not a method. Usage (about 1 min a level on 2 CPU cores, after ``make demo``):
+A diagnostic, not a method. Usage (about 5 min on 2 CPU cores, after ``make demo``):
     python benchmarks/noise_curve.py runs/demo benchmarks/results/noise-curve.json
 """
 
@@ -23,9 +23,11 @@ import torch
 from fp_groups import _summary  # benchmarks/, the script's own folder
 from velocity_gap import per_prompt_errors
 
+from bitflux_cli.checkpoint import CheckpointFile
 from bitflux_cli.config import load_config, parse_assignments
 from bitflux_cli.evaluate import score_pipeline
-from bitflux_cli.loader import pipeline_for
+from bitflux_cli.export import dequantized
+from bitflux_cli.loader import packed_checkpoint, pipeline_for
 from bitflux_cli.miniworld.scorer import paired_stderr
 from bitflux_cli.miniworld.world import CATEGORIES, balanced_prompts
 from bitflux_cli.teacher import fp_pipeline, record_transformer_calls
@@ -53,12 +55,12 @@ def main() -> None:
         clean = {name: m.weight.detach().clone() for name, m in linears.items()}  # [N, K] each
         with pipeline_for(cfg) as (packed, _):
             report["1.58-bit"] = _row(cfg, packed, fp, calls, specs, report["full precision"])
-            error = {name: w - _dequantized(packed.transformer.get_submodule(name)) for name, w in clean.items()}
+        ckpt = CheckpointFile(packed_checkpoint(cfg))
+        error = {name: w - dequantized(ckpt, name, torch.float32) for name, w in clean.items()}
         print("1.58-bit", _brief(report["1.58-bit"]), flush=True)
         for eps in args.eps:
             gen = torch.Generator().manual_seed(0)
-            rms = {name: w.square().mean(1, keepdim=True).sqrt() for name, w in clean.items()}  # [N, 1]
-            _perturb(linears, clean, lambda name, w: eps * rms[name] * torch.randn(w.shape, generator=gen))
+            _perturb(linears, clean, lambda name, w: weight_noise(w, eps, gen))
             report["levels"][str(eps)] = _row(cfg, student, fp, calls, specs, report["full precision"])
             print(f"eps {eps}", _brief(report["levels"][str(eps)]), flush=True)
         gen = torch.Generator().manual_seed(0)
@@ -83,18 +85,16 @@ def _copy(pipe):
     return out
 
 
+def weight_noise(w: torch.Tensor, eps: float, gen: torch.Generator) -> torch.Tensor:
+    """Gaussian noise [N, K] for a weight [N, K]: ``eps`` times each row's RMS, drawn from ``gen``."""
+    return eps * w.square().mean(1, keepdim=True).sqrt() * torch.randn(w.shape, generator=gen)
+
+
 @torch.no_grad()
 def _perturb(linears: dict, clean: dict, noise) -> None:
     """Each linear's weight set to its clean weight plus ``noise(name, weight)`` [N, K]."""
     for name, m in linears.items():
         m.weight.copy_(clean[name] + noise(name, clean[name]))
-
-
-@torch.no_grad()
-def _dequantized(layer: torch.nn.Module) -> torch.Tensor:
-    """The weight [N, K] a packed linear applies: its output on the identity, less its bias."""
-    eye = torch.eye(layer.in_features)
-    return (layer(eye) - (0 if layer.bias is None else layer.bias)).T.float()
 
 
 def _row(cfg, pipe, fp, calls: dict, specs, fp_score: dict) -> dict:
