@@ -4,17 +4,12 @@
 # run, then quantize, pack, eval (tiny.yaml, 192 prompts x 4 images). Writes $1/<name>.eval.json.
 # Usage: bash benchmarks/block_recon_knobs.sh RUNS_DIR   (about 3 min a run on 2 CPU cores)
 set -euo pipefail
-R=$1
+R=$1; mkdir -p "$R"
 bitflux quantize --workdir "$R/base" --json > "$R/base.quantize.json"
 bitflux pack --workdir "$R/base" --json > /dev/null
 bitflux eval --workdir "$R/base" --json > "$R/default.eval.json"
-run() {  # name --set ...
-  local name=$1; shift
-  rm -rf "$R/$name"; mkdir -p "$R/$name"; cp -r "$R/base/calib" "$R/$name/"
-  bitflux quantize --workdir "$R/$name" --json "$@" > "$R/$name.quantize.json"
-  bitflux pack --workdir "$R/$name" --json > /dev/null
-  bitflux eval --workdir "$R/$name" --json > "$R/$name.eval.json"
-}
+source "$(dirname "$0")/variants.sh"
+run() { fresh_from base "$1"; variant "$@"; }  # name --set ...
 run inputs-fp --set quantization.block_recon.inputs=fp
 run batch-32 --set quantization.block_recon.batch=32
 run weight-lr-2e-4 --set quantization.block_recon.weight_lr=2e-4

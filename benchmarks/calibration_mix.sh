@@ -15,12 +15,7 @@ per = {"single_object": 32, "two_object": 64, "counting": 128, "colors": 32, "po
 captions = [s.caption for c in CATEGORIES for s in balanced_prompts("train", seed=0, per_category=per[c]) if s.category == c]
 open(sys.argv[1], "w").write("\n".join(captions) + "\n")
 PY
-run() {  # name --set ...
-  local name=$1; shift
-  rm -rf "$R/$name"
-  bitflux quantize --workdir "$R/$name" --json "$@" > "$R/$name.quantize.json"
-  bitflux pack --workdir "$R/$name" --json > /dev/null
-  bitflux eval --workdir "$R/$name" --json > "$R/$name.eval.json"
-}
-run default
-run counting-weighted --set "calibration.prompts.sets=[$R/prompts-counting.txt]"
+source "$(dirname "$0")/variants.sh"
+rm -rf "$R/default" "$R/counting-weighted"
+variant default
+variant counting-weighted --set "calibration.prompts.sets=[$R/prompts-counting.txt]"

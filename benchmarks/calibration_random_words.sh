@@ -32,16 +32,12 @@ for n in (192, 384, 1152):
             extra.append(" ".join(words))
     open(f"{sys.argv[1]}/random-words-{n}.txt", "w").write("\n".join(train + extra) + "\n")
 PY
-run() {  # name prompts-file --set ...
-  local name=$1 prompts=$2; shift 2
-  bitflux quantize --workdir "$R/$name" --json --set "calibration.prompts.sets=[$prompts]" "$@" > "$R/$name.quantize.json"
-  bitflux pack --workdir "$R/$name" --json > /dev/null
-  bitflux eval --workdir "$R/$name" --json > "$R/$name.eval.json"
-}
+source "$(dirname "$0")/variants.sh"
+run() { local name=$1 prompts=$2; shift 2; variant "$name" --set "calibration.prompts.sets=[$prompts]" "$@"; }  # name prompts-file --set ...
 run random-words-384 "$R/random-words-384.txt"
 run random-words-192 "$R/random-words-192.txt"
-rm -rf "$R/random-words-384-seed1"; mkdir -p "$R/random-words-384-seed1"; cp -r "$R/random-words-384/calib" "$R/random-words-384-seed1/"
+fresh_from random-words-384 random-words-384-seed1
 run random-words-384-seed1 "$R/random-words-384.txt" --set quantization.block_recon.seed=1
 run random-words-1152 "$R/random-words-1152.txt"
-rm -rf "$R/random-words-1152-seed1"; mkdir -p "$R/random-words-1152-seed1"; cp -r "$R/random-words-1152/calib" "$R/random-words-1152-seed1/"
+fresh_from random-words-1152 random-words-1152-seed1
 run random-words-1152-seed1 "$R/random-words-1152.txt" --set quantization.block_recon.seed=1

@@ -25,15 +25,11 @@ for n in (192, 384, 768):
     assert not test_only & set(variants)
     open(f"{sys.argv[1]}/word-dropout-{n}.txt", "w").write("\n".join(train + variants) + "\n")
 PY
-run() {  # name prompts-file --set ...
-  local name=$1 prompts=$2; shift 2
-  bitflux quantize --workdir "$R/$name" --json --set "calibration.prompts.sets=[$prompts]" "$@" > "$R/$name.quantize.json"
-  bitflux pack --workdir "$R/$name" --json > /dev/null
-  bitflux eval --workdir "$R/$name" --json > "$R/$name.eval.json"
-}
+source "$(dirname "$0")/variants.sh"
+run() { local name=$1 prompts=$2; shift 2; variant "$name" --set "calibration.prompts.sets=[$prompts]" "$@"; }  # name prompts-file --set ...
 run word-dropout-192 "$R/word-dropout-192.txt"
 bitflux eval --workdir "$R/word-dropout-192" --json --set eval.split=train > "$R/word-dropout-192-train.eval.json"
 run word-dropout-384 "$R/word-dropout-384.txt"
-rm -rf "$R/word-dropout-384-seed1"; mkdir -p "$R/word-dropout-384-seed1"; cp -r "$R/word-dropout-384/calib" "$R/word-dropout-384-seed1/"
+fresh_from word-dropout-384 word-dropout-384-seed1
 run word-dropout-384-seed1 "$R/word-dropout-384.txt" --set quantization.block_recon.seed=1
 run word-dropout-768 "$R/word-dropout-768.txt"
