@@ -75,8 +75,6 @@ class BlockReconConfig(_Section):
     # only when changed, so files without a residual keep their bytes
     residual_lr: float = Field(default=1e-3, ge=0, exclude_if=lambda lr: lr == 1e-3)
     context_weight: float = Field(default=1.0, ge=0)  # text-stream output loss (vs the FP block on the same inputs); 0: image stream only
-    text_swap: float = Field(default=0.0, ge=0)  # weight of the loss on inputs whose text tokens are partly swapped with another call's
-    text_swap_p: float = Field(default=0.3, ge=0, le=1)  # the share of text tokens swapped
     inputs: Literal["quantized", "fp"] = "quantized"  # a block's inputs: the quantized chain's activations, or the FP chain's
     seed: int = 0
 

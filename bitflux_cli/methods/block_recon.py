@@ -91,20 +91,6 @@ class BlockRecon:
                 if context_weight:
                     fp_text = fp_context[idx].to(device).float()
                     loss = loss + context_weight * (context.float() - fp_text).square().mean() / fp_text.square().mean()
-                if rc.text_swap:  # text tokens swapped with a partner call's at the same positions: new word combinations
-                    j = torch.randint(n, (len(idx),), generator=self.gen)
-                    enc = self.state["encoder_hidden_states"]
-                    swap = torch.rand(len(idx), enc.shape[1], 1, generator=self.gen) < rc.text_swap_p  # [B, T, 1]
-                    mixed = {"hidden_states": self.state["hidden_states"][idx], "temb": self.state["temb"][idx],
-                             "encoder_hidden_states": torch.where(swap, enc[j], enc[idx]),
-                             "image_rotary_emb": self.state["image_rotary_emb"]}
-                    with torch.no_grad():
-                        fp_c, fp_h = run_block(fp_block, mixed, slice(None), device)
-                    c_m, h_m = run_block(block, mixed, slice(None), device)
-                    swap_loss = (h_m.float() - fp_h.float()).square().mean() / fp_h.float().square().mean()
-                    if context_weight:
-                        swap_loss = swap_loss + context_weight * (c_m.float() - fp_c.float()).square().mean() / fp_c.float().square().mean()
-                    loss = loss + rc.text_swap * swap_loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
