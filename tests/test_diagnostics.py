@@ -1,5 +1,6 @@
-"""The diagnostics behind the README's where-the-points-go paragraph: benchmarks/fp_groups.py's group
-swap and benchmarks/velocity_gap.py's per-prompt velocity error, on the tiny chain's packed model."""
+"""The diagnostics behind the README's where-the-points-go paragraphs: benchmarks/fp_groups.py's group
+swap and benchmarks/velocity_gap.py's per-prompt velocity error, on the tiny chain's packed model;
+benchmarks/rotated_ternary.py's rotated block-recon, on a short calibration."""
 
 import sys
 from pathlib import Path
@@ -7,12 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from bitflux_cli.calibrate import load_calibration
+from bitflux_cli.config import load_config
 from bitflux_cli.loader import load_quantized_transformer
+from bitflux_cli.models import load_pipeline
 from bitflux_cli.teacher import fp_pipeline, record_transformer_calls
 from bitflux_cli.ternary import TernaryLinear, scoped_linears
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from fp_groups import GROUPS, fp_group  # noqa: E402
+from rotated_ternary import block_recon, rotated_block_recon, rotations  # noqa: E402
 from velocity_gap import per_prompt_errors  # noqa: E402
 
 
@@ -45,3 +50,34 @@ def test_velocity_errors_are_per_prompt_zero_against_itself_and_independent_of_t
     assert errors.shape == (2, 3) and (errors > 0).all()
     second = [{k: v[1:2] if torch.is_tensor(v) and v.shape[0] == 3 else v for k, v in kw.items()} for kw in calls]
     assert per_prompt_errors(fp, packed, second)[:, 0] == pytest.approx(errors[:, 1], rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["random", "hadamard"])
+def test_rotations_are_orthogonal_and_hadamard_is_signed_sylvester_blocks(kind):
+    get = rotations(kind, seed=3)
+    for k in (128, 640):
+        r = get(k)
+        assert r.shape == (k, k) and torch.allclose(r @ r.T, torch.eye(k), atol=1e-5)
+        assert get(k) is r  # one per width
+        if kind == "hadamard":  # 640 = five blocks of 128
+            assert torch.allclose(r.abs()[:128, :128], torch.full((128, 128), 128 ** -0.5)) and (r[:128, 128:] == 0).all()
+    assert torch.equal(rotations("identity")(5), torch.eye(5))
+
+
+def test_rotated_block_recon_is_block_recon_without_a_rotation_and_ternary_in_the_rotated_basis(tmp_path):
+    cfg = load_config("tiny", {"workdir": str(tmp_path), "calibration.prompts.sets": ["mini"], "calibration.prompts.limit": 4,
+                               "calibration.steps": 3, "calibration.timesteps": 2, "calibration.tokens": 8,
+                               "calibration.shard_size": 2, "calibration.batch": 2, "quantization.block_recon.steps": 5})
+    pipe = load_pipeline(cfg.model)
+    calib = load_calibration(cfg)
+    plain = block_recon.reconstruct(cfg, pipe, calib, lambda m: m.ternary_weight().detach())
+    identity = rotations("identity")
+    assert all(torch.equal(w, plain[n]) for n, w in rotated_block_recon(cfg, pipe, calib, identity, identity).items())
+    rotation = rotations("hadamard")
+    rotated = rotated_block_recon(cfg, pipe, calib, rotation, identity)
+    assert block_recon.attach_ste.__module__ == "bitflux_cli.methods.ste"  # restored
+    for name, w in rotated.items():
+        codes = w @ rotation(w.shape[1])  # s * q [N, K]
+        row = codes.abs().amax(1, keepdim=True)
+        assert torch.allclose(codes / row, (codes / row).round(), atol=1e-4), name
+        assert not torch.allclose(w, plain[name])
