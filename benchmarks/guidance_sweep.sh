@@ -4,7 +4,7 @@
 # scored at guidance 2.5, 3.5 (tiny.yaml's) and 5.0, same prompts and seeds; OUT gets each eval and the
 # packed model's paired difference from its own score at 3.5. A diagnostic: the product's guidance is
 # the user's, the same for both models.
-#   benchmarks/guidance_sweep.sh [WORKDIR] [OUT.json]   (after `make demo`; about 5 min on 2 CPU cores)
+#   benchmarks/guidance_sweep.sh [WORKDIR] [OUT.json]   (after `make demo`; about 2.5 min on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BITFLUX=${BITFLUX:-.venv/bin/bitflux}
