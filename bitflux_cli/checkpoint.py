@@ -3,13 +3,13 @@
 Specified in docs/FORMAT.md. Tensors, for every quantized linear ``<m>`` (full module path):
 ``<m>.codes`` (codec-encoded ternary codes), ``<m>.scale`` [N] fp32 and ``<m>.bias`` [N] if any, and in
 files with a low-rank residual (format version 2) ``<m>.residual_up`` [N, r] and ``<m>.residual_down``
-[r, K] bf16; every other transformer tensor under its state-dict name, in the model dtype. Metadata (strings):
+[r, K] bf16, and in files with a rotation (format version 3) ``<m>.rotation`` [K] int8; every other transformer tensor under its state-dict name, in the model dtype. Metadata (strings):
 ``format``, ``format_version``, ``codec``, ``base_model``, ``revision``, ``stage``,
 ``tool_version``, ``activations``, ``quantized_modules`` (JSON {name: [N, K]}), ``config``
 (resolved config, JSON), ``inputs`` (JSON), ``architecture`` (the transformer's constructor
 arguments, JSON), ``source`` (the base model's hub id and revision or local path, and the sha256 of
 its transformer weight files, JSON), ``checksums`` (JSON {tensor: sha256}), ``residual_rank`` (r, in
-version-2 files only) and, in packed files whose ternary checkpoint had one, ``fidelity`` (quantize's
+files with a residual), ``rotation`` ("hadamard", in version-3 files only) and, in packed files whose ternary checkpoint had one, ``fidelity`` (quantize's
 fidelity report, JSON). Written and read one
 tensor at a time (``tensorfile``): a FLUX.1-dev checkpoint is never whole in memory.
 """
@@ -28,8 +28,10 @@ from .errors import ArtifactError
 from .tensorfile import Spec, TensorFile, specs_of, tensor_sha256, write_tensorfile
 
 FORMAT = "bitflux.ternary"
-FORMAT_VERSION = 2  # the newest this bitflux reads and writes: 2 adds the residual; files without one stay 1
+FORMAT_VERSION = 3  # the newest this bitflux reads and writes: 2 adds the residual, 3 the rotation; files without stay 1
 RESIDUAL = ("residual_up", "residual_down")  # <m>.residual_up [N, r], <m>.residual_down [r, K], bf16
+ROTATION = "rotation"  # <m>.rotation [K] int8 in {-1, +1}: the signs of the input rotation (rotation.py)
+ROTATIONS = ("hadamard",)  # the rotation metadata values a version-3 file may hold
 CODECS = ("int8", "2bit", "base3")  # int8: one code per byte (the quantize stage's output)
 TOOL_VERSION = "0.1.0"
 
@@ -90,9 +92,23 @@ def ternary_specs(module: str, shape: tuple[int, int], codec: str, codes, scale)
             f"{module}.scale": (torch.float32, (n,), lambda: scale().detach().float().cpu())}
 
 
-def format_version(residual_rank: int) -> int:
-    """The format version of a file: 1 without a residual (unchanged bytes), 2 with one."""
-    return 2 if residual_rank else 1
+def format_version(residual_rank: int, rotated: bool = False) -> int:
+    """The format version of a file: 1 without a residual or a rotation (unchanged bytes), 2 with a residual,
+    3 with a rotation (with or without a residual)."""
+    return 3 if rotated else 2 if residual_rank else 1
+
+
+def is_rotated(modules: dict, specs: dict[str, Spec]) -> bool:
+    """Whether ``specs`` hold rotation signs, checked against ``modules`` {m: [N, K]}: every module has
+    ``<m>.rotation`` int8 [K], or none has."""
+    found = [m for m in modules if f"{m}.{ROTATION}" in specs]
+    if not found:
+        return False
+    for m, (_, k) in modules.items():
+        spec = specs.get(f"{m}.{ROTATION}")
+        if spec is None or tuple(spec[1]) != (k,) or spec[0] != torch.int8:
+            raise ValueError(f"{m}.{ROTATION}: every quantized module needs rotation signs int8 [K], or none")
+    return True
 
 
 def residual_rank(modules: dict, specs: dict[str, Spec]) -> int:
@@ -118,17 +134,18 @@ def write_checkpoint(path: Path, modules: dict[str, list[int]], specs: dict[str,
     meta: base_model, revision, stage, activations, config, inputs, and ``architecture`` (the
     transformer's constructor arguments) and ``source`` (provenance of the base model), so the file
     loads without the base model at hand; optionally ``fidelity`` (quantize's report, JSON). The
-    residual rank and the format version follow from the residual tensors among ``specs``.
+    residual rank, the rotation and the format version follow from the tensors among ``specs``.
     """
-    rank = residual_rank(modules, specs)
+    rank, rotated = residual_rank(modules, specs), is_rotated(modules, specs)
     header = {
-        "format": FORMAT, "format_version": str(format_version(rank)), "codec": codec, "tool_version": TOOL_VERSION,
+        "format": FORMAT, "format_version": str(format_version(rank, rotated)), "codec": codec, "tool_version": TOOL_VERSION,
         "base_model": str(meta["base_model"]), "revision": str(meta.get("revision") or ""),
         "stage": meta["stage"], "activations": meta.get("activations", "none"),
         "quantized_modules": json.dumps(modules, sort_keys=True),
         **{k: json.dumps(meta.get(k, {}), sort_keys=True) for k in ("config", "inputs", "architecture", "source")},
         **({"fidelity": json.dumps(meta["fidelity"], sort_keys=True)} if meta.get("fidelity") else {}),
         **({"residual_rank": str(rank)} if rank else {}),
+        **({"rotation": "hadamard"} if rotated else {}),
     }
     return write_tensorfile(path, specs, header)
 
@@ -140,7 +157,8 @@ def read_metadata(path: Path) -> dict:
 
 def model_dtype(ckpt: "CheckpointFile") -> str:
     """The dtype the checkpoint stores its float tensors besides scales and residuals in (the model's), e.g. "bfloat16"."""
-    dtypes = [e.dtype for n, e in ckpt.file.entries.items() if not n.endswith((".codes", ".scale", *(f".{r}" for r in RESIDUAL)))]
+    stored = (".codes", ".scale", f".{ROTATION}", *(f".{r}" for r in RESIDUAL))
+    dtypes = [e.dtype for n, e in ckpt.file.entries.items() if not n.endswith(stored)]
     return str(max(set(dtypes), key=dtypes.count)).removeprefix("torch.")
 
 
@@ -177,12 +195,14 @@ class CheckpointFile:
             raise ArtifactError(f"{path}: metadata field quantized_modules is not {{module: [N, K]}}") from None
         if not self.modules:
             raise ArtifactError(f"{path}: no quantized modules")
-        rank = raw.get("residual_rank", "0")
+        rank, rotation = raw.get("residual_rank", "0"), raw.get("rotation")
+        if rotation is not None and rotation not in ROTATIONS:
+            raise ArtifactError(f"{path}: unknown rotation {rotation!r} (this bitflux knows {', '.join(ROTATIONS)})")
         if not (rank.isascii() and rank.isdigit() and str(int(rank)) == rank) \
-                or raw["format_version"] != str(format_version(int(rank))):
-            raise ArtifactError(f"{path}: residual_rank {rank!r} does not fit format version {raw['format_version']} "
-                                "(version 1: no residual; version 2: a rank > 0)")
-        self.residual_rank = int(rank)
+                or raw["format_version"] != str(format_version(int(rank), rotation is not None)):
+            raise ArtifactError(f"{path}: residual_rank {rank!r} with rotation {rotation or 'none'} does not fit format "
+                                f"version {raw['format_version']} (version 1: neither; 2: a residual rank > 0; 3: a rotation)")
+        self.residual_rank, self.rotated = int(rank), rotation is not None
         sums = meta["checksums"]
         if set(self.file.entries) != set(sums):
             diff = sorted(set(self.file.entries) ^ set(sums))
@@ -192,17 +212,21 @@ class CheckpointFile:
             expected = (("codes", _CODES_DTYPE[self.codec], _expected_shape(self.codec, n, k)),
                         ("scale", torch.float32, (n,)))
             expected += tuple(zip(RESIDUAL, (torch.bfloat16,) * 2, ((n, r), (r, k)))) if r else ()
+            expected += ((ROTATION, torch.int8, (k,)),) if self.rotated else ()
             for suffix, dtype, shape in expected:
                 e = self.file.entries.get(f"{m}.{suffix}")
                 if e is None or e.shape != shape or e.dtype != dtype:
                     raise ArtifactError(f"{path}: {m}.{suffix} is missing or is not {str(dtype).removeprefix('torch.')} "
                                         f"{list(shape)}")
 
-        owned = {f"{m}.{leaf}" for m in self.modules for leaf in ("codes", "scale") + (RESIDUAL if r else ())}
+        owned = {f"{m}.{leaf}" for m in self.modules
+                 for leaf in ("codes", "scale") + (RESIDUAL if r else ()) + ((ROTATION,) if self.rotated else ())}
         for name, e in self.file.entries.items():
             module, _, leaf = name.rpartition(".")
             if not r and leaf in RESIDUAL and module in self.modules:
                 raise ArtifactError(f"{path}: tensor {name} is a residual, but the file records no residual_rank")
+            if not self.rotated and leaf == ROTATION and module in self.modules:
+                raise ArtifactError(f"{path}: tensor {name} is a rotation, but the file records none")
             if name not in owned and not e.dtype.is_floating_point:  # every other transformer tensor is a float
                 raise ArtifactError(f"{path}: tensor {name} is {str(e.dtype).removeprefix('torch.')}, expected a float dtype")
 
@@ -222,6 +246,8 @@ class CheckpointFile:
             raise ArtifactError(f"{self.path}: {name} holds codes outside {{-1, 0, 1}}")
         if module in self.modules and leaf in RESIDUAL and not bool(torch.isfinite(t).all()):
             raise ArtifactError(f"{self.path}: {name} holds a NaN or infinite value")
+        if module in self.modules and leaf == ROTATION and not bool((t.abs() == 1).all()):
+            raise ArtifactError(f"{self.path}: {name} holds a sign other than -1 or +1")
         return t
 
     def codes(self, module: str) -> torch.Tensor:

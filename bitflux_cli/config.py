@@ -107,6 +107,9 @@ class QuantizationConfig(_Section):
     # GEMM pair; costs 2 r (N + K) bytes a linear. Recorded in the config only when set, so r = 0 files
     # keep their bytes
     residual_rank: StrictInt = Field(default=0, ge=0, exclude_if=lambda r: r == 0)
+    # optional, off by default: codes of W R, an online randomized Hadamard rotation of each linear's
+    # input in front of the GEMM (rotation.py); format version 3. Recorded only when set
+    rotation: Literal["none", "hadamard"] = Field(default="none", exclude_if=lambda r: r == "none")
     act_aware: ActAwareConfig = Field(default_factory=ActAwareConfig)
     block_recon: BlockReconConfig = Field(default_factory=BlockReconConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)

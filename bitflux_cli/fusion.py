@@ -16,7 +16,8 @@ diffusers' own, so ``torch.compile(fullgraph=True)`` traces it as before.
 
 A low-rank residual (``quantization.residual_rank`` r) fuses exactly as well: the fused down is the
 parts' downs stacked [3r, K], the fused up block-diagonal [3N, 3r], so each part's rows see only
-their own ``up @ down`` (in floating point the other parts add exact zeros).
+their own ``up @ down`` (in floating point the other parts add exact zeros). A rotation
+(``quantization.rotation``) is one per input width, so the parts share it and the fused layer keeps it.
 
 The separate layers are removed, so the packed bytes are not held twice: fusing is for inference.
 LoRAs target ``to_q``/``to_k``/``to_v``/``proj_mlp`` by name, so load them on an unfused transformer.
@@ -65,8 +66,13 @@ def _check(layers: list) -> None:
     first = layers[0]
     if any(lin.in_features != first.in_features or lin.activations != first.activations
            or (lin.bias is None) != (first.bias is None)
-           or (lin.residual_up is None) != (first.residual_up is None) for lin in layers):
-        raise UsageError("cannot fuse projections with different widths, activation modes, bias or residual")
+           or (lin.residual_up is None) != (first.residual_up is None) or not _same(lin.rotation, first.rotation)
+           for lin in layers):
+        raise UsageError("cannot fuse projections with different widths, activation modes, bias, residual or rotation")
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is None if b is None else a is not None and torch.equal(a, b)
 
 
 def stacked(layers: list[TernaryLinear]) -> TernaryLinear:
@@ -76,7 +82,7 @@ def stacked(layers: list[TernaryLinear]) -> TernaryLinear:
     ranks = [0 if lin.residual_up is None else lin.residual_up.shape[1] for lin in layers]
     out = TernaryLinear(first.in_features, sum(lin.out_features for lin in layers), first.bias is not None,
                         first.activations, device=first.packed.device, dtype=None if first.bias is None else first.bias.dtype,
-                        residual_rank=sum(ranks))
+                        residual_rank=sum(ranks), rotated=first.rotation is not None)
     out.packed.copy_(torch.cat([lin.packed for lin in layers]))  # [sum N, Kp/4]
     out.scale.copy_(torch.cat([lin.scale for lin in layers]))
     if first.bias is not None:
@@ -84,6 +90,8 @@ def stacked(layers: list[TernaryLinear]) -> TernaryLinear:
     if sum(ranks):
         out.residual_up.copy_(torch.block_diag(*[lin.residual_up for lin in layers]))  # [sum N, sum r]
         out.residual_down.copy_(torch.cat([lin.residual_down for lin in layers]))  # [sum r, K]
+    if first.rotation is not None:
+        out.rotation.copy_(first.rotation)  # [K], the same for every part
     out.backend = first.backend
     return out
 

@@ -33,13 +33,13 @@ def _shells(ckpt: CheckpointFile, model: ModelConfig | None, activations: str | 
 
 def to_shells(transformer: torch.nn.Module, ckpt: CheckpointFile, activations: str) -> None:
     """Swap ``transformer``'s in-scope linears for ``TernaryLinear`` shells (with the checkpoint's residual
-    rank), in place (meta works), after checking that they are exactly the checkpoint's quantized
+    rank and rotation), in place (meta works), after checking that they are exactly the checkpoint's quantized
     modules, with the same shapes."""
     expected = {name: (m.out_features, m.in_features) for name, m in scoped_linears(transformer)}
     if expected != ckpt.modules:
         missing = sorted(set(expected) ^ set(ckpt.modules)) or [n for n in expected if expected[n] != ckpt.modules[n]]
         raise ArtifactError(f"{ckpt.path}: quantized layers do not match the recorded architecture (e.g. {missing[0]})")
-    replace_with_ternary(transformer, list(expected), activations, ckpt.residual_rank)
+    replace_with_ternary(transformer, list(expected), activations, ckpt.residual_rank, ckpt.rotated)
 
 
 def check_dense_tensors(ckpt: CheckpointFile) -> None:

@@ -16,37 +16,42 @@ from safetensors.torch import save_file
 
 from .artifacts import artifact_path, file_sha256
 from .calibrate import load_calibration
-from .checkpoint import ternary_specs, write_checkpoint
+from .checkpoint import ROTATION, ternary_specs, write_checkpoint
 from .config import Config
 from .console import info, progress
 from .distributed import init_distributed
+from .errors import UsageError
 from .fidelity import REPORT_PROMPTS, FidelityProbe, forget_other_reports, record_report
 from .loader import load_quantized_transformer
 from .methods import BLOCK_METHODS, METHODS, NEEDS_CALIBRATION
 from .models import build_meta_transformer, provenance, resolve_device, transformer_config
 from .residual import block_residuals, check_rank
+from .rotation import rotation_signs
 from .streaming import BLOCK_LISTS, block_names, load_block, materialise
 from .teacher import encode, fp_pipeline, free_text_encoders
 from .tensorfile import TensorFile
 from .ternary import TernaryLinear, _set_submodule, block_linears, parameter_counts
 
 
-def _to_ternary(block: torch.nn.Module, codes: dict, activations: str, residuals: dict) -> torch.nn.Module:
-    """``block`` with its linears replaced in place by ``TernaryLinear``s of {linear: (codes, scale)}
-    and {linear: (up, down)} (empty: no residual)."""
+def _to_ternary(block: torch.nn.Module, codes: dict, activations: str, residuals: dict, rotations: dict) -> torch.nn.Module:
+    """``block`` with its linears replaced in place by ``TernaryLinear``s of {linear: (codes, scale)},
+    {linear: (up, down)} (empty: no residual) and {linear: signs [K]} (empty: no rotation)."""
     for sub, lin in block_linears(block):
-        _set_submodule(block, sub, TernaryLinear.from_codes(*codes[sub], lin.bias, activations, residuals.get(sub)))
+        _set_submodule(block, sub, TernaryLinear.from_codes(*codes[sub], lin.bias, activations, residuals.get(sub),
+                                                            rotations.get(sub)))
     return block
 
 
-def _write_part(file: Path, name: str, block: torch.nn.Module, codes: dict, residuals: dict) -> None:
-    """One block's codes, scales, residuals and remaining tensors (norms, biases), full names, in a part file."""
+def _write_part(file: Path, name: str, block: torch.nn.Module, codes: dict, residuals: dict, rotations: dict) -> None:
+    """One block's codes, scales, residuals, rotation signs and remaining tensors (norms, biases), full names,
+    in a part file."""
     quantized = {f"{sub}.weight" for sub in codes}
     tensors = {f"{name}.{k}": v for k, v in block.state_dict().items() if k not in quantized}
     for sub, (c, s) in codes.items():
         tensors |= {f"{name}.{sub}.codes": c.cpu().contiguous(), f"{name}.{sub}.scale": s.detach().float().cpu()}
     for sub, (up, down) in residuals.items():
         tensors |= {f"{name}.{sub}.residual_up": up, f"{name}.{sub}.residual_down": down}
+    tensors |= {f"{name}.{sub}.{ROTATION}": signs for sub, signs in rotations.items()}
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(file))
 
 
@@ -72,10 +77,14 @@ def quantize(cfg: Config) -> dict:
     rank runs distill (it shards its training); rank 0 alone writes and reports. With
     ``quantization.residual_rank`` > 0 each linear also gets its low-rank residual (``residual``):
     block-recon's, trained with its codes; for the other methods fitted after them, weighted by the
-    calibration's input statistics when the method has them.
+    calibration's input statistics when the method has them. With ``quantization.rotation: hadamard`` the
+    codes (and residuals) are those of each linear's ``W R``, and the file holds the rotation's signs.
     """
     rank, world = init_distributed()
-    name, residual_rank = cfg.quantization.method, cfg.quantization.residual_rank
+    name, residual_rank, rotation = cfg.quantization.method, cfg.quantization.residual_rank, cfg.quantization.rotation
+    if rotation != "none" and name not in BLOCK_METHODS:
+        raise UsageError(f"quantization.rotation={rotation} works with the block methods ({', '.join(sorted(BLOCK_METHODS))}); "
+                         f"{name} trains unrotated layers: use --method block-recon, or quantization.rotation=none")
     activations = cfg.quantization.activations or "none"  # the mode the file records
     meta_model = build_meta_transformer(cfg.model)
     check_rank(meta_model, residual_rank)
@@ -119,13 +128,15 @@ def quantize(cfg: Config) -> dict:
                 made = quantize_block(block_name, block)  # {linear: (codes, scale[, (up, down)])}
                 codes = {sub: v[:2] for sub, v in made.items()}
                 residuals = ({sub: v[2] for sub, v in made.items() if len(v) == 3}
-                             or block_residuals(block_name, block, codes, residual_rank, calib))
+                             or block_residuals(block_name, block, codes, residual_rank, calib, rotation))
+                rotations = {sub: signs for sub, lin in block_linears(block)
+                             if (signs := rotation_signs(rotation, lin.in_features)) is not None}  # {} without
                 probe.fp_step(block_name, block)
                 parts.append(Path(tmp) / f"{len(parts):03d}.safetensors")
-                _write_part(parts[-1], block_name, block, codes, residuals)
-                probe.q_step(block_name, _to_ternary(block, codes, activations, residuals))
+                _write_part(parts[-1], block_name, block, codes, residuals, rotations)
+                probe.q_step(block_name, _to_ternary(block, codes, activations, residuals, rotations))
                 modules |= {f"{block_name}.{sub}": tuple(c.shape) for sub, (c, _) in codes.items()}
-                del block, made, codes, residuals
+                del block, made, codes, residuals, rotations
                 block_done()
         inside = tuple(f"{lst}." for lst in BLOCK_LISTS)
         outside = {k: v for k, v in skeleton.state_dict().items() if not k.startswith(inside)}
@@ -145,4 +156,4 @@ def quantize(cfg: Config) -> dict:
         os.replace(joined, path)
     forget_other_reports(recorded)
     return {"stage": "quantize", "path": str(path), "bytes": size, "method": name,
-            "activations": activations, "residual_rank": residual_rank, **counts, "fidelity": report}
+            "activations": activations, "residual_rank": residual_rank, "rotation": rotation, **counts, "fidelity": report}

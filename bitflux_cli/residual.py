@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .errors import UsageError
+from .rotation import rotated_inputs
 from .ternary import block_linears, scoped_linears
 
 DTYPE = torch.bfloat16
@@ -32,15 +33,16 @@ def low_rank_residual(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Te
     return (u[:, :rank] * half).to(DTYPE), (half[:, None] * vh[:rank] / root).to(DTYPE)
 
 
-def block_residuals(name: str, block: nn.Module, codes: dict, rank: int, calib=None) -> dict:
+def block_residuals(name: str, block: nn.Module, codes: dict, rank: int, calib=None, rotation: str = "none") -> dict:
     """{linear inside ``block`` (named ``name``): (up, down)} for its codes {linear: (codes, scale)},
-    weighted by ``calib``'s second moments when there is a calibration; {} when ``rank`` is 0."""
+    weighted by ``calib``'s second moments when there is a calibration; {} when ``rank`` is 0. With a
+    ``rotation`` ("hadamard") the codes are those of ``W R`` and the residual corrects them in that basis."""
     if rank == 0:
         return {}
     out = {}
     for sub, lin in block_linears(block):
-        d = None if calib is None else calib.second_moment(f"{name}.{sub}")
-        out[sub] = low_rank_residual(lin.weight, *codes[sub], rank, d)
+        weight, d = rotated_inputs(rotation, lin, None if calib is None else calib.second_moment(f"{name}.{sub}"))
+        out[sub] = low_rank_residual(weight, *codes[sub], rank, d)
     return out
 
 

@@ -12,6 +12,8 @@ import bitflux_kernels
 from bitflux_kernels.layout import padded_k
 from bitflux_kernels.ops import OPS
 
+from .rotation import rotated_inputs, rotation_signs
+
 # Full module paths of the linears that become ternary: everything inside a double block
 # (FluxTransformerBlock) or a single block (FluxSingleTransformerBlock). Matching the full path
 # matters: FLUX has a top-level ``proj_out`` as well as one inside every single block.
@@ -55,7 +57,9 @@ class TernaryLinear(nn.Module):
     uint8, ``scale`` [N] fp32 and ``bias`` [N] (or no bias);
     with ``residual_rank`` r > 0 also ``residual_up`` [N, r] and ``residual_down`` [r, K] bf16, a
     low-rank correction (``residual``) added as ``(x @ down^T) @ up^T`` in x's dtype: one more small
-    GEMM pair in plain torch. ``activations`` selects W2A16 ("none") or per-token int8 ("int8") or float8
+    GEMM pair in plain torch; with ``rotated`` also ``rotation`` [K] int8 in {-1, +1}, the signs of the
+    randomized Hadamard rotation R (``quantization.rotation``): the codes, scales and residual are then
+    those of ``W R``, and ``forward`` computes ``x R`` first (``torch.ops.bitflux.hadamard``). ``activations`` selects W2A16 ("none") or per-token int8 ("int8") or float8
     e4m3 ("fp8") activations.
 
     ``backend`` ("reference", "torch" or "triton", see ``bitflux_kernels.select_backend``) is
@@ -68,7 +72,7 @@ class TernaryLinear(nn.Module):
     """
 
     def __init__(self, in_features, out_features, bias=True, activations="none", device=None, dtype=None,
-                 residual_rank=0):
+                 residual_rank=0, rotated=False):
         super().__init__()
         self.in_features, self.out_features, self.activations = in_features, out_features, activations
         self.packed = _frozen(torch.empty(out_features, padded_k(in_features) // 4, dtype=torch.uint8, device=device))
@@ -79,6 +83,7 @@ class TernaryLinear(nn.Module):
                     if residual_rank else (None, None))
         self.residual_up = _frozen(up)  # [N, r]
         self.residual_down = _frozen(down)  # [r, K]
+        self.rotation = _frozen(torch.empty(in_features, dtype=torch.int8, device=device) if rotated else None)  # [K]
         self.backend = None
         self._resolve_backend()
         # load_state_dict(assign=True) swaps the tensors without ``_apply``: resolve again afterwards
@@ -95,12 +100,12 @@ class TernaryLinear(nn.Module):
         return self
 
     @classmethod
-    def from_codes(cls, codes, scale, bias=None, activations="none", residual=None):
-        """Build from codes [N, K] int8, scale [N], an optional bias [N] and an optional residual
-        (up [N, r], down [r, K])."""
+    def from_codes(cls, codes, scale, bias=None, activations="none", residual=None, rotation=None):
+        """Build from codes [N, K] int8, scale [N], an optional bias [N], an optional residual
+        (up [N, r], down [r, K]) and optional rotation signs [K] int8 (then codes and residual are of ``W R``)."""
         n, k = codes.shape
         layer = cls(k, n, bias is not None, activations, device=codes.device, dtype=None if bias is None else bias.dtype,
-                    residual_rank=0 if residual is None else residual[0].shape[1])
+                    residual_rank=0 if residual is None else residual[0].shape[1], rotated=rotation is not None)
         layer.packed.copy_(bitflux_kernels.pack_2bit(codes))
         layer.scale.copy_(scale.float())
         if bias is not None:
@@ -108,6 +113,8 @@ class TernaryLinear(nn.Module):
         if residual is not None:
             layer.residual_up.copy_(residual[0])
             layer.residual_down.copy_(residual[1])
+        if rotation is not None:
+            layer.rotation.copy_(rotation)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
@@ -115,6 +122,8 @@ class TernaryLinear(nn.Module):
             self._resolve_backend()
         if self.backend is None:
             raise RuntimeError("TernaryLinear is on the meta device: load or move it to a device first")
+        if self.rotation is not None:
+            x = torch.ops.bitflux.hadamard(x, self.rotation, self.backend)  # x R [..., K]
         y = OPS[self.activations](x, self.packed, self.scale, self.bias, self.in_features, self.backend)
         if self.residual_up is None:
             return y
@@ -122,8 +131,9 @@ class TernaryLinear(nn.Module):
 
     def extra_repr(self) -> str:
         rank = "" if self.residual_up is None else f", residual_rank={self.residual_up.shape[1]}"
+        rotated = "" if self.rotation is None else ", rotation=hadamard"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"activations={self.activations}, backend={self.backend}{rank}")
+                f"activations={self.activations}, backend={self.backend}{rank}{rotated}")
 
 
 def _frozen(t: torch.Tensor | None) -> nn.Parameter | None:
@@ -153,28 +163,32 @@ def enable_lora() -> None:
                       stacklevel=2)
 
 
-def replace_with_ternary(model: nn.Module, names: list[str], activations: str = "none", residual_rank: int = 0) -> None:
+def replace_with_ternary(model: nn.Module, names: list[str], activations: str = "none", residual_rank: int = 0,
+                         rotated: bool = False) -> None:
     """Swap the named linears for empty ``TernaryLinear`` shells on the same device (meta works)."""
     enable_lora()
     for name in names:
         lin = model.get_submodule(name)
         shell = TernaryLinear(lin.in_features, lin.out_features, lin.bias is not None, activations,
-                              device=lin.weight.device, dtype=lin.weight.dtype, residual_rank=residual_rank)
+                              device=lin.weight.device, dtype=lin.weight.dtype, residual_rank=residual_rank, rotated=rotated)
         _set_submodule(model, name, shell)
 
 
 def quantize_transformer(model: nn.Module, codes: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-                         activations: str = "none") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                         activations: str = "none", rotation: str = "none") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Replace every in-scope linear of ``model`` by a ``TernaryLinear``, in place.
 
     ``codes`` maps full module names to (codes, scale), or (codes, scale, (up, down)) with a residual,
-    from any method; by default each layer is ternarized with absmean. Returns the (codes, scale) used per module.
+    from any method run with ``quantization.rotation`` = ``rotation`` (their codes are then of ``W R``);
+    by default each layer is ternarized with absmean. Returns the (codes, scale) used per module.
     """
     enable_lora()
     used = {}
     for name, lin in list(scoped_linears(model)):
-        c, s, *residual = codes[name] if codes is not None else ternarize(lin.weight)
-        _set_submodule(model, name, TernaryLinear.from_codes(c, s, lin.bias, activations, *residual))
+        c, s, *residual = codes[name] if codes is not None else ternarize(rotated_inputs(rotation, lin)[0])
+        signs = rotation_signs(rotation, lin.in_features)
+        _set_submodule(model, name, TernaryLinear.from_codes(c, s, lin.bias, activations, residual[0] if residual else None,
+                                                             signs))
         used[name] = (c, s)
     return used
 

@@ -7,6 +7,7 @@
 # registration's op handles dangling (``ops.py`` refuses to load under another name).
 if __name__ == "bitflux_kernels":
     from .dispatch import BACKENDS, select_backend, ternary_linear
+    from .hadamard import block_size, rotate_reference, rotate_torch, unrotate
     from .layout import pack_2bit, pack_base3, unpack_2bit, unpack_base3
     from .reference import ternary_linear_reference, ternary_linear_torch
 
@@ -20,4 +21,8 @@ if __name__ == "bitflux_kernels":
         "unpack_base3",
         "ternary_linear_reference",
         "ternary_linear_torch",
+        "block_size",
+        "rotate_reference",
+        "rotate_torch",
+        "unrotate",
     ]

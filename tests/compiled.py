@@ -19,7 +19,8 @@ def compile_one_graph(model, backend, *args, **kwargs):
     with torch.no_grad():
         out = torch.compile(model, fullgraph=True, backend=record)(*args, **kwargs)
     assert len(graphs) == 1
-    calls = [n for n in graphs[0].graph.nodes if n.op == "call_function" and "bitflux" in str(n.target)]
+    calls = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function" and "bitflux" in str(n.target)]
     layers = [m for m in model.modules() if isinstance(m, TernaryLinear)] if isinstance(model, nn.Module) else []
-    assert len(calls) == max(1, len(layers))
+    rotated = sum(m.rotation is not None for m in layers)  # each also calls bitflux.hadamard on its input
+    assert len(calls) - rotated == max(1, len(layers)) and sum("hadamard" in c for c in calls) == rotated
     return out

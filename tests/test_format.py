@@ -71,8 +71,9 @@ def test_bad_codes_are_refused():
         unpack(pack(pattern(2, 130)), (2, 300))
 
 
-def _golden_checkpoint(path, codec, rank=0):
-    """A small checkpoint of fixed tensors and metadata (two modules, one with K padded), rank-``rank`` residual."""
+def _golden_checkpoint(path, codec, rank=0, rotated=False):
+    """A small checkpoint of fixed tensors and metadata (two modules, one with K padded), rank-``rank`` residual,
+    rotation signs when ``rotated``."""
     from bitflux_cli.checkpoint import save_checkpoint
 
     codes = {"blocks.0.a": pattern(5, 130), "blocks.0.b": pattern(3, 7)}
@@ -82,6 +83,8 @@ def _golden_checkpoint(path, codec, rank=0):
         n, k = c.shape
         dense[f"{m}.residual_up"] = (torch.arange(n * rank) % 7 - 3).to(torch.bfloat16).view(n, rank) / 16
         dense[f"{m}.residual_down"] = (torch.arange(rank * k) % 5 - 2).to(torch.bfloat16).view(rank, k) / 32
+    for m, c in codes.items() if rotated else ():
+        dense[f"{m}.rotation"] = (1 - 2 * (torch.arange(c.shape[1]) % 3 == 1)).to(torch.int8)  # [K]: +1 -1 +1 +1 -1 ...
     save_checkpoint(path, ternary, dense, codec, {"base_model": "golden", "revision": "r", "stage": "pack",
                                                   "config": {"k": 1}, "inputs": {}, "architecture": {}, "source": {}})
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -105,3 +108,21 @@ def test_golden_checkpoint_files(tmp_path, codec, rank):
     assert _golden_checkpoint(tmp_path / "g.safetensors", codec, rank) == GOLDEN_FILES[codec, rank]
     meta = read_metadata(tmp_path / "g.safetensors")
     assert meta["format_version"] == ("2" if rank else "1") and meta.get("residual_rank") == (str(rank) if rank else None)
+
+
+# format version 3: <m>.rotation int8 [K] beside the codes, "rotation": "hadamard" in the header (docs/FORMAT.md)
+GOLDEN_ROTATED = {
+    ("2bit", 0): "a4541a6bf8ce9ca8be89bf6d84c4be9a6b0aa9a2bea7e94c28efc35aa6e5a508",
+    ("2bit", 2): "df083bc2b3af5af8eb38a88a8fe8d276cd8c1836283d93c5e08b940c9418f13b",
+}
+
+
+@pytest.mark.parametrize("codec, rank", list(GOLDEN_ROTATED))
+def test_golden_rotated_checkpoint_files(tmp_path, codec, rank):
+    from bitflux_cli.checkpoint import CheckpointFile
+
+    assert _golden_checkpoint(tmp_path / "g.safetensors", codec, rank, rotated=True) == GOLDEN_ROTATED[codec, rank]
+    ckpt = CheckpointFile(tmp_path / "g.safetensors")
+    assert ckpt.meta["format_version"] == "3" and ckpt.meta["rotation"] == "hadamard" and ckpt.rotated
+    assert ckpt.residual_rank == rank
+    assert ckpt.read("blocks.0.b.rotation").tolist() == [1, -1, 1, 1, -1, 1, 1]

@@ -11,7 +11,9 @@ Every format reads the checkpoint one tensor at a time (``CheckpointFile``) and 
 came from (``provenance``): base model, its revision and weight hashes, method, codec, the packed
 file's sha256. A low-rank residual (``quantization.residual_rank``) is folded into the dequantized
 ``bfl`` weights and carried as is by ``diffusers``; ``gguf`` and ``bfl --ternary`` have no place for it
-and refuse such a checkpoint.
+and refuse such a checkpoint. So with a rotation (``quantization.rotation``): the dequantized ``bfl``
+weights are ``(s q) R^T``, ``diffusers`` carries the signs, ``gguf`` and ``bfl --ternary`` refuse (their
+readers would run the codes of ``W R`` on unrotated inputs).
 """
 
 import json
@@ -20,7 +22,9 @@ from pathlib import Path
 import torch
 
 from ..artifacts import check_not_an_artifact, check_output_file, check_writable_dir, file_sha256, require
-from ..checkpoint import RESIDUAL, TOOL_VERSION, CheckpointFile
+from bitflux_kernels import unrotate
+
+from ..checkpoint import RESIDUAL, ROTATION, TOOL_VERSION, CheckpointFile
 from ..config import Config
 from ..errors import ArtifactError, UsageError
 from ..loader import check_dense_tensors
@@ -51,17 +55,22 @@ def provenance(ckpt: CheckpointFile, fmt: str) -> dict[str, str]:
 
 def dequantized(ckpt: CheckpointFile, module: str, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """The weight [N, K] of a quantized module in ``dtype``: codes x per-row scale, plus ``up @ down``
-    when the checkpoint has a residual.
+    when the checkpoint has a residual, turned back by ``R^T`` when it has a rotation.
 
     A code is -1, 0 or 1, so ``code * dtype(scale)`` is exactly ``dtype(code * scale)``: without a
-    residual the product is formed in ``dtype`` directly, without an fp32 copy of the weight; with
-    one, the sum is formed in fp32 and rounded to ``dtype`` once.
+    residual or a rotation the product is formed in ``dtype`` directly, without an fp32 copy of the
+    weight; with either, it is formed in fp32 and rounded to ``dtype`` once.
     """
     scale = ckpt.read(f"{module}.scale")  # [N] fp32
-    if not ckpt.residual_rank:
+    if not (ckpt.residual_rank or ckpt.rotated):
         return ckpt.codes(module).to(dtype) * scale.to(dtype)[:, None]
-    up, down = (ckpt.read(f"{module}.{leaf}").float() for leaf in RESIDUAL)  # [N, r], [r, K]
-    return (ckpt.codes(module).float() * scale[:, None] + up @ down).to(dtype)
+    w = ckpt.codes(module).float() * scale[:, None]  # [N, K]
+    if ckpt.residual_rank:
+        up, down = (ckpt.read(f"{module}.{leaf}").float() for leaf in RESIDUAL)  # [N, r], [r, K]
+        w += up @ down
+    if ckpt.rotated:
+        w = unrotate(w, ckpt.read(f"{module}.{ROTATION}"))  # W = (s q) R^T
+    return w.to(dtype)
 
 
 def bfl_tensor(ckpt: CheckpointFile, entry: Entry, dtype: torch.dtype | None = torch.bfloat16) -> torch.Tensor:
@@ -121,6 +130,11 @@ def export(cfg: Config, fmt: str, out: Path, codec: str | None = None, ternary: 
                          f"(quantization.residual_rank), which {'--format gguf' if fmt == 'gguf' else '--format bfl --ternary'} "
                          "cannot carry: export it with --format bfl (the residual folded into bf16 weights) or "
                          "--format diffusers, or quantize with quantization.residual_rank=0")
+    if ckpt.rotated and (fmt == "gguf" or ternary):
+        raise UsageError(f"{ckpt.path} holds the codes of rotated weights (quantization.rotation=hadamard), which "
+                         f"{'--format gguf' if fmt == 'gguf' else '--format bfl --ternary'}'s readers would run on "
+                         "unrotated inputs: export it with --format bfl (rotation folded into bf16 weights) or "
+                         "--format diffusers, or quantize with quantization.rotation=none")
     if fmt == "gguf":
         try:
             from .gguf import write_gguf

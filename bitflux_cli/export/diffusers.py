@@ -112,6 +112,8 @@ def model_card(meta: dict, size: int) -> str:
         f"| codec | `{meta['codec']}` ({FORMAT} v{meta['format_version']}) |",
         *([f"| residual | rank {meta['residual_rank']} bf16 low-rank correction beside each ternary weight "
            "(`quantization.residual_rank`): not pure ternary |"] if meta.get("residual_rank") else []),
+        *(["| rotation | randomized Hadamard on each linear's input (`quantization.rotation`): the codes are "
+           "those of `W R`; pure ternary, needs bitflux's runtime |"] if meta.get("rotation") else []),
         f"| quantized | {counts['quantized_modules']} linears, {100 * counts['fraction']:.2f}% of "
         f"{counts['total_params'] / 1e9:.3g}B parameters |",
         f"| file | {WEIGHTS}, {size / 2**20:.1f} MiB |",

@@ -21,7 +21,8 @@ Loading (diffusers' ``ModelMixin.from_pretrained`` calls these hooks in this ord
   time through ``CheckpointFile.read`` (sha256, ternary codes, positive finite scales), codes in the
   2-bit runtime layout (``loader.runtime_tensors``).
 - ``create_quantized_param`` puts each layer's ``packed`` and ``scale`` (and ``residual_up`` /
-  ``residual_down``, if the file has a residual) in place as stored (uint8, fp32, bf16); everything
+  ``residual_down``, if the file has a residual, and ``rotation``, if it has one) in place as stored
+  (uint8, fp32, bf16, int8); everything
   else (biases included) is diffusers' and follows ``torch_dtype``.
 - ``_process_model_after_weight_loading`` refuses a load in which any of that did not happen.
 
@@ -245,9 +246,9 @@ class BitfluxQuantizer(DiffusersQuantizer):
 
 def _stored_leaves(ckpt) -> tuple[str, ...]:
     """The tensors of a ternary layer that keep their stored dtype, whatever ``torch_dtype`` says."""
-    from ..checkpoint import RESIDUAL
+    from ..checkpoint import RESIDUAL, ROTATION
 
-    return ("packed", "scale") + (RESIDUAL if ckpt.residual_rank else ())
+    return ("packed", "scale") + (RESIDUAL if ckpt.residual_rank else ()) + ((ROTATION,) if ckpt.rotated else ())
 
 
 def _runtime_name(name: str, modules: dict) -> str:

@@ -25,7 +25,8 @@ NEEDS_CALIBRATION = {"act-aware", "block-recon", "distill"}
 
 def run_method(cfg, pipe, calib=None) -> dict:
     """{full module name: (codes, scale)} of ``quantization.method`` over a pipeline whose transformer
-    is materialised in memory (the Python API for small models; the CLI streams the blocks instead)."""
+    is materialised in memory (the Python API for small models; the CLI streams the blocks instead).
+    With ``quantization.rotation`` the codes are of ``W R``: give ``quantize_transformer`` the same rotation."""
     name = cfg.quantization.method
     if name not in BLOCK_METHODS:
         return METHODS[name](cfg, pipe, calib)

@@ -11,6 +11,7 @@ never worse than absmean under this error.
 import torch
 
 from ..config import Config
+from ..rotation import rotated_inputs
 from ..ternary import block_linears
 
 
@@ -62,11 +63,13 @@ def alphas(cfg: Config) -> list[float]:
 
 
 def act_aware(cfg: Config, transformer, calib):
-    """Threshold and scale per output channel of a block's linears, from the calibration's input second moments."""
+    """Threshold and scale per output channel of a block's linears, from the calibration's input second
+    moments (of ``W R`` and the rotated inputs' moments with ``quantization.rotation``)."""
     def quantize_block(name: str, block) -> dict:
         out = {}
         for sub, lin in block_linears(block):
-            t, s = search(lin.weight, calib.second_moment(f"{name}.{sub}"), alphas(cfg))
-            out[sub] = (threshold_codes(lin.weight.detach().float(), t).to(torch.int8), s)
+            weight, d = rotated_inputs(cfg.quantization.rotation, lin, calib.second_moment(f"{name}.{sub}"))
+            t, s = search(weight, d, alphas(cfg))
+            out[sub] = (threshold_codes(weight, t).to(torch.int8), s)
         return out
     return quantize_block

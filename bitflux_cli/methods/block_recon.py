@@ -8,9 +8,10 @@ only its own error); the targets are the FP
 block's image-stream outputs that calibration recorded at a subsample of image tokens and
 (``block_recon.context_weight``) its text-stream output on the same student inputs. Each linear
 starts from act-aware codes and scales; Adam then trains the scales (log space) and, through the
-straight-through estimator, the latent weights. With ``quantization.residual_rank`` r > 0 each linear
-also starts with its rank-r residual fitted to those act-aware codes (``residual.low_rank_residual``),
-which stays in the forward and trains with the rest, so the codes learn around it (a residual fitted
+straight-through estimator, the latent weights. With ``quantization.rotation: hadamard`` all of
+that happens in each linear's rotated basis (``rotation.py``): codes of ``W R``, inputs rotated in the
+forward. With ``quantization.residual_rank`` r > 0 each linear also starts with its rank-r residual
+fitted to those act-aware codes (``residual.low_rank_residual``), which stays in the forward and trains with the rest, so the codes learn around it (a residual fitted
 after training would pull the trained codes back towards W). Only one FP block (streamed), its
 trained copy and optimizer state, its targets and the student activations of the recorded calls are held;
 the FP block's text-stream outputs are computed once a block on those activations, not at every step.
@@ -26,6 +27,7 @@ from ..calibrate import Calibration, teacher_kwargs
 from ..config import Config
 from ..console import info, progress
 from ..residual import block_residuals
+from ..rotation import rotated_inputs
 from ..streaming import advance, block_names, blocks, outputs, prelude_state, run_block
 from ..ternary import block_linears
 from .act_aware import alphas, search, threshold_codes
@@ -68,13 +70,16 @@ class BlockRecon:
     def __call__(self, name: str, fp_block: torch.nn.Module) -> dict[str, Any]:
         rc, device, n = self.cfg.quantization.block_recon, self.device, self.calls
         block = copy.deepcopy(fp_block)  # one block: the student's, with STE linears
-        init = {sub: search(lin.weight, self.calib.second_moment(f"{name}.{sub}"), alphas(self.cfg))
-                for sub, lin in block_linears(block)}
-        start = {sub: (threshold_codes(lin.weight.detach().float(), init[sub][0]), init[sub][1])
-                 for sub, lin in block_linears(block)} if self.residual_rank else {}  # act-aware's codes, which the residual starts by correcting
-        residuals = block_residuals(name, block, start, self.residual_rank, self.calib)  # {} at rank 0
+        rotation = self.cfg.quantization.rotation
+        init, start = {}, {}  # act-aware's thresholds and scales; its codes, which a residual starts by correcting
+        for sub, lin in block_linears(block):  # one linear's fp32 weight (W R with a rotation) at a time
+            weight, d = rotated_inputs(rotation, lin, self.calib.second_moment(f"{name}.{sub}"))
+            init[sub] = search(weight, d, alphas(self.cfg))
+            if self.residual_rank:
+                start[sub] = (threshold_codes(weight, init[sub][0]), init[sub][1])
+        residuals = block_residuals(name, block, start, self.residual_rank, self.calib, rotation)  # {} at rank 0
         del start
-        ste = attach_ste(block, init, rc.weight_lr > 0, residuals=residuals)
+        ste = attach_ste(block, init, rc.weight_lr > 0, residuals=residuals, rotation=rotation)
         opt = optimizer(ste, rc.weight_lr, rc.scale_lr, rc.residual_lr)
         key = f"blocks.{name}"
         target = self.calib.records(lambda k: k == key, limit=n)[key][:n]  # [C, tokens, D] on the host; a batch a step goes over

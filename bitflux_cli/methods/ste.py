@@ -7,7 +7,10 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
+import bitflux_kernels as bk
+
 from ..errors import ArtifactError
+from ..rotation import rotated_weight, rotation_signs
 from ..tensorfile import read_state, write_state
 from ..ternary import _set_submodule
 from .act_aware import threshold_codes
@@ -22,15 +25,19 @@ class STELinear(nn.Module):
     suits every layer); threshold: [N] buffer, the per-row threshold that makes the codes.
     With ``residual`` (up [N, r], down [r, K]): the trainable low-rank residual ``residual_up``,
     ``residual_down`` (fp32, used rounded to bf16 as they are exported), added as ``TernaryLinear`` adds it.
+    With ``rotation`` (signs [K] int8, ``quantization.rotation``) the latent weight starts as ``W R`` and the
+    forward rotates its input first, as ``TernaryLinear`` does: codes, scales and residual live in that basis.
     """
 
     def __init__(self, linear: nn.Linear, threshold: torch.Tensor, scale: torch.Tensor, train_weight: bool = True,
-                 residual: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 residual: tuple[torch.Tensor, torch.Tensor] | None = None, rotation: torch.Tensor | None = None):
         super().__init__()
-        self.weight = nn.Parameter(linear.weight.detach().float().clone(), requires_grad=train_weight)
+        weight = rotated_weight(linear.weight, rotation)  # [N, K] fp32
+        self.weight = nn.Parameter(weight.clone(), requires_grad=train_weight)
         self.log_scale = nn.Parameter(scale.detach().float().log().clone())
         self.register_buffer("threshold", threshold.detach().float().clone())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.register_buffer("rotation", None if rotation is None else rotation.to(weight.device))  # [K] int8
         up, down = (None, None) if residual is None else (nn.Parameter(t.detach().float().clone()) for t in residual)
         self.register_parameter("residual_up", up)  # [N, r]
         self.register_parameter("residual_down", down)  # [r, K]
@@ -43,6 +50,8 @@ class STELinear(nn.Module):
         return value + (w - w.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
+        if self.rotation is not None:
+            x = bk.rotate_torch(x, self.rotation)  # x R [..., K]
         y = nn.functional.linear(x, self.ternary_weight().to(x.dtype), self.bias)
         if self.residual_up is None:
             return y
@@ -68,9 +77,10 @@ def _full(t: torch.Tensor) -> torch.Tensor:  # a DTensor's whole tensor: a colle
 
 
 def attach_ste(model: nn.Module, init: dict[str, tuple[torch.Tensor, torch.Tensor]], train_weight: bool = True,
-               source: nn.Module | None = None, residuals: dict | None = None) -> dict[str, STELinear]:
+               source: nn.Module | None = None, residuals: dict | None = None, rotation: str = "none") -> dict[str, STELinear]:
     """Replace the named modules of ``model`` in place by ``STELinear`` from {name: (threshold [N], scale [N])}
-    and, for the names in ``residuals``, their starting residual {name: (up [N, r], down [r, K])}.
+    and, for the names in ``residuals``, their starting residual {name: (up [N, r], down [r, K])}; with a
+    ``rotation`` ("hadamard") each in the rotated basis of its input width (``rotation.py``).
 
     The weights and biases come from the linears of that name in ``source`` (default: ``model`` itself).
     """
@@ -78,7 +88,8 @@ def attach_ste(model: nn.Module, init: dict[str, tuple[torch.Tensor, torch.Tenso
     for name, (threshold, scale) in init.items():
         linear = (source or model).get_submodule(name)
         residual = (residuals or {}).get(name)
-        out[name] = STELinear(linear, threshold, scale, train_weight, residual).to(linear.weight.device)
+        signs = rotation_signs(rotation, linear.in_features)
+        out[name] = STELinear(linear, threshold, scale, train_weight, residual, signs).to(linear.weight.device)
         _set_submodule(model, name, out[name])
     return out
 
