@@ -15,7 +15,10 @@ Variants: ``inputs`` (R Haar-random), ``both`` (R and U Haar-random), ``hadamard
 Hadamard transform, the kind a kernel runs in K log K), ``control``. ``--set`` changes block-recon's
 settings (its seed, its steps) for every variant; the packed row stays the workdir's.
 
-A diagnostic of a format this project does not have: the packed format and its kernels hold no rotation.
+The ``hadamard`` variant is what the product builds as ``quantization.rotation: hadamard`` (format v3, the
+``bitflux::hadamard`` op, one sign vector per input width seeded differently from this script's); the others
+(Haar-random, output rotations) have no kernel. The script runs block-recon unrotated underneath, so it
+refuses a config that sets ``quantization.rotation`` or a residual.
 Usage (after ``make demo``, on its calibration; about 2.5 min a variant on 2 CPU cores, + 1.5 min):
     python benchmarks/rotated_ternary.py runs/demo OUT.json [--variants ...] [--rotation-seed S] [--set K=V]
 """
@@ -48,14 +51,14 @@ class RotatedSTE(STELinear):
     (U [N, N] the identity unless the outputs rotate too), the layer's weight ``U (s * q) R^T``."""
 
     def __init__(self, linear, threshold, scale, train_weight, rotation: torch.Tensor, out_rotation: torch.Tensor):
-        super().__init__(linear, threshold, scale, train_weight)
-        self.register_buffer("rotation", rotation)  # R [K, K] orthogonal
+        super().__init__(linear, threshold, scale, train_weight)  # no product rotation: its forward rotates nothing
+        self.register_buffer("in_rotation", rotation)  # R [K, K] orthogonal
         self.register_buffer("out_rotation", out_rotation)  # U [N, N] orthogonal
         with torch.no_grad():
             self.weight.copy_(out_rotation.T @ self.weight @ rotation)
 
     def ternary_weight(self) -> torch.Tensor:  # [N, K] in the layer's own basis
-        return self.out_rotation @ super().ternary_weight() @ self.rotation.T
+        return self.out_rotation @ super().ternary_weight() @ self.in_rotation.T
 
 
 def rotations(kind: str, seed: int = 0):
@@ -83,17 +86,22 @@ def rotations(kind: str, seed: int = 0):
     return get
 
 
-def rotated_block_recon(cfg, fp, calib, rotation, out_rotation) -> dict[str, torch.Tensor]:
+def rotated_block_recon(cfg, fp, calib, in_rotation, out_rotation) -> dict[str, torch.Tensor]:
     """{linear: dense trained weight [N, K]} of block-recon with every linear's codes in its rotated basis."""
+    q = cfg.quantization
+    if q.rotation != "none" or q.residual_rank:
+        raise SystemExit("rotated_ternary.py: run it with quantization.rotation=none and residual_rank=0; "
+                         "it applies its own rotations")
+
     def search(weight, d, grid):  # the act-aware start of U^T W R, from the rotated inputs' second moments
-        r, u = rotation(weight.shape[1]), out_rotation(weight.shape[0])
+        r, u = in_rotation(weight.shape[1]), out_rotation(weight.shape[0])
         return act_aware.search(u.T @ weight.detach().float() @ r, r.square().T @ d.float(), grid)
 
-    def attach(block, init, train_weight, residuals=None):
+    def attach(block, init, train_weight, residuals=None, rotation="none"):  # block-recon's call; both unused
         out = {}
         for name, (threshold, scale) in init.items():
             linear = block.get_submodule(name)
-            out[name] = RotatedSTE(linear, threshold, scale, train_weight, rotation(linear.in_features),
+            out[name] = RotatedSTE(linear, threshold, scale, train_weight, in_rotation(linear.in_features),
                                    out_rotation(linear.out_features))
             _set_submodule(block, name, out[name])
         return out

@@ -81,3 +81,6 @@ def test_rotated_block_recon_is_block_recon_without_a_rotation_and_ternary_in_th
         row = codes.abs().amax(1, keepdim=True)
         assert torch.allclose(codes / row, (codes / row).round(), atol=1e-4), name
         assert not torch.allclose(w, plain[name])
+    product_rotation = cfg.model_copy(update={"quantization": cfg.quantization.model_copy(update={"rotation": "hadamard"})})
+    with pytest.raises(SystemExit, match="quantization.rotation=none"):  # it would rotate twice
+        rotated_block_recon(product_rotation, pipe, calib, rotation, identity)
