@@ -28,6 +28,14 @@ def block_size(k: int) -> int:
     return k & -k
 
 
+def factors(k: int) -> tuple[int, int]:
+    """(a, c), a <= c, powers of two with a * c = ``block_size(k)``: the Kronecker factors ``hadamard_blocks``
+    multiplies by (32 x 32 at b = 1024)."""
+    b = block_size(k)
+    a = 1 << (b.bit_length() - 1) // 2
+    return a, b // a
+
+
 def sylvester(size: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> torch.Tensor:
     """H_size / sqrt(size) [size, size]: Sylvester's Hadamard matrix (size a power of two), orthonormal."""
     idx = torch.arange(size)
@@ -47,13 +55,12 @@ def _factor(size: int, like: torch.Tensor) -> torch.Tensor:
 
 def hadamard_blocks(x: torch.Tensor) -> torch.Tensor:
     """x [..., K] -> x @ blockdiag(H_b / sqrt(b), ...) [..., K] in x's dtype (b = ``block_size(K)``)."""
-    k = x.shape[-1]
-    b = block_size(k)
-    a = 1 << (b.bit_length() - 1) // 2  # b = a * c, a <= c
-    c = b // a
-    y = x.reshape(-1, k // b, a, c)  # [M, K/b, a, c]
-    y = _factor(a, x) @ y @ _factor(c, x)  # H_a is symmetric: rows and columns alike
-    return y.reshape(x.shape)
+    shape, (a, c) = x.shape, factors(x.shape[-1])
+    y = x.reshape(-1, shape[-1] // (a * c), a, c)  # [M, K/b, a, c]
+    h_a, h_c = _factor(a, x), _factor(c, x)
+    del x  # a caller's temporary (rotate_torch's x * signs) is freed after the first product: x + 2 copies at peak
+    y = h_a @ y  # H_a is symmetric: rows and columns alike
+    return (y @ h_c).reshape(shape)
 
 
 def rotate_reference(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:

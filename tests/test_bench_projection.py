@@ -99,6 +99,31 @@ def test_run_bench_cpu_projection_and_plot(flux_dev, monkeypatch, tmp_path):
     assert render_table(report).row_count > 5
 
 
+def test_run_bench_counts_the_rotation_in_storage_memory_and_latency(flux_dev, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    plain = run_bench(flux_dev, "a10", random_weights=False, plot=None)
+    rotated_cfg = flux_dev.model_copy(update={"quantization": flux_dev.quantization.model_copy(update={"rotation": "hadamard"})})
+    rotated = run_bench(rotated_cfg, "a10", random_weights=False, plot=None)
+    model = build_meta_transformer(flux_dev.model)
+    signs = sum(m.in_features for _, m in scoped_linears(model))  # one int8 sign per input feature
+    assert rotated["storage"]["rotation"] == {"kind": "hadamard", "bytes": signs} and 2e6 < signs < 3e6
+    assert plain["storage"]["rotation"] == {"kind": "none", "bytes": 0}
+    for codec in ("2bit", "base3"):
+        assert rotated["storage"]["codecs"][codec]["bytes"] - plain["storage"]["codecs"][codec]["bytes"] == signs
+    k_max = max(m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear))  # proj_out: 3072 + 12288
+    for res in ("512", "1024"):
+        tokens = sum(plain["memory"]["per_resolution"][res]["tokens"].values())
+        mem, mem0 = rotated["memory"]["per_resolution"][res], plain["memory"]["per_resolution"][res]
+        assert mem["bf16"] == mem0["bf16"]
+        for mode in ("w2a16", "w2a8"):  # the signs, and two transient bf16 copies of the widest input
+            assert mem[mode]["peak"] - mem0[mode]["peak"] == signs + 2 * tokens * k_max * 2
+        lat, lat0 = rotated["latency"]["projected"]["per_resolution"][res], plain["latency"]["projected"]["per_resolution"][res]
+        assert lat["bf16"] == lat0["bf16"]
+        for mode in ("w2a16", "w2a8"):  # three unfused bf16 passes over every in-scope linear's input
+            assert lat[mode]["step_ms"] > 1.2 * lat0[mode]["step_ms"], mode
+    assert "of which rotation signs" in str([c._cells for c in render_table(rotated).columns])
+
+
 def test_run_bench_unknown_gpu_fails_first(flux_dev):
     with pytest.raises(UsageError):
         run_bench(flux_dev, "gtx970", random_weights=False, plot=None)

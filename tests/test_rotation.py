@@ -12,8 +12,10 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 import bitflux_kernels as bk
+from bitflux_cli.bench.accounting import storage
+from bitflux_cli.bench.measure import random_transformer
 from bitflux_cli.bench.memory import dummy_inputs
-from bitflux_cli.checkpoint import CheckpointFile, read_checkpoint
+from bitflux_cli.checkpoint import CheckpointFile, read_checkpoint, save_checkpoint
 from bitflux_cli.cli import app
 from bitflux_cli.config import load_config
 from bitflux_cli.errors import ArtifactError, UsageError
@@ -169,6 +171,27 @@ def test_diffusers_export_carries_the_rotation(chain, tmp_path):
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in ours.state_dict().items())
     loaded.save_pretrained(tmp_path / "again")
     assert (tmp_path / "again" / weights.name).read_bytes() == weights.read_bytes()
+
+
+def test_storage_accounting_equals_a_written_rotated_file_and_bench_builds_rotated_layers(tmp_path):
+    cfg = load_config("tiny", {"model.dtype": "bfloat16"})
+    model = load_fp_transformer(cfg.model)
+    linears = dict(scoped_linears(model))
+    ternary = {name: ternarize(rotated_weight(m.weight, signs(m.in_features))) for name, m in linears.items()}
+    dense = {k: v for k, v in model.state_dict().items() if k.removesuffix(".weight") not in linears}
+    dense |= {f"{name}.rotation": signs(m.in_features) for name, m in linears.items()}
+    path = tmp_path / "rotated.safetensors"
+    size = save_checkpoint(path, ternary, dense, "2bit", {"base_model": "embedded", "stage": "pack"})
+    with open(path, "rb") as f:
+        header = 8 + int.from_bytes(f.read(8), "little")
+    acc = storage(model, rotated=True)
+    assert CheckpointFile(path).rotated and size - header == acc["codecs"]["2bit"]["bytes"]
+    assert acc["rotation"]["bytes"] == sum(m.in_features for m in linears.values())
+    net = random_transformer(cfg.model, "w2a16", "cpu", rotated=True)
+    layers = [m for m in net.modules() if isinstance(m, TernaryLinear)]
+    assert len(layers) == len(linears) and all(torch.equal(m.rotation, signs(m.in_features)) for m in layers)
+    with torch.inference_mode():
+        assert net(**dummy_inputs(net, 1, 64, 8, "cpu"))[0].isfinite().all()
 
 
 M = "transformer_blocks.0.attn.to_q"

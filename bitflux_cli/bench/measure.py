@@ -26,6 +26,7 @@ from ..console import info
 from ..fusion import fuse_projections
 from ..loader import load_quantized_transformer
 from ..models import build_meta_transformer, load_fp_transformer, load_pipeline, torch_dtype
+from ..rotation import signs
 from ..ternary import TernaryLinear, replace_with_ternary, scoped_linears
 from .memory import MODES, dummy_inputs
 
@@ -48,18 +49,19 @@ def recorded_activations(cfg: Config) -> str:
 
 
 def random_transformer(model: ModelConfig, mode: str, device: torch.device | str, seed: int = 0,
-                       residual_rank: int = 0, activations: str | None = None) -> nn.Module:
+                       residual_rank: int = 0, activations: str | None = None, rotated: bool = False) -> nn.Module:
     """The configured architecture with random weights made on ``device``, no FP model built.
 
     Float parameters are ``normal * 0.02`` in the model dtype (never zero); for "w2a16"/"w2a8"
     every in-scope linear is a ``TernaryLinear`` with random codes in {-1, 0, 1} packed by
     ``pack_2bit``, random positive scales, random biases and (``residual_rank`` > 0) random
-    residual factors; ``activations`` overrides the mode's activation mode (``ACTIVATIONS``).
+    residual factors and (``rotated``) the rotation's signs of ``rotation.signs``; ``activations`` overrides
+    the mode's activation mode (``ACTIVATIONS``).
     """
     net = build_meta_transformer(model).to(torch_dtype(model))  # meta: free
     if mode != "bf16":
         replace_with_ternary(net, [name for name, _ in scoped_linears(net)], activations or ACTIVATIONS[mode],
-                             residual_rank)
+                             residual_rank, rotated)
     net.to_empty(device=device)
     gen = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
@@ -77,6 +79,8 @@ def random_transformer(model: ModelConfig, mode: str, device: torch.device | str
                 if mod.residual_up is not None:
                     mod.residual_up.normal_(0.0, INIT_STD, generator=gen)
                     mod.residual_down.normal_(0.0, INIT_STD, generator=gen)
+                if mod.rotation is not None:
+                    mod.rotation.copy_(signs(mod.in_features))  # [K] int8
     return net.eval()
 
 
@@ -134,7 +138,7 @@ def bench_model(cfg: Config, mode: str, device: torch.device | str, random_weigh
     baseline gets diffusers' own ``fuse_qkv_projections``, so both sides run fused Q/K/V."""
     if random_weights:
         net = random_transformer(cfg.model, mode, device, residual_rank=cfg.quantization.residual_rank,
-                                 activations=mode_activations(cfg, mode))
+                                 activations=mode_activations(cfg, mode), rotated=cfg.quantization.rotation != "none")
     elif mode == "bf16":
         net = load_fp_transformer(cfg.model, device).eval()  # read block by block onto the device, never whole on the host
     else:

@@ -10,8 +10,10 @@ Activation model (batch B, square resolution R, bf16, inference without autograd
   the fp32 RoPE cos/sin tables [S, head_dim].
 Temporaries of the implementation (e.g. fp32 copies in RoPE, allocator fragmentation) are not
 modelled. Ternary W2A16 has the same activations; W2A8 adds an int8 copy and per-token fp32 scales
-of the widest quantized linear's input (B * S * (K_max + 4) bytes). Text encoders and VAE are
-excluded (run before/after the transformer, or offloaded).
+of the widest quantized linear's input (B * S * (K_max + 4) bytes). With ``quantization.rotation`` the
+ternary modes add the rotation's two transient bf16 copies of that input (``bitflux::hadamard`` holds x,
+then x * signs and one Kronecker product, then that product and x R: 2 * B * S * K_max * 2 bytes). Text
+encoders and VAE are excluded (run before/after the transformer, or offloaded).
 
 Ternary runtime weights are the 2-bit layout + fp32 scales + dense bf16 (``storage``'s "2bit").
 A GPU fits a configuration when peak <= memory - ``RESERVE`` (CUDA context, cuBLAS workspace).
@@ -61,7 +63,7 @@ def activation_bytes(model: nn.Module, batch: int, resolution: int, text_tokens:
     rope = 2 * s * c.attention_head_dim * 4  # cos, sin [S, head_dim] fp32
     k_max = max(getattr(m, "in_features", 0) for m in model.modules())  # any linear: bf16, ternary, fused
     return {"block": block, "inputs": io + rope, "total": block + io + rope,
-            "w2a8_extra": batch * s * (k_max + 4)}
+            "w2a8_extra": batch * s * (k_max + 4), "rotation_extra": 2 * batch * s * k_max * BF16}
 
 
 def fits(peak: int, profile: dict) -> bool:
@@ -71,13 +73,15 @@ def fits(peak: int, profile: dict) -> bool:
 
 def memory_projection(model: nn.Module, storage: dict, resolutions: list[int], batch: int, text_tokens: int) -> dict:
     """Per resolution: weights, activations and peak bytes for bf16, W2A16 and W2A8, the
-    bf16/W2A16 peak ratio, and for every known GPU profile whether each mode fits."""
+    bf16/W2A16 peak ratio, and for every known GPU profile whether each mode fits (with ``storage``'s
+    rotation, if any, in the ternary modes' activations)."""
     weights = {"bf16": storage["bf16_bytes"], "w2a16": storage["codecs"]["2bit"]["bytes"],
                "w2a8": storage["codecs"]["2bit"]["bytes"]}
     out = {}
     for res in resolutions:
         act = activation_bytes(model, batch, res, text_tokens)
-        acts = {"bf16": act["total"], "w2a16": act["total"], "w2a8": act["total"] + act["w2a8_extra"]}
+        rotation = act["rotation_extra"] if storage["rotation"]["kind"] != "none" else 0
+        acts = {"bf16": act["total"], "w2a16": act["total"] + rotation, "w2a8": act["total"] + act["w2a8_extra"] + rotation}
         modes = {m: {"weights": weights[m], "activations": acts[m], "peak": weights[m] + acts[m]} for m in MODES}
         out[str(res)] = {
             "tokens": token_counts(res, text_tokens), **modes,

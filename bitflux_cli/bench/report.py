@@ -13,7 +13,8 @@ from .memory import MODES, memory_projection
 from .profiles import PROFILES, gpu_profile, profile_for_device
 from .roofline import latency_projection
 
-STORAGE_LABEL = ("tensor data of the checkpoint (codes, fp32 scales, bf16 low-rank residual if any, dense bf16); "
+STORAGE_LABEL = ("tensor data of the checkpoint (codes, fp32 scales, bf16 low-rank residual and int8 rotation signs "
+                 "if any, dense bf16); "
                  "safetensors header not counted")
 
 
@@ -46,11 +47,12 @@ def run_bench(cfg: Config, gpu: str | None, random_weights: bool, plot: Path | N
     """Benchmark the configured transformer; returns the JSON report (see the keys below).
 
     Storage and memory always come from shapes on the meta device, with the residual of
-    ``quantization.residual_rank`` (0: pure ternary) counted in storage, memory and latency. Latency is projected (roofline)
+    ``quantization.residual_rank`` (0: pure ternary) and the rotation of ``quantization.rotation`` counted
+    in storage, memory and latency. Latency is projected (roofline)
     for the GPU profile ``gpu`` (else ``bench.gpu``, else the present CUDA device's profile) and
     measured when CUDA is present (``random_weights``: random full-size weights, no download).
     Keys: model, storage {bf16_bytes, codecs {2bit, base3} {bytes, ratio, bits_per_weight, ...}, residual
-    {rank, bytes, bytes_per_rank}}, params, memory,
+    {rank, bytes, bytes_per_rank}, rotation {kind, bytes}}, params, memory,
     latency {projected, measured}, measured, device, gpu_profile, notes, plot.
     """
     gpu = gpu or cfg.bench.gpu
@@ -66,18 +68,19 @@ def run_bench(cfg: Config, gpu: str | None, random_weights: bool, plot: Path | N
 
     model = build_meta_transformer(cfg.model)
     text_tokens, res, batch = cfg.generate.max_sequence_length, cfg.bench.resolutions, cfg.bench.batch
-    rank = cfg.quantization.residual_rank
-    st = storage(model, rank)
+    rank, rotated = cfg.quantization.residual_rank, cfg.quantization.rotation != "none"
+    st = storage(model, rank, rotated)
     latency = {"projected": None, "measured": None}
     if profile is not None:
-        latency["projected"] = latency_projection(model, profile, res, batch, text_tokens, cfg.generate.steps, rank)
+        latency["projected"] = latency_projection(model, profile, res, batch, text_tokens, cfg.generate.steps, rank, rotated)
     if cuda:
         from .measure import measure  # CUDA-only path
 
         latency["measured"] = measure(cfg, random_weights, measured_on)
     report = {
         "model": model_id(cfg.model),
-        "storage": {"label": STORAGE_LABEL, "bf16_bytes": st["bf16_bytes"], "codecs": st["codecs"], "residual": st["residual"]},
+        "storage": {"label": STORAGE_LABEL, "bf16_bytes": st["bf16_bytes"], "codecs": st["codecs"], "residual": st["residual"],
+                    "rotation": st["rotation"]},
         "params": st["params"],
         "memory": memory_projection(model, st, res, batch, text_tokens),
         "latency": latency,
@@ -118,6 +121,9 @@ def render_table(report: dict) -> Table:
     if st["residual"]["rank"]:
         table.add_row(f"of which residual r={st['residual']['rank']} (GB)", "", _gb(st["residual"]["bytes"]),
                       _gb(st["residual"]["bytes"]), "")
+    if st["rotation"]["kind"] != "none":
+        table.add_row("of which rotation signs (MB)", "", f"{st['rotation']['bytes'] / 1e6:.2f}",
+                      f"{st['rotation']['bytes'] / 1e6:.2f}", "")
     profile = report["gpu_profile"]
     for r, mem in report["memory"]["per_resolution"].items():
         table.add_row(f"peak @{r} (GB, projected)", *(_gb(mem[m]["peak"]) for m in MODES), f"{mem['ratio']:.2f}x")

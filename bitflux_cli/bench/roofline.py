@@ -7,7 +7,10 @@ output activations. bf16: bf16 weights at the 16-bit tensor rate; W2A16: in-scop
 2-bit codes + fp32 scales at the 16-bit rate; W2A8: the same bytes at the int8 rate (``None`` on
 GPUs without int8 tensor cores). With a low-rank residual of rank r, each in-scope linear adds its
 GEMM pair at the 16-bit rate: 2 M r (N + K) flops against the bf16 factors, the input, the [M, r]
-intermediate (written and read) and the output. Linears outside the scope stay bf16 in every mode. Attention adds
+intermediate (written and read) and the output. With ``quantization.rotation`` each in-scope linear first
+rotates its input as ``bitflux::hadamard`` does: the signs, then two Kronecker-factor matmuls (a x a and
+c x c, a c = b, the Hadamard block), 2 M K (a + c) flops at the 16-bit rate against three passes that read
+and write [M, K] bf16. Linears outside the scope stay bf16 in every mode. Attention adds
 4 * B * S^2 * D flops per block (QK^T and PV) against reading q, k, v and writing the output.
 Norms, activations, RoPE and kernel launch gaps are not counted: a lower bound on the step time.
 """
@@ -15,6 +18,7 @@ Norms, activations, RoPE and kernel launch gaps are not counted: a lower bound o
 import torch
 from torch import nn
 
+from bitflux_kernels.hadamard import factors
 from bitflux_kernels.layout import packed_2bit_bytes
 
 from ..ternary import in_scope
@@ -47,9 +51,10 @@ def _time(flops: float, nbytes: float, rate: float, profile: dict) -> float:
 
 
 def step_seconds(model: nn.Module, shapes: list[dict], tokens: int, batch: int, profile: dict,
-                 residual_rank: int = 0) -> dict:
+                 residual_rank: int = 0, rotated: bool = False) -> dict:
     """Roofline seconds of one transformer step per mode ("bf16", "w2a16", "w2a8"), the ternary modes
-    with a residual GEMM pair of ``residual_rank`` per in-scope linear."""
+    with a residual GEMM pair of ``residual_rank`` per in-scope linear and, when ``rotated``, its input's
+    Hadamard rotation."""
     bf16_rate = profile["bf16_tflops"] * 1e12
     int8_rate = profile["int8_tops"] * 1e12 if profile["int8_tops"] else None
     d, layers = model.inner_dim, len(model.transformer_blocks) + len(model.single_transformer_blocks)
@@ -68,18 +73,20 @@ def step_seconds(model: nn.Module, shapes: list[dict], tokens: int, batch: int, 
             if ternary and residual_rank:
                 r = residual_rank
                 total += _time(2 * m * r * (n + k), (r * (n + k) + m * k + 2 * m * r + m * n) * BF16, bf16_rate, profile)
+            if ternary and rotated:
+                total += _time(2 * m * k * sum(factors(k)), 6 * m * k * BF16, bf16_rate, profile)
         out[mode] = total
     return out
 
 
 def latency_projection(model: nn.Module, profile: dict, resolutions: list[int], batch: int,
-                       text_tokens: int, steps: int, residual_rank: int = 0) -> dict:
+                       text_tokens: int, steps: int, residual_rank: int = 0, rotated: bool = False) -> dict:
     """Per resolution and mode: projected step time (ms) and transformer time per image (s)."""
     per_res = {}
     for res in resolutions:
         t = token_counts(res, text_tokens)
         secs = step_seconds(model, linear_shapes(model, batch, res, text_tokens), t["image"] + t["text"], batch, profile,
-                            residual_rank)
+                            residual_rank, rotated)
         per_res[str(res)] = {mode: None if s is None else {"step_ms": s * 1e3, "image_s": s * steps, "source": LABEL}
                              for mode, s in secs.items()}
     return {"label": f"{LABEL} for {profile['name']}: transformer only, {steps} steps per image, batch {batch}",
