@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bitflux_kernels.act_quant import SPACE as ACT_QUANT_SPACE, act_quant_kernel  # noqa: E402
 from bitflux_kernels.decode import FIELDS_META, HALF_META, decode_fields_kernel, decode_half_kernel  # noqa: E402
 from bitflux_kernels.packed import GEMM_CONFIGS, GEMV_CONFIGS, packed_kernel  # noqa: E402
+from bitflux_kernels.hadamard_triton import hadamard_kernel  # noqa: E402
 from bitflux_kernels.large_m import EPILOGUE_META, int_epilogue_kernel  # noqa: E402
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -123,6 +124,12 @@ def specs():
             p = {"x_ptr": "*bf16", "q_ptr": q, "s_ptr": "*fp32", "sum_ptr": "*i32"}
             rows.append((f"act_quant -> {name}, {rows_k[0]}x{rows_k[1]}, {warps} warps (per activation)", act_quant_kernel,
                          _sig(act_quant_kernel, p, c), c, {"num_warps": warps}, rows_k[0] * rows_k[1], True, aq))
+    for k, (a, rows_m) in ((15360, (32, 4)), (12288, (64, 1))):  # single blocks' proj_out (b = 1024); ff.net.2 (b = 4096)
+        c = {"A": a, "C": a, "ROWS": rows_m, "DOT": tl.bfloat16, "PRECISION": "tf32"}
+        p = {"x_ptr": "*bf16", "s_ptr": "*i8", "ha_ptr": "*bf16", "hc_ptr": "*bf16", "y_ptr": "*bf16", "norm": "fp32"}
+        rows.append((f"hadamard x R, block {a * a}, {rows_m} rows (per activation)", hadamard_kernel,
+                     _sig(hadamard_kernel, p, c), c, {"num_warps": 4}, rows_m * a * a, False,
+                     {"M": 4608, "stride_xm": k, "stride_ym": k}))
     return rows
 
 
@@ -133,7 +140,7 @@ def specialize(fn, signature: dict, consts: dict, ints: dict) -> tuple[dict, dic
     a multiple of 16 -> ``tt.divisibility``), pointers get ``tt.divisibility`` 16."""
     signature, consts, attrs = dict(signature), dict(consts), {}
     for i, a in enumerate(fn.arg_names):
-        if signature[a] == "constexpr":
+        if signature[a] in ("constexpr", "fp32"):  # a float argument is not specialized
             continue
         if signature[a].startswith("*"):
             attrs[(i,)] = CUDABackend.parse_attr("D")

@@ -6,11 +6,13 @@ compute ``(x R) (s q)^T``. R [K, K] = diag(signs) @ blockdiag(H_b / sqrt(b), ...
 15360 = 15 x 1024), H_b Sylvester's Hadamard matrix. R is orthogonal and H_b symmetric, so
 ``w R^T = blocks(w) * signs`` undoes it (``unrotate``).
 
-Backends: "reference" forms the blocks' product in float64; "torch" and "triton" both run
-``hadamard_blocks`` in x's dtype, with H_b = H_a (x) H_c (a * c = b, a <= c) as two small batched
-matmuls, ``H_a @ x[..., K/b, a, c] @ H_c``: 2 (a + c) multiply-adds an element (128 at b = 1024)
-instead of 2 b. There is no fused Triton Walsh-Hadamard kernel: on CUDA the two matmuls are cuBLAS
-calls beside the packed GEMM. The op is opaque to ``torch.compile`` (its fake impl keeps the shape).
+Backends: "reference" forms the blocks' product in float64; "torch" runs ``hadamard_blocks`` in x's
+dtype, with H_b = H_a (x) H_c (a * c = b, a <= c) as two small batched matmuls,
+``H_a @ x[..., K/b, a, c] @ H_c``: 2 (a + c) multiply-adds an element (128 at b = 1024) instead of 2 b,
+in three passes over x (signs, then each product). "triton" runs the same two products in one kernel
+(``hadamard_triton.py``: x read once, x R written once) on CUDA or under TRITON_INTERPRET=1, for widths
+whose Hadamard block is at least 256 (FLUX's all are); narrower ones, and CPU tensors, take the torch
+path. The op is opaque to ``torch.compile`` (its fake impl keeps the shape).
 """
 
 import math
@@ -44,6 +46,12 @@ def sylvester(size: int, dtype: torch.dtype = torch.float64, device: torch.devic
     for shift in range(max(1, size.bit_length())):
         parity ^= (bits >> shift) & 1
     return ((1 - 2 * parity).to(torch.float64) / math.sqrt(size)).to(device=device, dtype=dtype)
+
+
+def _interpreting() -> bool:
+    from .common import interpreting  # imports triton: only when the triton backend is asked for
+
+    return interpreting()
 
 
 def _factor(size: int, like: torch.Tensor) -> torch.Tensor:
@@ -87,6 +95,11 @@ def hadamard(x: torch.Tensor, signs: torch.Tensor, backend: str = "triton") -> t
     """``x R``: x [..., K] float, signs [K] int8 in {-1, +1} -> [..., K] in x's dtype."""
     if backend == "reference":
         return rotate_reference(x, signs)
+    if backend == "triton" and (x.is_cuda or _interpreting()):
+        from .hadamard_triton import fits, hadamard_triton  # Triton decides compile or interpret at definition
+
+        if fits(x.shape[-1]):
+            return hadamard_triton(x, signs)
     if backend in ("torch", "triton"):
         return rotate_torch(x, signs)
     raise ValueError(f"unknown bitflux backend {backend!r} (reference, torch or triton)")

@@ -14,10 +14,10 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_instructio
 
 @pytest.fixture(scope="module")
 def rows() -> dict:
-    """The decodes' and the GEMV's rows, sm90. A subprocess: the script turns the interpreter off
+    """The decodes', the GEMV's and the Hadamard rotation's rows, sm90. A subprocess: the script turns the interpreter off
     before Triton defines the kernels."""
     env = {**os.environ, "TRITON_DEFAULT_FP_FUSION": "1"}
-    out = subprocess.run([sys.executable, str(SCRIPT), "--arch", "90", "--only", "decode", "GEMV", "--json", "-"],
+    out = subprocess.run([sys.executable, str(SCRIPT), "--arch", "90", "--only", "decode", "GEMV", "hadamard", "--json", "-"],
                          env=env, capture_output=True, text=True, timeout=300)
     if out.returncode and "ptxas" in out.stderr:
         pytest.skip(f"Triton's bundled ptxas cannot run here: {out.stderr.strip().splitlines()[-1]}")
@@ -41,3 +41,16 @@ def test_decodes_spend_at_most_one_arithmetic_instruction_a_weight(rows):
 def test_small_m_kernel_within_three_instructions_a_weight(rows):
     gemv = [r for name, r in rows.items() if name.startswith("GEMV")]
     assert gemv and all(r["thread_instructions_per_weight"] <= 3.0 for r in gemv)
+
+
+def test_hadamard_kernel_is_one_vectorized_pass_on_tensor_cores(rows):
+    # budget: an H100 issues ~31e12 thread-instructions/s against 3.35e12 B/s / 4 B an activation (bf16 in
+    # and out): about 37 an activation before the instructions, not the bytes, bound the kernel
+    had = [r for name, r in rows.items() if name.startswith("hadamard")]
+    assert len(had) == 2
+    for r in had:
+        ops = r["opcodes"]
+        assert any(op.startswith("HGMMA") for op in ops), ops  # both products on wgmma
+        assert not [op for op in ops if op.startswith(("LDL", "STL"))], ops  # no register spills
+        assert ops.get("LDG.E.128", 0) and ops.get("STG.E.128", 0)  # x in and x R out in 16-byte vectors
+        assert r["thread_instructions_per_weight"] <= 20

@@ -34,6 +34,7 @@ def _specs():
 
     from bitflux_kernels.act_quant import act_quant_kernel
     from bitflux_kernels.decode import FIELDS_META, FLOAT_META, HALF_META, decode_fields_kernel, decode_float_kernel, decode_half_kernel
+    from bitflux_kernels.hadamard_triton import hadamard_kernel
     from bitflux_kernels.large_m import EPILOGUE_META, int_epilogue_kernel
     from bitflux_kernels.packed import GEMM_CONFIGS, GEMV_CONFIGS, PERMUTE_META, REDUCE_META, permute_x_kernel, reduce_kernel
 
@@ -74,6 +75,11 @@ def _specs():
     ptrs = {"acc_ptr": "*i32", "qsum_ptr": "*i32", "sx_ptr": "*fp32", "scale_ptr": "*fp32", "bias_ptr": "*bf16",
             "y_ptr": "*bf16"}
     yield int_epilogue_kernel, sig(int_epilogue_kernel, ptrs, consts), consts, options
+    for dt, dot, prec, a, rows in (("bf16", tl.bfloat16, "tf32", 32, 4), ("fp16", tl.float16, "tf32", 64, 1),
+                                   ("fp32", tl.float32, "ieee", 64, 1)):  # the launcher's block 1024 and 4096 configs
+        consts = {"A": a, "C": a, "ROWS": rows, "DOT": dot, "PRECISION": prec}
+        ptrs = {"x_ptr": f"*{dt}", "s_ptr": "*i8", "ha_ptr": f"*{dt}", "hc_ptr": f"*{dt}", "y_ptr": f"*{dt}", "norm": "fp32"}
+        yield hadamard_kernel, sig(hadamard_kernel, ptrs, consts), consts, {"num_warps": 4}
 
 
 def _compile_all(arch: int) -> None:

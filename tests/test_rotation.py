@@ -30,7 +30,8 @@ from bitflux_cli.packing import pack
 from bitflux_cli.quantize import quantize
 from bitflux_cli.rotation import rotated_moment, rotated_weight, signs
 from bitflux_cli.ternary import TernaryLinear, _set_submodule, scoped_linears, ternarize
-from bitflux_kernels.hadamard import sylvester
+from bitflux_kernels.hadamard import rotate_reference, sylvester
+from bitflux_kernels.hadamard_triton import fits, hadamard_triton
 from compiled import compile_one_graph
 from test_methods import tiny
 from test_residual import _rel, _rewrite
@@ -53,6 +54,32 @@ def test_op_is_an_orthogonal_dense_rotation_on_every_backend(k):
         assert torch.allclose(torch.ops.bitflux.hadamard(x, s, backend), want, atol=1e-5), backend
     assert torch.allclose(bk.unrotate(want, s), x, atol=1e-5)  # x R R^T
     assert bk.block_size(3072) == 1024 and bk.block_size(12288) == 4096 and bk.block_size(15360) == 1024
+
+
+@pytest.mark.parametrize("k", [3072, 12288, 15360, 512])  # FLUX's blocks 1024 and 4096; 512 = 16 x 32
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+def test_triton_kernel_rotates_in_one_pass_against_the_float64_reference(k, dtype, tol):
+    # bf16's bound is loose for the interpreter, which truncates fp32 -> bf16 (a GPU rounds to nearest)
+    s = signs(k)
+    x = torch.randn(7, 2 * k)[:, ::2].to(dtype)  # [7, K], strided: the launcher makes it contiguous
+    y = hadamard_triton(x, s)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert _rel(y, rotate_reference(x.double(), s)) < tol
+    assert torch.equal(torch.ops.bitflux.hadamard(x, s, "triton"), y)  # the op's triton backend is this kernel
+    assert hadamard_triton(x[:0], s).shape == (0, k)
+    assert not fits(640) and fits(512)  # 640's block of 128 (8 x 16) is below tl.dot's 16 x 16: the torch path
+    with pytest.raises(ValueError, match="torch"):
+        hadamard_triton(torch.randn(2, 640), signs(640))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [3072, 12288, 15360])
+def test_compiled_kernel_on_cuda_rounds_once_per_product(k):
+    s, x = signs(k).cuda(), torch.randn(4608, k, device="cuda", dtype=torch.bfloat16)
+    y = hadamard_triton(x, s)
+    ref = rotate_reference(x.double(), s)
+    assert _rel(y, ref) < 4e-3 and _rel(bk.rotate_torch(x, s), ref) < 4e-3  # two bf16 roundings each
+    assert torch.equal(torch.ops.bitflux.hadamard(x, s, "triton"), y)
 
 
 def test_signs_are_fixed_per_width_and_the_rotated_moments_are_exact():

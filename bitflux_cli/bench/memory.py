@@ -11,9 +11,9 @@ Activation model (batch B, square resolution R, bf16, inference without autograd
 Temporaries of the implementation (e.g. fp32 copies in RoPE, allocator fragmentation) are not
 modelled. Ternary W2A16 has the same activations; W2A8 adds an int8 copy and per-token fp32 scales
 of the widest quantized linear's input (B * S * (K_max + 4) bytes). With ``quantization.rotation`` the
-ternary modes add the rotation's two transient bf16 copies of that input (``bitflux::hadamard`` holds x,
-then x * signs and one Kronecker product, then that product and x R: 2 * B * S * K_max * 2 bytes). Text
-encoders and VAE are excluded (run before/after the transformer, or offloaded).
+ternary modes add ``x R``, a bf16 copy of that input beside it (B * S * K_max * 2 bytes: the Triton
+kernel's one output; the torch path on pre-Ampere GPUs holds one more intermediate). Text encoders and VAE
+are excluded (run before/after the transformer, or offloaded).
 
 Ternary runtime weights are the 2-bit layout + fp32 scales + dense bf16 (``storage``'s "2bit").
 A GPU fits a configuration when peak <= memory - ``RESERVE`` (CUDA context, cuBLAS workspace).
@@ -63,7 +63,7 @@ def activation_bytes(model: nn.Module, batch: int, resolution: int, text_tokens:
     rope = 2 * s * c.attention_head_dim * 4  # cos, sin [S, head_dim] fp32
     k_max = max(getattr(m, "in_features", 0) for m in model.modules())  # any linear: bf16, ternary, fused
     return {"block": block, "inputs": io + rope, "total": block + io + rope,
-            "w2a8_extra": batch * s * (k_max + 4), "rotation_extra": 2 * batch * s * k_max * BF16}
+            "w2a8_extra": batch * s * (k_max + 4), "rotation_extra": batch * s * k_max * BF16}
 
 
 def fits(peak: int, profile: dict) -> bool:

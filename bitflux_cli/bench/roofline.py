@@ -8,9 +8,10 @@ output activations. bf16: bf16 weights at the 16-bit tensor rate; W2A16: in-scop
 GPUs without int8 tensor cores). With a low-rank residual of rank r, each in-scope linear adds its
 GEMM pair at the 16-bit rate: 2 M r (N + K) flops against the bf16 factors, the input, the [M, r]
 intermediate (written and read) and the output. With ``quantization.rotation`` each in-scope linear first
-rotates its input as ``bitflux::hadamard`` does: the signs, then two Kronecker-factor matmuls (a x a and
-c x c, a c = b, the Hadamard block), 2 M K (a + c) flops at the 16-bit rate against three passes that read
-and write [M, K] bf16. Linears outside the scope stay bf16 in every mode. Attention adds
+rotates its input as ``bitflux::hadamard`` does, two Kronecker-factor matmuls (a x a and c x c, a c = b,
+the Hadamard block): 2 M K (a + c) flops at the 16-bit rate against one pass that reads and writes
+[M, K] bf16 on GPUs that run the Triton kernel (the profiles with bf16: Ampere and newer), three on the
+others (the torch path: signs, then each product). Linears outside the scope stay bf16 in every mode. Attention adds
 4 * B * S^2 * D flops per block (QK^T and PV) against reading q, k, v and writing the output.
 Norms, activations, RoPE and kernel launch gaps are not counted: a lower bound on the step time.
 """
@@ -74,7 +75,8 @@ def step_seconds(model: nn.Module, shapes: list[dict], tokens: int, batch: int, 
                 r = residual_rank
                 total += _time(2 * m * r * (n + k), (r * (n + k) + m * k + 2 * m * r + m * n) * BF16, bf16_rate, profile)
             if ternary and rotated:
-                total += _time(2 * m * k * sum(factors(k)), 6 * m * k * BF16, bf16_rate, profile)
+                passes = 1 if profile["bf16"] else 3  # hadamard_triton.py, or the torch path's three
+                total += _time(2 * m * k * sum(factors(k)), passes * 2 * m * k * BF16, bf16_rate, profile)
         out[mode] = total
     return out
 
