@@ -6,7 +6,8 @@
 #  2. `bitflux bench --kernels` (its function, a JSON per shape): every FLUX shape checked, then timed eagerly and from CUDA graphs beside
 #     cuBLAS bf16 and the int8/fp8 ceilings;
 #  3. the FLUX.1-dev transformer at full size with random weights: step latency and peak memory,
-#     bf16 / W2A16 / W2A8 at 1024².
+#     bf16 / W2A16 / W2A8 at 1024²;
+#  4. the rotation (quantization.rotation): the Triton kernel against the torch path on FLUX's widths.
 # Prepare with `bash benchmarks/gpu_wheels.sh` here; results land in $OUT (commit them under
 # benchmarks/results/ with this command beside them).
 set -uo pipefail
@@ -26,7 +27,8 @@ BITFLUX="python3 -P -c 'from bitflux_cli.cli import main; main()'"
 # one process took well over the time box; the full log is written as it goes, so a timeout still reports
 timeout 210 python3 -m pytest -q -p no:cacheprovider -n 12 --maxfail=10 -rf tests/test_kernels_common.py \
     tests/test_kernels_packed.py tests/test_kernels_large_m.py tests/test_kernels_dispatch.py tests/test_kernels_bench.py \
-    tests/test_bench_measure_gpu.py > "$OUT/pytest-gpu.log" 2>&1
+    tests/test_bench_measure_gpu.py tests/test_rotation.py::test_compiled_kernel_on_cuda_rounds_once_per_product \
+    > "$OUT/pytest-gpu.log" 2>&1
 tail -40 "$OUT/pytest-gpu.log"
 # what `bitflux bench --kernels --json` runs (bench_kernels), one FLUX shape a file as each finishes:
 # a timeout keeps the shapes done
@@ -40,4 +42,17 @@ for n, k in FLUX_SHAPES:
 " 2> "$OUT/h200-kernels.err"
 timeout 120 bash -c "$BITFLUX bench --config flux-dev --random-weights --json --set bench.resolutions=[1024]" \
     > "$OUT/h200-flux-dev-random.json" 2> "$OUT/h200-flux-dev-random.err"
+timeout 25 python3 -P -c "
+import json, os, torch
+from bitflux_cli.bench.measure import time_cuda
+from bitflux_kernels.hadamard import rotate_torch
+from bitflux_kernels.hadamard_triton import hadamard_triton
+from bitflux_cli.rotation import signs
+rows = []
+for k in (3072, 12288, 15360):
+    x, s = torch.randn(4608, k, device='cuda', dtype=torch.bfloat16), signs(k).cuda()
+    t = {name: time_cuda(lambda: f(x, s), 3, 20)['median_ms'] for name, f in (('triton', hadamard_triton), ('torch', rotate_torch))}
+    rows.append({'m': 4608, 'k': k, **{f'{n}_ms': v for n, v in t.items()}, 'triton_gbs': 4 * x.numel() / t['triton'] / 1e6})
+json.dump(rows, open(os.path.join(os.environ['OUT'], 'h200-hadamard.json'), 'w'), indent=1)
+" 2> "$OUT/h200-hadamard.err"
 tail -3 "$OUT"/*.err
