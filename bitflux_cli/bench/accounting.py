@@ -3,7 +3,8 @@
 Counts tensor data only, exactly as ``save_checkpoint`` lays it out: per in-scope linear the
 codec's code bytes plus an fp32 scale per output row (plus, with a low-rank residual of rank r,
 bf16 ``up`` [N, r] and ``down`` [r, K]: 2 r (N + K) bytes; with ``quantization.rotation``, the int8
-signs [K]: K bytes), and every other parameter (biases of the quantized linears included) at 2 bytes (bf16). The safetensors header (8-byte length, JSON of
+signs [K]: K bytes), and every other parameter (biases of the quantized linears included) at 2 bytes
+(bf16). The safetensors header (8-byte length, JSON of
 names, shapes and offsets, and bitflux's metadata with a sha256 per tensor) is not counted: about
 250-300 bytes per tensor, so about 0.5 MB for FLUX.1-dev's 1,654 tensors (0.015% of 3.1 GB).
 """
@@ -43,7 +44,8 @@ def storage(model: nn.Module, residual_rank: int = 0, rotated: bool = False) -> 
         codes = sum(code_bytes(n, k) for n, k in shapes)
         ternary = codes + scale_bytes + residual["bytes"] + rotation["bytes"]
         codecs[codec] = {"bytes": ternary + dense_bytes, "codes_bytes": codes, "scale_bytes": scale_bytes,
-                         "residual_bytes": residual["bytes"], "rotation_bytes": rotation["bytes"], "dense_bytes": dense_bytes,
+                         "residual_bytes": residual["bytes"], "rotation_bytes": rotation["bytes"],
+                         "dense_bytes": dense_bytes,
                          "ratio": bf16_bytes / (ternary + dense_bytes),
                          "bits_per_weight": 8 * ternary / params["ternary_weight_params"]}
     return {"bf16_bytes": bf16_bytes, "codecs": codecs, "residual": residual, "rotation": rotation, "params": params}
