@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The optional rotation (quantization.rotation=hadamard) against the default, both block-recon, at several
 # training seeds on one calibration:
-#   [SEEDS='0 1'] [RANK=r] benchmarks/rotation_seeds.sh [RUNS] [OUT.json]   (after make demo: its calibration is copied)
+#   [SEEDS='0 1'] [RESIDUAL_RANK=r] benchmarks/rotation_seeds.sh [RUNS] [OUT.json]   (after make demo: its calibration is copied)
 # For each seed s in $SEEDS, RUNS/rot-seeds/{plain,hadamard}-s<s> quantize (block_recon.seed=s), pack 2bit and
 # are scored by `bitflux eval --suite mini` (192 prompts x 4 images). OUT gets per seed both scores and their
 # paired difference (same prompts and image seeds), then the mean difference over seeds with its standard
 # error across seeds, the storage each costs and the commit ("+changes" when tracked files differed).
-# RANK > 0 runs both sides with a low-rank residual of that rank (quantization.residual_rank), in
+# RESIDUAL_RANK > 0 runs both sides with a low-rank residual of that rank (quantization.residual_rank), in
 # RUNS/rot-seeds/{plain,hadamard}-r<r>-s<s>: does the rotation add to the residual?
 # About 3.5 min a run on 2 CPU cores: 35 min for the default five seeds.
 set -euo pipefail
@@ -15,8 +15,8 @@ BITFLUX=${BITFLUX:-.venv/bin/bitflux}
 RUNS=${1:-runs}/rot-seeds
 OUT=${2:-benchmarks/results/rotation-seeds.json}
 SEEDS=${SEEDS:-0 1 2 3 4}
-RANK=${RANK:-0}
-TAG=$([[ $RANK == 0 ]] || echo "-r$RANK")
+RESIDUAL=${RESIDUAL_RANK:-0}  # not RANK: torchrun's variable
+TAG=$([[ $RESIDUAL == 0 ]] || echo "-r$RESIDUAL")
 COMMIT=$(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo "+changes")
 test -d runs/demo/calib || { echo "rotation_seeds.sh: run make demo first (its calibration is reused)" >&2; exit 2; }
 mkdir -p "$RUNS"
@@ -27,7 +27,7 @@ for s in $SEEDS; do
         rm -rf "$w"; mkdir -p "$w"; cp -r runs/demo/calib "$w/"
         rot=$([[ $kind == plain ]] && echo none || echo hadamard)
         "$BITFLUX" quantize --workdir "$w" --set "quantization.rotation=$rot" --set "quantization.block_recon.seed=$s" \
-            --set "quantization.residual_rank=$RANK" --json > "$w.quantize.json"
+            --set "quantization.residual_rank=$RESIDUAL" --json > "$w.quantize.json"
         "$BITFLUX" pack --workdir "$w" --json > "$w.pack.json"
         "$BITFLUX" eval --workdir "$w" --json > "$w.eval.json.tmp" && mv "$w.eval.json.tmp" "$w.eval.json"
     done
@@ -51,7 +51,7 @@ for s in seeds:
     rows[s]["difference"] = {"overall": delta, "paired_stderr": paired_stderr(specs, e["hadamard"]["per_prompt"], e["plain"]["per_prompt"])}
 mean = {k: statistics.mean(rows[s][k]["overall"] for s in seeds) for k in ("plain", "hadamard")}
 spread = statistics.stdev(deltas) / len(deltas) ** 0.5 if len(deltas) > 1 else None
-rank = f"RANK={tag[2:]} " if tag else ""
+rank = f"RESIDUAL_RANK={tag[2:]} " if tag else ""
 report = {"command": f"SEEDS='{' '.join(seeds)}' {rank}benchmarks/rotation_seeds.sh {runs.parent} {out}", "commit": commit,
           "seeds": rows, "mean": {**mean, "difference": statistics.mean(deltas), "difference_stderr_across_seeds": spread,
                                   "seeds_rotation_wins": sum(d > 0 for d in deltas)}}

@@ -14,6 +14,7 @@ from rich.table import Table
 from .artifacts import check_stage_dirs, check_writable_dir, require, stage_lock
 from .config import load_config, parse_assignments
 from .console import console
+from .distributed import launch_rank
 from .errors import BitfluxError
 
 app = typer.Typer(help="1.58-bit FLUX: calibrate, quantize, pack, generate and benchmark a ternary FLUX transformer.",
@@ -44,7 +45,7 @@ def _run(stage, config: str | None, overrides: dict, as_json: bool, *args, sets:
                 check_stage_dirs(cfg.workdir, writes)
             if needs and not Path(cfg.workdir).exists():  # nothing to lock in: say so before the lock makes it
                 require(cfg.workdir, needs)
-            if os.environ.get("RANK", "0") == "0":
+            if launch_rank() == 0:
                 for name in writes:
                     locks.enter_context(stage_lock(cfg.workdir, name))
             result = stage(cfg, *args)
@@ -60,7 +61,7 @@ def _run(stage, config: str | None, overrides: dict, as_json: bool, *args, sets:
         cause = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         console.print(f"[red]error:[/red] {type(exc).__name__}: {cause} (set BITFLUX_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the job
+    if launch_rank() != 0:  # under torchrun, rank 0 speaks for the job
         return
     if as_json:
         sys.stdout.write(json.dumps(result, default=str) + "\n")

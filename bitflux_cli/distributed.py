@@ -2,8 +2,11 @@
 
 import os
 
-import torch
-import torch.distributed as dist
+
+def launch_rank() -> int:
+    """This process's rank in a ``torchrun`` job (``WORLD_SIZE`` > 1), without joining the group; 0 in a
+    single process, whatever a stray ``RANK`` in the environment says (a shell variable, a scheduler's)."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
 
 
 def init_distributed() -> tuple[int, int]:
@@ -15,6 +18,9 @@ def init_distributed() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
+    import torch  # here, not at the top: the CLI imports this module for launch_rank without loading torch
+    import torch.distributed as dist
+
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

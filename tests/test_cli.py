@@ -57,6 +57,15 @@ def test_pack_reports_storage(chain):
     assert p["storage_ratio"] == pytest.approx(p["bf16_bytes"] / p["packed_bytes"])
 
 
+def test_a_stray_rank_variable_does_not_silence_a_single_process(chain):
+    wd, _, p = chain
+    # RANK alone (a shell script's variable, a scheduler's) is not a torchrun job: WORLD_SIZE says so
+    res = runner.invoke(app, ["pack", "--workdir", str(wd), "--json"], env={"RANK": "16", "WORLD_SIZE": None})
+    assert as_json(res)["packed_bytes"] == p["packed_bytes"]
+    res = runner.invoke(app, ["pack", "--workdir", str(wd), "--json"], env={"RANK": "1", "WORLD_SIZE": "2"})
+    assert res.exit_code == 0 and res.stdout == ""  # under torchrun, rank 0 speaks for the job
+
+
 def test_generate_same_seed_same_image(chain, tmp_path):
     wd, _, _ = chain
     outs = []
