@@ -22,7 +22,7 @@ import torch
 if __name__ != "bitflux_kernels.hadamard":  # a second registration would leave the first one's op handle dangling
     raise ImportError(f"bitflux's Hadamard op imported as {__name__!r}: import it as bitflux_kernels.hadamard")
 
-_FACTORS: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}  # (size, device, dtype) -> H / sqrt(size)
+_FACTORS: dict[tuple[int, torch.device, torch.dtype, bool], torch.Tensor] = {}  # H / sqrt(size), or H (±1)
 
 
 def block_size(k: int) -> int:
@@ -54,10 +54,13 @@ def _interpreting() -> bool:
     return interpreting()
 
 
-def _factor(size: int, like: torch.Tensor) -> torch.Tensor:
-    key = (size, like.device, like.dtype)
+def factor(size: int, like: torch.Tensor, unit: bool = False) -> torch.Tensor:
+    """H_size / sqrt(size) [size, size] (``unit``: H_size itself, ±1, exact in any float dtype) on
+    ``like``'s device and dtype, made once per (size, device, dtype)."""
+    key = (size, like.device, like.dtype, unit)
     if key not in _FACTORS:
-        _FACTORS[key] = sylvester(size, like.dtype, like.device)
+        h = sylvester(size)  # float64, orthonormal
+        _FACTORS[key] = ((h * math.sqrt(size)).round() if unit else h).to(device=like.device, dtype=like.dtype)
     return _FACTORS[key]
 
 
@@ -65,7 +68,7 @@ def hadamard_blocks(x: torch.Tensor) -> torch.Tensor:
     """x [..., K] -> x @ blockdiag(H_b / sqrt(b), ...) [..., K] in x's dtype (b = ``block_size(K)``)."""
     shape, (a, c) = x.shape, factors(x.shape[-1])
     y = x.reshape(-1, shape[-1] // (a * c), a, c)  # [M, K/b, a, c]
-    h_a, h_c = _factor(a, x), _factor(c, x)
+    h_a, h_c = factor(a, x), factor(c, x)
     del x  # a caller's temporary (rotate_torch's x * signs) is freed after the first product: x + 2 copies at peak
     y = h_a @ y  # H_a is symmetric: rows and columns alike
     return (y @ h_c).reshape(shape)

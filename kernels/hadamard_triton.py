@@ -10,14 +10,12 @@ every dimension >= 16, so blocks narrower than 256 (A or C < 16: none of FLUX's,
 and 4096) take the torch path (``hadamard.rotate_torch``).
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from .common import check_device, interpreting, launch_fixed
-from .hadamard import factors, sylvester
+from .hadamard import factor, factors
 
 MIN_FACTOR = 16  # tl.dot's smallest dimension
 _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -45,16 +43,6 @@ def hadamard_kernel(x_ptr, s_ptr, ha_ptr, hc_ptr, y_ptr, M, stride_xm, stride_ym
     tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_b[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-_FACTORS: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}  # ±1 Sylvester matrices
-
-
-def _plus_minus_one(size: int, like: torch.Tensor) -> torch.Tensor:
-    key = (size, like.device, like.dtype)
-    if key not in _FACTORS:
-        _FACTORS[key] = (sylvester(size) * math.sqrt(size)).round().to(device=like.device, dtype=like.dtype)
-    return _FACTORS[key]
-
-
 def fits(k: int) -> bool:
     """Whether width ``k`` runs in the kernel: both Kronecker factors at least ``MIN_FACTOR`` wide."""
     return min(factors(k)) >= MIN_FACTOR
@@ -77,7 +65,7 @@ def hadamard_triton(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     rows = 1 if interpreting() or a * c > 1024 else 4  # a [ROWS, b] tile of at most 4096 values a program
     grid = (triton.cdiv(m, rows), k // (a * c))
     launch_fixed(hadamard_kernel, grid, {"ROWS": rows, "num_warps": 4}, x2, signs.to(torch.int8).contiguous(),
-                 _plus_minus_one(a, x2), _plus_minus_one(c, x2), y, m, x2.stride(0), y.stride(0), (a * c) ** -0.5,
+                 factor(a, x2, unit=True), factor(c, x2, unit=True), y, m, x2.stride(0), y.stride(0), (a * c) ** -0.5,
                  A=a, C=c, DOT=tl.float32 if interpreting() or x2.dtype == torch.float32 else _TL[x2.dtype],
                  PRECISION="ieee" if x2.dtype == torch.float32 else "tf32")  # fp32 x: exact ±1 products
     return y.view(x.shape)

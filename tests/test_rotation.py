@@ -33,6 +33,7 @@ from bitflux_cli.ternary import TernaryLinear, _set_submodule, scoped_linears, t
 from bitflux_kernels.hadamard import rotate_reference, sylvester
 from bitflux_kernels.hadamard_triton import fits, hadamard_triton
 from compiled import compile_one_graph
+from test_bench_accounting import header_bytes
 from test_methods import tiny
 from test_residual import _rel, _rewrite
 
@@ -212,10 +213,8 @@ def test_storage_accounting_equals_a_written_rotated_file_and_bench_builds_rotat
     dense |= {f"{name}.rotation": signs(m.in_features) for name, m in linears.items()}
     path = tmp_path / "rotated.safetensors"
     size = save_checkpoint(path, ternary, dense, "2bit", {"base_model": "embedded", "stage": "pack"})
-    with open(path, "rb") as f:
-        header = 8 + int.from_bytes(f.read(8), "little")
     acc = storage(model, rotated=True)
-    assert CheckpointFile(path).rotated and size - header == acc["codecs"]["2bit"]["bytes"]
+    assert CheckpointFile(path).rotated and size - header_bytes(path) == acc["codecs"]["2bit"]["bytes"]
     assert acc["rotation"]["bytes"] == sum(m.in_features for m in linears.values())
     net = random_transformer(cfg.model, "w2a16", "cpu", rotated=True)
     layers = [m for m in net.modules() if isinstance(m, TernaryLinear)]
