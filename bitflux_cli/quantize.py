@@ -104,7 +104,6 @@ def quantize(cfg: Config) -> dict:
     skeleton = pipe.transformer
     if name in BLOCK_METHODS:
         quantize_block = METHODS[name](cfg, skeleton, calib)
-        quantize_block.load = lambda n: load_block(skeleton, weights, n, device)  # experiment: window 2
     else:
         materialise(skeleton, weights, device)
         trained = METHODS[name](cfg, pipe, calib, release_teacher=True)  # distill, the one method that is not streamed

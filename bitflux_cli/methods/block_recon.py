@@ -65,73 +65,44 @@ class BlockRecon:
                                                  for idx in torch.arange(self.calls).split(rc.batch)))
         self.token_idx = records["calls.token_idx"][:self.calls].to(self.device)  # [C, tokens]
         self.last = block_names(transformer)[-1]
-        self.names, self.pending = block_names(transformer), {}
         self.gen = torch.Generator().manual_seed(rc.seed)
 
-    def _student(self, name: str, fp_block):  # (student block, its STE linears) at act-aware's start
-        rc, rotation = self.cfg.quantization.block_recon, self.cfg.quantization.rotation
-        block = copy.deepcopy(fp_block)
-        init, start = {}, {}
-        for sub, lin in block_linears(block):
+    def __call__(self, name: str, fp_block: torch.nn.Module) -> dict[str, Any]:
+        rc, device, n = self.cfg.quantization.block_recon, self.device, self.calls
+        block = copy.deepcopy(fp_block)  # one block: the student's, with STE linears
+        rotation = self.cfg.quantization.rotation
+        init, start = {}, {}  # act-aware's thresholds and scales; its codes, which a residual starts by correcting
+        for sub, lin in block_linears(block):  # one linear's fp32 weight (W R with a rotation) at a time
             weight, d = rotated_inputs(rotation, lin, self.calib.second_moment(f"{name}.{sub}"))
             init[sub] = search(weight, d, alphas(self.cfg))
             if self.residual_rank:
                 start[sub] = (threshold_codes(weight, init[sub][0]), init[sub][1])
-        residuals = block_residuals(name, block, start, self.residual_rank, self.calib, rotation)
-        return block, attach_ste(block, init, rc.weight_lr > 0, residuals=residuals, rotation=rotation)
-
-    def __call__(self, name: str, fp_block: torch.nn.Module) -> dict[str, Any]:
-        rc, device, n = self.cfg.quantization.block_recon, self.device, self.calls
-        if name in self.pending:  # the second block of a pair: trained with the first
-            block, out = self.pending.pop(name)
-            self.state = advance(block if rc.inputs == "quantized" else fp_block, self.state, rc.batch, device, in_place=True)
-            return out
-        names = block_names_of(self)
-        nxt = names[names.index(name) + 1] if rc.window == 2 and names.index(name) % 2 == 0 and names.index(name) + 1 < len(names) else None
-        fp_next = self.load(nxt) if nxt else None
-        block, ste = self._student(name, fp_block)
-        block2, ste2 = self._student(nxt, fp_next) if nxt else (None, {})
-        opt = optimizer({**ste, **{f"next.{k}": v for k, v in ste2.items()}}, rc.weight_lr, rc.scale_lr, rc.residual_lr)
+        residuals = block_residuals(name, block, start, self.residual_rank, self.calib, rotation)  # {} at rank 0
+        del start
+        ste = attach_ste(block, init, rc.weight_lr > 0, residuals=residuals, rotation=rotation)
+        opt = optimizer(ste, rc.weight_lr, rc.scale_lr, rc.residual_lr)
         key = f"blocks.{name}"
-        target = self.calib.records(lambda k: k == key, limit=n)[key][:n]
+        target = self.calib.records(lambda k: k == key, limit=n)[key][:n]  # [C, tokens, D] on the host; a batch a step goes over
         norm = target.float().square().mean().to(device)
-        if nxt:
-            key2 = f"blocks.{nxt}"
-            target2 = self.calib.records(lambda k: k == key2, limit=n)[key2][:n]
-            norm2 = target2.float().square().mean().to(device)
-        context_weight = rc.context_weight if name != self.last else 0.0
-        context_weight2 = rc.context_weight if nxt and nxt != self.last else 0.0
+        context_weight = rc.context_weight if name != self.last else 0.0  # the last text output is unused
+        # the FP block's text stream on the student's inputs [C, T, D], on the host: once a block, not at every step
         fp_context = outputs(fp_block, self.state, rc.batch, device, ("context",))["context"] if context_weight else None
-        with progress(f"block-recon {name}" + (f" + {nxt}" if nxt else ""), rc.steps, "steps") as step_done:
+        with progress(f"block-recon {name}", rc.steps, "steps") as step_done:
             for _ in range(rc.steps):
                 idx = torch.randint(n, (min(rc.batch, n),), generator=self.gen)
-                context, hidden = run_block(block, self.state, idx, device)
+                context, hidden = run_block(block, self.state, idx, device)  # [B, T, D], [B, L, D]
                 pred = _gather(hidden, self.token_idx[idx]).float()
                 loss = (pred - target[idx].to(device).float()).square().mean() / norm
                 if context_weight:
                     fp_text = fp_context[idx].to(device).float()
                     loss = loss + context_weight * (context.float() - fp_text).square().mean() / fp_text.square().mean()
-                if nxt:
-                    temb, rope = self.state["temb"][idx].to(device), tuple(r.to(device) for r in self.state["image_rotary_emb"])
-                    c2, h2 = block2(hidden_states=hidden, encoder_hidden_states=context, temb=temb, image_rotary_emb=rope)
-                    loss = loss + (_gather(h2, self.token_idx[idx]).float() - target2[idx].to(device).float()).square().mean() / norm2
-                    if context_weight2:
-                        with torch.no_grad():
-                            fp_c2, _ = fp_next(hidden_states=hidden.detach(), encoder_hidden_states=context.detach(), temb=temb, image_rotary_emb=rope)
-                        loss = loss + context_weight2 * (c2.float() - fp_c2.float()).square().mean() / fp_c2.float().square().mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 step_done()
         out = {sub: self.keep(m) for sub, m in ste.items()}
-        if nxt:
-            self.pending[nxt] = (block2 if rc.inputs == "quantized" else fp_next, {sub: self.keep(m) for sub, m in ste2.items()})
         self.state = advance(block if rc.inputs == "quantized" else fp_block, self.state, rc.batch, device, in_place=True)
         return out
-
-
-def block_names_of(run: "BlockRecon") -> list[str]:
-    return run.names
 
 
 def block_recon(cfg: Config, transformer, calib: Calibration) -> BlockRecon:
