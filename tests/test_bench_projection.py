@@ -9,7 +9,7 @@ from bitflux_cli.bench.accounting import storage
 from bitflux_cli.bench.measure import bench_model, mode_activations, random_transformer
 from bitflux_cli.bench.memory import dummy_inputs, memory_projection
 from bitflux_cli.bench.profiles import ALIASES, PROFILES, gpu_profile, profile_for_device
-from bitflux_cli.bench.roofline import linear_shapes, step_seconds
+from bitflux_cli.bench.roofline import fused_shapes, linear_shapes, step_seconds
 from bitflux_cli.config import Config, load_config
 from bitflux_cli.errors import UsageError
 from bitflux_cli.models import build_meta_transformer
@@ -128,6 +128,36 @@ def test_run_bench_counts_the_rotation_in_storage_memory_and_latency(flux_dev, m
     extra = {triton: step_seconds(model, shapes, 4608, 1, {**gpu_profile("a10"), "bf16": triton}, rotated=True)["w2a16"]
              - step_seconds(model, shapes, 4608, 1, {**gpu_profile("a10"), "bf16": triton})["w2a16"] for triton in (True, False)}
     assert extra[False] == pytest.approx(3 * extra[True])  # memory-bound: the torch path's three passes
+
+
+def test_projection_with_fused_projections_counts_each_fused_gemm_and_its_rotation_once(flux_dev, monkeypatch):
+    model = build_meta_transformer(flux_dev.model)
+    shapes = linear_shapes(model, 1, 1024, 512)
+    by_name = lambda rows: {r["name"]: r for r in rows}  # noqa: E731
+    ternary, bf16 = by_name(fused_shapes(shapes, ternary=True)), by_name(fused_shapes(shapes, ternary=False))
+    single, double = "single_transformer_blocks.0", "transformer_blocks.0"
+    linear1 = ternary[f"{single}.proj_mlp"]  # BFL's linear1 (diffusers calls proj_mlp first)
+    assert linear1["n"] == 3 * 3072 + 12288 and linear1["parts"] == 4
+    assert not {f"{single}.attn.to_q", f"{single}.attn.to_k", f"{single}.attn.to_v"} & ternary.keys()
+    assert bf16[f"{single}.attn.to_q"]["n"] == 3 * 3072 and bf16[f"{single}.proj_mlp"]["n"] == 12288  # diffusers fuses Q/K/V only
+    for rows in (ternary, bf16):
+        assert rows[f"{double}.attn.to_q"]["n"] == rows[f"{double}.attn.add_q_proj"]["n"] == 3 * 3072
+        assert sum(r["m"] * r["n"] * r["k"] for r in rows.values()) == sum(r["m"] * r["n"] * r["k"] for r in shapes)
+    a10 = gpu_profile("a10")
+    step = lambda **kw: step_seconds(model, shapes, 4608, 1, a10, **kw)  # noqa: E731
+    for mode in ("bf16", "w2a16", "w2a8"):  # at 1024 px the GEMMs are compute-bound: fusing saves reads, not time
+        assert step(fused=True)[mode] == pytest.approx(step()[mode], rel=1e-3) and step(fused=True)[mode] <= step()[mode] * (1 + 1e-12)
+    extra = {f: step(rotated=True, fused=f)["w2a16"] - step(fused=f)["w2a16"] for f in (True, False)}
+    read = {f: sum(r["m"] * r["k"] for r in (ternary.values() if f else shapes) if r["scoped"]) for f in (True, False)}
+    assert extra[True] / extra[False] == pytest.approx(read[True] / read[False])  # memory-bound: one pass per fused input
+    assert read[True] < 0.75 * read[False]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rotated = flux_dev.model_copy(update={"quantization": flux_dev.quantization.model_copy(update={"rotation": "hadamard"})})
+    fused = rotated.model_copy(update={"model": rotated.model.model_copy(update={"fuse_projections": True})})
+    lat = {f: run_bench(c, "a10", random_weights=False, plot=None)["latency"]["projected"]["per_resolution"]["1024"]
+           for f, c in ((True, fused), (False, rotated))}
+    assert lat[True]["w2a16"]["step_ms"] == pytest.approx(step(fused=True, rotated=True)["w2a16"] * 1e3, rel=1e-9)
+    assert lat[False]["w2a16"]["step_ms"] == pytest.approx(step(rotated=True)["w2a16"] * 1e3, rel=1e-9)
 
 
 def test_run_bench_unknown_gpu_fails_first(flux_dev):

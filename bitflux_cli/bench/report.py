@@ -72,7 +72,8 @@ def run_bench(cfg: Config, gpu: str | None, random_weights: bool, plot: Path | N
     st = storage(model, rank, rotated)
     latency = {"projected": None, "measured": None}
     if profile is not None:
-        latency["projected"] = latency_projection(model, profile, res, batch, text_tokens, cfg.generate.steps, rank, rotated)
+        latency["projected"] = latency_projection(model, profile, res, batch, text_tokens, cfg.generate.steps, rank, rotated,
+                                                  cfg.model.fuse_projections)
     if cuda:
         from .measure import measure  # CUDA-only path
 
