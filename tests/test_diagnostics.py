@@ -1,4 +1,4 @@
-"""The diagnostics behind the README's where-the-points-go paragraphs: benchmarks/fp_groups.py's group
+"""The diagnostics behind docs/QUALITY.md's where-the-points-go paragraphs: benchmarks/fp_groups.py's group
 swap and benchmarks/velocity_gap.py's per-prompt velocity error, on the tiny chain's packed model;
 benchmarks/rotated_ternary.py's rotated block-recon, on a short calibration."""
 
