@@ -151,6 +151,10 @@ def test_projection_with_fused_projections_counts_each_fused_gemm_and_its_rotati
     read = {f: sum(r["m"] * r["k"] for r in (ternary.values() if f else shapes) if r["scoped"]) for f in (True, False)}
     assert extra[True] / extra[False] == pytest.approx(read[True] / read[False])  # memory-bound: one pass per fused input
     assert read[True] < 0.75 * read[False]
+    group = [r for r in shapes if r["input"] == by_name(shapes)[f"{single}.proj_mlp"]["input"]]  # Q, K, V, MLP input
+    one = [dict(group[0], name="one", n=linear1["n"])]  # a rank-4r linear of the fused width: what fusion.py builds
+    assert step_seconds(model, group, 4608, 1, a10, residual_rank=16, fused=True)["w2a16"] == \
+        pytest.approx(step_seconds(model, one, 4608, 1, a10, residual_rank=64)["w2a16"], rel=1e-12)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     rotated = flux_dev.model_copy(update={"quantization": flux_dev.quantization.model_copy(update={"rotation": "hadamard"})})
     fused = rotated.model_copy(update={"model": rotated.model.model_copy(update={"fuse_projections": True})})

@@ -95,13 +95,13 @@ def step_seconds(model: nn.Module, shapes: list[dict], tokens: int, batch: int, 
             out[mode] = None
             continue
         total = attention
-        for r in fused_shapes(shapes, mode != "bf16") if fused else shapes:
-            m, n, k = r["m"], r["n"], r["k"]
-            ternary = r["scoped"] and mode != "bf16"
+        for row in fused_shapes(shapes, mode != "bf16") if fused else shapes:
+            m, n, k = row["m"], row["n"], row["k"]
+            ternary = row["scoped"] and mode != "bf16"
             weights = packed_2bit_bytes(n, k) + 4 * n if ternary else n * k * BF16
             total += _time(2 * m * n * k, weights + (m * k + m * n) * BF16, rate if ternary else bf16_rate, profile)
             if ternary and residual_rank:
-                r = residual_rank * r.get("parts", 1)
+                r = residual_rank * row.get("parts", 1)  # a fused residual: the parts' ranks stacked
                 total += _time(2 * m * r * (n + k), (r * (n + k) + m * k + 2 * m * r + m * n) * BF16, bf16_rate, profile)
             if ternary and rotated:
                 passes = 1 if profile["bf16"] else 3  # hadamard_triton.py, or the torch path's three
