@@ -66,7 +66,6 @@ class BlockRecon:
         self.token_idx = records["calls.token_idx"][:self.calls].to(self.device)  # [C, tokens]
         self.last = block_names(transformer)[-1]
         self.gen = torch.Generator().manual_seed(rc.seed)
-        self.fp_state = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in self.state.items()} if rc.input_mix else None
 
     def __call__(self, name: str, fp_block: torch.nn.Module) -> dict[str, Any]:
         rc, device, n = self.cfg.quantization.block_recon, self.device, self.calls
@@ -88,26 +87,14 @@ class BlockRecon:
         context_weight = rc.context_weight if name != self.last else 0.0  # the last text output is unused
         # the FP block's text stream on the student's inputs [C, T, D], on the host: once a block, not at every step
         fp_context = outputs(fp_block, self.state, rc.batch, device, ("context",))["context"] if context_weight else None
-        if self.fp_state is not None:
-            fp_chain = outputs(fp_block, self.fp_state, rc.batch, device)  # the FP chain's outputs: its context target, its next inputs
         with progress(f"block-recon {name}", rc.steps, "steps") as step_done:
             for _ in range(rc.steps):
                 idx = torch.randint(n, (min(rc.batch, n),), generator=self.gen)
-                if self.fp_state is not None:  # each call of the batch from the FP chain with probability input_mix
-                    clean = torch.rand(len(idx), generator=self.gen) < rc.input_mix
-                    pick = lambda a, b: torch.where(clean.reshape(-1, *[1] * (a.dim() - 1)), b, a)  # noqa: E731
-                    mixed = {"hidden_states": pick(self.state["hidden_states"][idx], self.fp_state["hidden_states"][idx]),
-                             "encoder_hidden_states": pick(self.state["encoder_hidden_states"][idx], self.fp_state["encoder_hidden_states"][idx]),
-                             "temb": self.state["temb"][idx], "image_rotary_emb": self.state["image_rotary_emb"]}
-                    context, hidden = run_block(block, mixed, slice(None), device)
-                else:
-                    context, hidden = run_block(block, self.state, idx, device)  # [B, T, D], [B, L, D]
+                context, hidden = run_block(block, self.state, idx, device)  # [B, T, D], [B, L, D]
                 pred = _gather(hidden, self.token_idx[idx]).float()
                 loss = (pred - target[idx].to(device).float()).square().mean() / norm
                 if context_weight:
                     fp_text = fp_context[idx].to(device).float()
-                    if self.fp_state is not None:
-                        fp_text = pick(fp_text, fp_chain["context"][idx].to(device).float())
                     loss = loss + context_weight * (context.float() - fp_text).square().mean() / fp_text.square().mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -115,8 +102,6 @@ class BlockRecon:
                 step_done()
         out = {sub: self.keep(m) for sub, m in ste.items()}
         self.state = advance(block if rc.inputs == "quantized" else fp_block, self.state, rc.batch, device, in_place=True)
-        if self.fp_state is not None:
-            self.fp_state = self.fp_state | {"encoder_hidden_states": fp_chain["context"], "hidden_states": fp_chain["hidden"]}
         return out
 
 
