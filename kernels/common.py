@@ -6,6 +6,7 @@ The packed layout (see layout.py): byte column ``c`` of a packed row holds the f
 """
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,6 +31,15 @@ def packed_k(t):
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return bool(knobs.runtime.interpret)
+
+
+def autotuning() -> bool:
+    """False with ``BITFLUX_AUTOTUNE=0``: each kernel's prune then keeps one config, which Triton compiles and
+    runs without benchmarking any (a quick first call per shape on a new machine, not the fastest kernel)."""
+    value = os.environ.get("BITFLUX_AUTOTUNE", "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"BITFLUX_AUTOTUNE={value!r} is not 0 or 1")
+    return value == "1"
 
 
 def m_bucket(m: int) -> int:

@@ -116,6 +116,25 @@ def test_m_bucket_and_pruner_keep_a_config_for_every_flux_shape():
             assert packed.SMALLEST[own] in kept and len(set(kept)) == len(kept)
 
 
+def test_autotune_off_keeps_one_config_that_launches(monkeypatch):
+    """``BITFLUX_AUTOTUNE=0``: one config per prune, which Triton's autotuner runs without benchmarking."""
+    from bitflux_kernels import act_quant, packed
+
+    names = lambda configs: [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_W"], c.num_warps, c.num_stages) for c in configs]  # noqa: E731
+    x = {dtype: torch.empty(0, dtype=dtype) for dtype in (torch.bfloat16, torch.float32)}
+    tuned = {(n, t): names(packed._prune(packed.SPACE.configs(), {"N": n, "xp_ptr": x[torch.bfloat16]}, TOKENS=t))
+             for n in (48, 3072) for t in (16, 128)}
+    monkeypatch.setenv("BITFLUX_AUTOTUNE", "0")
+    for (n, tokens), kept in tuned.items():
+        family = packed.GEMV_CONFIGS if tokens <= 32 else packed.GEMM_CONFIGS
+        for dtype, expected in ((torch.bfloat16, kept[:1]), (torch.float32, [packed.SMALLEST[family]])):
+            assert names(packed._prune(packed.SPACE.configs(), {"N": n, "xp_ptr": x[dtype]}, TOKENS=tokens)) == expected
+    assert len(act_quant._prune(act_quant.SPACE.configs(), {"KP": 3072, "M_BUCKET": 8192})) == 1
+    monkeypatch.setenv("BITFLUX_AUTOTUNE", "yes")
+    with pytest.raises(ValueError, match="BITFLUX_AUTOTUNE='yes' is not 0 or 1"):
+        packed._prune(packed.SPACE.configs(), {"N": 3072, "xp_ptr": x[torch.float32]}, TOKENS=16)
+
+
 @pytest.mark.parametrize("launcher", ["packed", "packed_int8", "packed_fp8", "w2a16_cublas", "w2a8_cublas", "w2fp8_cublas"])
 def test_every_launcher_writes_a_row_strided_out_and_refuses_a_strided_n(launcher):
     """The GEMV and int32 epilogues write ``out + m * stride_m + n``: a transposed ``out`` kept NaNs, an
