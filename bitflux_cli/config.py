@@ -77,7 +77,6 @@ class BlockReconConfig(_Section):
     context_weight: float = Field(default=1.0, ge=0)  # text-stream output loss (vs the FP block on the same inputs); 0: image stream only
     inputs: Literal["quantized", "fp"] = "quantized"  # a block's inputs: the quantized chain's activations, or the FP chain's
     seed: int = 0
-    vote: int = Field(default=1, ge=1)  # experiment: students per block (batch orders), their codes' majority kept
 
 
 class DistillConfig(_Section):

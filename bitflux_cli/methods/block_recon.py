@@ -67,54 +67,39 @@ class BlockRecon:
         self.last = block_names(transformer)[-1]
         self.gen = torch.Generator().manual_seed(rc.seed)
 
-    def _student(self, name: str, fp_block):  # (student block, its STE linears, optimizer) at act-aware's start
-        rc, rotation = self.cfg.quantization.block_recon, self.cfg.quantization.rotation
-        block = copy.deepcopy(fp_block)
-        init, start = {}, {}
-        for sub, lin in block_linears(block):
+    def __call__(self, name: str, fp_block: torch.nn.Module) -> dict[str, Any]:
+        rc, device, n = self.cfg.quantization.block_recon, self.device, self.calls
+        block = copy.deepcopy(fp_block)  # one block: the student's, with STE linears
+        rotation = self.cfg.quantization.rotation
+        init, start = {}, {}  # act-aware's thresholds and scales; its codes, which a residual starts by correcting
+        for sub, lin in block_linears(block):  # one linear's fp32 weight (W R with a rotation) at a time
             weight, d = rotated_inputs(rotation, lin, self.calib.second_moment(f"{name}.{sub}"))
             init[sub] = search(weight, d, alphas(self.cfg))
             if self.residual_rank:
                 start[sub] = (threshold_codes(weight, init[sub][0]), init[sub][1])
-        residuals = block_residuals(name, block, start, self.residual_rank, self.calib, rotation)
+        residuals = block_residuals(name, block, start, self.residual_rank, self.calib, rotation)  # {} at rank 0
+        del start
         ste = attach_ste(block, init, rc.weight_lr > 0, residuals=residuals, rotation=rotation)
-        return block, ste, optimizer(ste, rc.weight_lr, rc.scale_lr, rc.residual_lr)
-
-    def __call__(self, name: str, fp_block: torch.nn.Module) -> dict[str, Any]:
-        rc, device, n = self.cfg.quantization.block_recon, self.device, self.calls
+        opt = optimizer(ste, rc.weight_lr, rc.scale_lr, rc.residual_lr)
         key = f"blocks.{name}"
         target = self.calib.records(lambda k: k == key, limit=n)[key][:n]  # [C, tokens, D] on the host; a batch a step goes over
         norm = target.float().square().mean().to(device)
         context_weight = rc.context_weight if name != self.last else 0.0  # the last text output is unused
         # the FP block's text stream on the student's inputs [C, T, D], on the host: once a block, not at every step
         fp_context = outputs(fp_block, self.state, rc.batch, device, ("context",))["context"] if context_weight else None
-        members = []
-        for j in range(rc.vote):
-            if rc.vote > 1:
-                self.gen = torch.Generator().manual_seed(1000 * rc.seed + j)
-            block, ste, opt = self._student(name, fp_block)
-            with progress(f"block-recon {name}" + (f" ({j + 1}/{rc.vote})" if rc.vote > 1 else ""), rc.steps, "steps") as step_done:
-                for _ in range(rc.steps):
-                    idx = torch.randint(n, (min(rc.batch, n),), generator=self.gen)
-                    context, hidden = run_block(block, self.state, idx, device)  # [B, T, D], [B, L, D]
-                    pred = _gather(hidden, self.token_idx[idx]).float()
-                    loss = (pred - target[idx].to(device).float()).square().mean() / norm
-                    if context_weight:
-                        fp_text = fp_context[idx].to(device).float()
-                        loss = loss + context_weight * (context.float() - fp_text).square().mean() / fp_text.square().mean()
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    step_done()
-            members.append(ste)
-        block, ste = block, members[-1]
-        if rc.vote > 1:  # each weight's code: the value most students agree on (a tie: 0), scales averaged
-            with torch.no_grad():
-                for sub, m in ste.items():
-                    codes = torch.stack([threshold_codes(s[sub].weight, s[sub].threshold) for s in members])  # [J, N, K]
-                    voted = ((codes == 1).sum(0) * 2 > rc.vote).float() - ((codes == -1).sum(0) * 2 > rc.vote).float()
-                    m.weight.copy_(voted * 2 * m.threshold[:, None])
-                    m.log_scale.copy_(torch.stack([s[sub].log_scale.exp() for s in members]).mean(0).log())
+        with progress(f"block-recon {name}", rc.steps, "steps") as step_done:
+            for _ in range(rc.steps):
+                idx = torch.randint(n, (min(rc.batch, n),), generator=self.gen)
+                context, hidden = run_block(block, self.state, idx, device)  # [B, T, D], [B, L, D]
+                pred = _gather(hidden, self.token_idx[idx]).float()
+                loss = (pred - target[idx].to(device).float()).square().mean() / norm
+                if context_weight:
+                    fp_text = fp_context[idx].to(device).float()
+                    loss = loss + context_weight * (context.float() - fp_text).square().mean() / fp_text.square().mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step_done()
         out = {sub: self.keep(m) for sub, m in ste.items()}
         self.state = advance(block if rc.inputs == "quantized" else fp_block, self.state, rc.batch, device, in_place=True)
         return out
