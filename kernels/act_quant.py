@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import Space, autotuning, launch, m_bucket, packed_k
+from .common import Space, launch, m_bucket, packed_k
 
 _RNE = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds |v| < 2**22 half-to-even in fp32
 
@@ -26,10 +26,10 @@ def _configs():
 
 
 def _prune(configs, named_args, **kwargs):
-    """Row tiles no taller than M, column tiles no wider than Kp (not ``autotuning()``: the first of them)."""
+    """Row tiles no taller than M, column tiles no wider than Kp."""
     kp, bucket = named_args["KP"], named_args["M_BUCKET"]
-    fit = [c for c in configs if c.kwargs["ROWS"] <= bucket and c.kwargs["BLOCK_K"] <= max(512, kp)] or configs[:1]
-    return fit if autotuning() else fit[:1]
+    fit = [c for c in configs if c.kwargs["ROWS"] <= bucket and c.kwargs["BLOCK_K"] <= max(512, kp)]
+    return fit or configs[:1]
 
 
 SPACE = Space(_configs, _prune, key=("M_BUCKET", "KP"), interp={"ROWS": 16, "BLOCK_K": 128})

@@ -75,6 +75,12 @@ class Space:
     key: tuple
     interp: dict
 
+    def kept(self, configs: list, named_args: dict, **kwargs) -> list:
+        """``prune``'s configs, or with tuning off (``autotuning()``) its first: the one every prune lists first
+        for being sure to launch."""
+        configs = self.prune(configs, named_args, **kwargs)
+        return configs if autotuning() else configs[:1]
+
 
 _TUNED = {}
 
@@ -104,7 +110,7 @@ def autotuner(kernel, space: Space):
     """Triton's autotuner over ``space`` for ``kernel``, its winners kept on disk (``cache_results``:
     in Triton's cache directory, ``TRITON_CACHE_DIR``, keyed by GPU target, Triton version, kernel
     source, tuning key and config list), so a process tunes a shape only once per machine."""
-    return triton.autotune(space.configs(), key=list(space.key), prune_configs_by={"early_config_prune": space.prune},
+    return triton.autotune(space.configs(), key=list(space.key), prune_configs_by={"early_config_prune": space.kept},
                            cache_results=True)(kernel)
 
 

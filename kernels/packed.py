@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .act_quant import act_quant
-from .common import Space, autotuning, interpreting, launch, launch_fixed, output_for, packed_k
+from .common import Space, interpreting, launch, launch_fixed, output_for, packed_k
 
 SPLIT_GRAIN = 16  # words: every split but the last covers a multiple of this (and of any BLOCK_W)
 REDUCE_META = {"BLOCK_N": 256, "num_warps": 4}
@@ -61,7 +61,8 @@ def _configs():
 def _prune(configs, named_args, **kwargs):
     """The GEMV's configs at TOKENS <= 32, the GEMM's above; row tiles that fit N, dividing it if any
     do; and always the family's smallest (``SMALLEST``), so that a GPU with little shared memory
-    keeps one that launches. Not ``autotuning()``: the first of those, or with fp32 x the smallest."""
+    keeps one that launches; with fp32 x that one first (bf16/fp16 x fit every sm80+ GPU in all of them), for
+    ``Space.kept`` with tuning off."""
     tokens = kwargs.get("TOKENS", named_args.get("TOKENS"))
     shape = {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_W"], c.num_warps, c.num_stages): c for c in configs}
     family = GEMV_CONFIGS if tokens <= 32 else GEMM_CONFIGS
@@ -69,11 +70,10 @@ def _prune(configs, named_args, **kwargs):
     fit = [c for c in mine if c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(named_args["N"]))]
     kept = [c for c in fit if named_args["N"] % c.kwargs["BLOCK_N"] == 0] or fit
     smallest = shape.get(SMALLEST[family])
-    tuned = kept + [smallest] if smallest is not None and smallest not in kept else kept or mine[:1]
-    if autotuning():
-        return tuned
-    # one config: bf16/fp16 x fit every sm80+ GPU in all of them, fp32 x surely only in the smallest
-    return [smallest] if smallest is not None and named_args["xp_ptr"].dtype == torch.float32 else tuned[:1]
+    if smallest is None:
+        return kept or mine[:1]
+    rest = [c for c in kept if c is not smallest]
+    return [smallest, *rest] if getattr(named_args.get("xp_ptr"), "dtype", None) == torch.float32 else [*rest, smallest]
 
 
 SPACE = Space(_configs, _prune, key=("N", "KW", "WPS", "TOKENS"), interp={"BLOCK_N": 16, "BLOCK_W": 8})

@@ -128,11 +128,11 @@ def test_autotune_off_keeps_one_config_that_launches(monkeypatch):
     for (n, tokens), kept in tuned.items():
         family = packed.GEMV_CONFIGS if tokens <= 32 else packed.GEMM_CONFIGS
         for dtype, expected in ((torch.bfloat16, kept[:1]), (torch.float32, [packed.SMALLEST[family]])):
-            assert names(packed._prune(packed.SPACE.configs(), {"N": n, "xp_ptr": x[dtype]}, TOKENS=tokens)) == expected
-    assert len(act_quant._prune(act_quant.SPACE.configs(), {"KP": 3072, "M_BUCKET": 8192})) == 1
+            assert names(packed.SPACE.kept(packed.SPACE.configs(), {"N": n, "xp_ptr": x[dtype]}, TOKENS=tokens)) == expected
+    assert len(act_quant.SPACE.kept(act_quant.SPACE.configs(), {"KP": 3072, "M_BUCKET": 8192})) == 1
     monkeypatch.setenv("BITFLUX_AUTOTUNE", "yes")
     with pytest.raises(ValueError, match="BITFLUX_AUTOTUNE='yes' is not 0 or 1"):
-        packed._prune(packed.SPACE.configs(), {"N": 3072, "xp_ptr": x[torch.float32]}, TOKENS=16)
+        packed.SPACE.kept(packed.SPACE.configs(), {"N": 3072, "xp_ptr": x[torch.float32]}, TOKENS=16)
 
 
 @pytest.mark.parametrize("launcher", ["packed", "packed_int8", "packed_fp8", "w2a16_cublas", "w2a8_cublas", "w2fp8_cublas"])
