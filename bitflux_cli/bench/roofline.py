@@ -37,16 +37,13 @@ FUSED_TERNARY = FUSED_BF16 | {"proj_mlp"}
 def linear_shapes(model: nn.Module, batch: int, resolution: int, text_tokens: int) -> list[dict]:
     """(name, m, n, k, scoped, input) of every linear call of one forward of a meta-device ``model``; linears
     called on the same tensor have the same ``input`` (an index)."""
-    rows, hooks, inputs = [], [], []  # inputs: the meta tensors seen, kept so that no id is reused
+    rows, hooks, inputs = [], [], {}  # inputs: {id: (index, the meta tensor, held so that no id is reused)}
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear):
             def hook(mod, args, out, name=name):  # args[0]: [..., K]
-                seen = next((i for i, t in enumerate(inputs) if t is args[0]), None)
-                if seen is None:
-                    inputs.append(args[0])
+                index, _ = inputs.setdefault(id(args[0]), (len(inputs), args[0]))
                 rows.append({"name": name, "m": args[0].shape[:-1].numel(), "n": mod.out_features,
-                             "k": mod.in_features, "scoped": in_scope(name, mod),
-                             "input": len(inputs) - 1 if seen is None else seen})
+                             "k": mod.in_features, "scoped": in_scope(name, mod), "input": index})
             hooks.append(mod.register_forward_hook(hook))
     try:
         with torch.no_grad():
