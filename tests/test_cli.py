@@ -33,8 +33,9 @@ def test_help_lists_the_five_subcommands():
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     wd = tmp_path_factory.mktemp("cli")
-    # the default method (block-recon, calibrating first) with fewer steps: its quality is tested in test_methods
-    res = bitflux("quantize", "--workdir", wd, "--json", "--set", "quantization.block_recon.steps=50")
+    # the default method (block-recon, calibrating first) on fewer prompts and steps: its quality is tested in test_methods
+    res = bitflux("quantize", "--workdir", wd, "--json", "--set", "calibration.prompts.limit=32",
+                  "--set", "quantization.block_recon.steps=50")
     p = as_json(bitflux("pack", "--workdir", wd, "--json"))
     return wd, (as_json(res), res.stderr), p
 
