@@ -76,11 +76,6 @@ class BlockReconConfig(_Section):
     residual_lr: float = Field(default=1e-3, ge=0, exclude_if=lambda lr: lr == 1e-3)
     context_weight: float = Field(default=1.0, ge=0)  # text-stream output loss (vs the FP block on the same inputs); 0: image stream only
     inputs: Literal["quantized", "fp"] = "quantized"  # a block's inputs: the quantized chain's activations, or the FP chain's
-    # experiment: "adaround" learns each weight's rounding between its two neighbouring grid points (BRECQ's
-    # AdaRound on the ternary grid), soft and annealed to hard codes, instead of STE latent weights
-    rounding: Literal["ste", "adaround"] = "ste"
-    round_lr: float = Field(default=1e-2, gt=0)  # Adam on the rounding variables
-    round_weight: float = Field(default=0.01, ge=0)  # the regulariser that drives them to 0 or 1
     seed: int = 0
 
 

@@ -29,53 +29,9 @@ from ..console import info, progress
 from ..residual import block_residuals
 from ..rotation import rotated_inputs
 from ..streaming import advance, block_names, blocks, outputs, prelude_state, run_block
-from ..ternary import _set_submodule, block_linears
+from ..ternary import block_linears
 from .act_aware import alphas, search, threshold_codes
 from .ste import STELinear, attach_ste, optimizer
-
-
-_GAMMA, _ZETA = -0.1, 1.1  # AdaRound's stretched sigmoid
-
-
-class AdaRoundLinear(torch.nn.Module):
-    """A ternary linear whose codes are clamp(floor(w / s0) + h, -1, 1), h = clip(sigmoid(v) (zeta - gamma) + gamma, 0, 1)
-    learned per weight (soft while grad is on, h = [v >= 0] otherwise), times trained per-row scales."""
-
-    def __init__(self, ste: STELinear):
-        super().__init__()
-        s0 = ste.log_scale.detach().exp()  # [N]
-        r = (ste.weight.detach() / s0[:, None]).clamp(-1, 1)  # [N, K]
-        self.register_buffer("base", r.floor())
-        rest = ((r - self.base - _GAMMA) / (_ZETA - _GAMMA)).clamp(1e-4, 1 - 1e-4)
-        self.v = torch.nn.Parameter(torch.log(rest / (1 - rest)))  # h(v) = r - floor(r) at the start
-        self.log_scale = torch.nn.Parameter(ste.log_scale.detach().clone())
-        self.register_buffer("bias", ste.bias)
-
-    def soft(self) -> torch.Tensor:  # [N, K] in [0, 1]
-        return (torch.sigmoid(self.v) * (_ZETA - _GAMMA) + _GAMMA).clamp(0, 1)
-
-    def codes(self) -> torch.Tensor:  # [N, K]
-        h = self.soft() if torch.is_grad_enabled() else (self.v >= 0).float()
-        return (self.base + h).clamp(-1, 1)
-
-    def regulariser(self, beta: float) -> torch.Tensor:
-        return (1 - (2 * self.soft() - 1).abs().pow(beta)).mean()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N]
-        w = self.log_scale.exp()[:, None] * self.codes()
-        return torch.nn.functional.linear(x, w.to(x.dtype), self.bias)
-
-    def export(self) -> tuple:
-        with torch.no_grad():
-            return self.codes().to(torch.int8), self.log_scale.detach().exp().float()
-
-
-def _adaround(block: torch.nn.Module, ste: dict[str, STELinear]) -> dict[str, AdaRoundLinear]:
-    out = {}
-    for sub, m in ste.items():
-        out[sub] = AdaRoundLinear(m)
-        _set_submodule(block, sub, out[sub])
-    return out
 
 
 def _gather(hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # [B, L, D], [B, tokens] -> [B, tokens, D]
@@ -125,10 +81,6 @@ class BlockRecon:
         del start
         ste = attach_ste(block, init, rc.weight_lr > 0, residuals=residuals, rotation=rotation)
         opt = optimizer(ste, rc.weight_lr, rc.scale_lr, rc.residual_lr)
-        if rc.rounding == "adaround":
-            ste = _adaround(block, ste)
-            opt = torch.optim.Adam([{"params": [m.v for m in ste.values()], "lr": rc.round_lr},
-                                    {"params": [m.log_scale for m in ste.values()], "lr": rc.scale_lr}], foreach=True)
         key = f"blocks.{name}"
         target = self.calib.records(lambda k: k == key, limit=n)[key][:n]  # [C, tokens, D] on the host; a batch a step goes over
         norm = target.float().square().mean().to(device)
@@ -136,7 +88,7 @@ class BlockRecon:
         # the FP block's text stream on the student's inputs [C, T, D], on the host: once a block, not at every step
         fp_context = outputs(fp_block, self.state, rc.batch, device, ("context",))["context"] if context_weight else None
         with progress(f"block-recon {name}", rc.steps, "steps") as step_done:
-            for step in range(rc.steps):
+            for _ in range(rc.steps):
                 idx = torch.randint(n, (min(rc.batch, n),), generator=self.gen)
                 context, hidden = run_block(block, self.state, idx, device)  # [B, T, D], [B, L, D]
                 pred = _gather(hidden, self.token_idx[idx]).float()
@@ -144,15 +96,11 @@ class BlockRecon:
                 if context_weight:
                     fp_text = fp_context[idx].to(device).float()
                     loss = loss + context_weight * (context.float() - fp_text).square().mean() / fp_text.square().mean()
-                warm = rc.steps // 5  # BRECQ: no regulariser for the first 20%, then beta 20 -> 2
-                if rc.rounding == "adaround" and step >= warm:
-                    beta = 20 - 18 * (step - warm) / max(1, rc.steps - warm - 1)
-                    loss = loss + rc.round_weight * sum(m.regulariser(beta) for m in ste.values()) / len(ste)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 step_done()
-        out = {sub: m.export() if isinstance(m, AdaRoundLinear) else self.keep(m) for sub, m in ste.items()}
+        out = {sub: self.keep(m) for sub, m in ste.items()}
         self.state = advance(block if rc.inputs == "quantized" else fp_block, self.state, rc.batch, device, in_place=True)
         return out
 
