@@ -76,6 +76,13 @@ class BlockReconConfig(_Section):
     residual_lr: float = Field(default=1e-3, ge=0, exclude_if=lambda lr: lr == 1e-3)
     context_weight: float = Field(default=1.0, ge=0)  # text-stream output loss (vs the FP block on the same inputs); 0: image stream only
     inputs: Literal["quantized", "fp"] = "quantized"  # a block's inputs: the quantized chain's activations, or the FP chain's
+    # the codes: "ste", threshold codes of latent weights trained through the straight-through estimator; "adaround",
+    # each weight's choice between its two neighbouring grid points learned soft and annealed to hard (AdaRound, as
+    # BRECQ runs it: no penalty for the first 20% of the steps, then its exponent from 20 to 2). Recorded only
+    # when changed, as are its two settings, so files made with the default keep their bytes
+    rounding: Literal["ste", "adaround"] = Field(default="ste", exclude_if=lambda r: r == "ste")
+    rounding_lr: float = Field(default=1e-1, gt=0, exclude_if=lambda lr: lr == 1e-1)  # Adam on AdaRound's v
+    rounding_weight: float = Field(default=1.0, ge=0, exclude_if=lambda w: w == 1.0)  # its penalty, vs the relative output error
     seed: int = 0
 
 

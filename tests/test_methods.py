@@ -12,6 +12,7 @@ from bitflux_cli.config import load_config
 from bitflux_cli.fidelity import IMAGE, REPORT_PROMPTS, TEXT, _block_outputs
 from bitflux_cli.methods import METHODS, run_method
 from bitflux_cli.methods.act_aware import search, weighted_error
+from bitflux_cli.methods.ste import STELinear
 from bitflux_cli.models import load_pipeline
 from bitflux_cli.teacher import record_transformer_calls, velocity_errors
 from bitflux_cli.ternary import quantize_transformer, scoped_linears
@@ -93,6 +94,43 @@ def test_block_recon_lowers_the_block_output_error(setup):
     calls = setup["held_out"]
     err = {m: block_error(setup["pipe"], setup["codes"][m], calls) for m in ("absmean", "act-aware", "block-recon")}
     assert err["block-recon"] < err["act-aware"] < err["absmean"], err
+
+
+def test_block_recon_with_learned_rounding_exports_exact_codes_and_beats_act_aware(setup, tmp_path):
+    cfg = tiny(tmp_path, **{"quantization.block_recon.rounding": "adaround"})
+    codes = run(cfg, setup["pipe"], setup["calib"], "block-recon")
+    for c, s in codes.values():
+        assert c.dtype == torch.int8 and set(c.unique().tolist()) <= {-1, 0, 1} and (s > 0).all()
+    err = {m: block_error(setup["pipe"], c, setup["held_out"]) for m, c in (("adaround", codes), ("act-aware", setup["codes"]["act-aware"]))}
+    assert err["adaround"] < err["act-aware"], err
+    assert cfg.quantization.block_recon.model_dump()["rounding"] == "adaround"
+    assert "rounding" not in setup["cfg"].quantization.block_recon.model_dump()  # the default's files keep their bytes
+
+
+def test_learned_rounding_starts_at_the_clipped_weight_and_fixes_the_codes_it_chose():
+    g = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(64, 8)
+    weight = linear.weight.data = torch.randn(8, 64, generator=g)  # [N, K]
+    scale = weight.abs().mean(1)  # [N]
+    m = STELinear(linear, scale / 2, scale)
+    m.learn_rounding()
+    assert not m.weight.requires_grad and m.rounding.requires_grad
+    clipped = torch.minimum(torch.maximum(weight, -scale[:, None]), scale[:, None])
+    torch.testing.assert_close(m.ternary_weight(), clipped, rtol=0, atol=1e-5)  # soft codes: w / s itself
+    m.rounding.data = torch.randn(8, 64, generator=g)
+    x = torch.randn(3, 64, generator=g)
+    with torch.no_grad():
+        hard, y = m.ternary_weight(), m(x)
+    assert set((hard / scale[:, None]).round().unique().tolist()) <= {-1, 0, 1}
+    assert m.rounding_penalty(2.0) > 0
+    m.fix_rounding()
+    codes, s = m.export()
+    assert m.rounding is None and torch.equal(codes.float() * s[:, None], hard)
+    with torch.no_grad():
+        assert torch.equal(m(x), y)
+    m.learn_rounding()
+    m.rounding.data = torch.where(torch.rand(8, 64, generator=g) > 0.5, 10.0, -10.0)  # every choice made
+    assert m.rounding_penalty(2.0) == 0
 
 
 def context_error(pipe, codes, calls) -> float:

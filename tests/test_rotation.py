@@ -256,14 +256,15 @@ def test_distill_with_a_rotation_is_a_one_line_usage_error(tmp_path):
     assert res.exit_code == 2 and "quantization.rotation" in res.stderr and "\n" not in res.stderr.strip()
 
 
-@pytest.fixture(scope="module")
-def recon(tmp_path_factory):
-    """block-recon with the rotation (eight-prompt calibration, 10 steps a block), at rank 0 and with a rank-4
-    residual, through quantize and pack, and its trained STE linears."""
+@pytest.fixture(scope="module", params=["ste", "adaround"])
+def recon(tmp_path_factory, request):
+    """block-recon with the rotation (eight-prompt calibration, 10 steps a block), through quantize and
+    pack, and its trained STE linears, with each of ``block_recon.rounding``."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # the same threads as the stage's run below: the same training, bit for bit
     cfg = tiny(tmp_path_factory.mktemp("rot-recon"), **{"quantization.method": "block-recon", "quantization.block_recon.steps": 10,
-                                                        "quantization.block_recon.batch": 4, "quantization.rotation": "hadamard"})
+                                                        "quantization.block_recon.batch": 4, "quantization.rotation": "hadamard",
+                                                        "quantization.block_recon.rounding": request.param})
     pipe = load_pipeline(cfg.model)
     pipe.set_progress_bar_config(disable=True)
     ste = reconstruct(cfg, pipe, load_calibration(cfg), lambda m: m)

@@ -8,7 +8,9 @@ only its own error); the targets are the FP
 block's image-stream outputs that calibration recorded at a subsample of image tokens and
 (``block_recon.context_weight``) its text-stream output on the same student inputs. Each linear
 starts from act-aware codes and scales; Adam then trains the scales (log space) and, through the
-straight-through estimator, the latent weights. With ``quantization.rotation: hadamard`` all of
+straight-through estimator, the latent weights (``block_recon.rounding: ste``), or, with ``rounding: adaround``,
+each weight's choice between the two ternary grid points around w / s (AdaRound, soft while training,
+annealed to hard codes by its penalty). With ``quantization.rotation: hadamard`` all of
 that happens in each linear's rotated basis (``rotation.py``): codes of ``W R``, inputs rotated in the
 forward. With ``quantization.residual_rank`` r > 0 each linear also starts with its rank-r residual
 fitted to those act-aware codes (``residual.low_rank_residual``), which stays in the forward and trains with the rest, so the codes learn around it (a residual fitted
@@ -36,6 +38,16 @@ from .ste import STELinear, attach_ste, optimizer
 
 def _gather(hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # [B, L, D], [B, tokens] -> [B, tokens, D]
     return torch.gather(hidden, 1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+def _rounding_penalty(ste: dict[str, STELinear], step: int, steps: int) -> torch.Tensor:
+    """The block's mean AdaRound penalty at ``step``: none for the first 20% of ``steps``, then its
+    exponent annealed from 20 to 2."""
+    warm = steps // 5
+    if step < warm:
+        return torch.zeros(())
+    beta = 20 - 18 * (step - warm) / max(1, steps - warm - 1)
+    return sum(m.rounding_penalty(beta) for m in ste.values()) / len(ste)
 
 
 class BlockRecon:
@@ -79,8 +91,11 @@ class BlockRecon:
                 start[sub] = (threshold_codes(weight, init[sub][0]), init[sub][1])
         residuals = block_residuals(name, block, start, self.residual_rank, self.calib, rotation)  # {} at rank 0
         del start
-        ste = attach_ste(block, init, rc.weight_lr > 0, residuals=residuals, rotation=rotation)
-        opt = optimizer(ste, rc.weight_lr, rc.scale_lr, rc.residual_lr)
+        adaround = rc.rounding == "adaround"
+        ste = attach_ste(block, init, rc.weight_lr > 0 and not adaround, residuals=residuals, rotation=rotation)
+        for m in ste.values() if adaround else ():
+            m.learn_rounding()
+        opt = optimizer(ste, 0.0 if adaround else rc.weight_lr, rc.scale_lr, rc.residual_lr, rc.rounding_lr)
         key = f"blocks.{name}"
         target = self.calib.records(lambda k: k == key, limit=n)[key][:n]  # [C, tokens, D] on the host; a batch a step goes over
         norm = target.float().square().mean().to(device)
@@ -88,7 +103,7 @@ class BlockRecon:
         # the FP block's text stream on the student's inputs [C, T, D], on the host: once a block, not at every step
         fp_context = outputs(fp_block, self.state, rc.batch, device, ("context",))["context"] if context_weight else None
         with progress(f"block-recon {name}", rc.steps, "steps") as step_done:
-            for _ in range(rc.steps):
+            for step in range(rc.steps):
                 idx = torch.randint(n, (min(rc.batch, n),), generator=self.gen)
                 context, hidden = run_block(block, self.state, idx, device)  # [B, T, D], [B, L, D]
                 pred = _gather(hidden, self.token_idx[idx]).float()
@@ -96,10 +111,14 @@ class BlockRecon:
                 if context_weight:
                     fp_text = fp_context[idx].to(device).float()
                     loss = loss + context_weight * (context.float() - fp_text).square().mean() / fp_text.square().mean()
+                if adaround:
+                    loss = loss + rc.rounding_weight * _rounding_penalty(ste, step, rc.steps)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 step_done()
+        for m in ste.values() if adaround else ():
+            m.fix_rounding()
         out = {sub: self.keep(m) for sub, m in ste.items()}
         self.state = advance(block if rc.inputs == "quantized" else fp_block, self.state, rc.batch, device, in_place=True)
         return out
