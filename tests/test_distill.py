@@ -42,12 +42,12 @@ SCALE_RTOL = 1e-5
 DISTILL = importlib.import_module("bitflux_cli.methods.distill")  # the module: the package's ``distill`` is the function
 
 
-def tiny(tmp: Path, name: str, calib: Path | None, **distill) -> Path:
+def tiny(tmp: Path, name: str, calib: Path | None, rounding: str = "ste", **distill) -> Path:
     """A tiny config file for workdir ``tmp/name``, holding a copy of the calibration in ``calib``."""
     data = yaml.safe_load(Path(__file__).parents[1].joinpath("configs/tiny.yaml").read_text())
     data |= {"workdir": str(tmp / name), "calibration": CALIBRATION}
     data["generate"]["steps"] = 4
-    data["quantization"] |= {"eval_prompts": 1, "distill": distill, "block_recon": {"steps": 3, "batch": 4}}
+    data["quantization"] |= {"eval_prompts": 1, "distill": distill, "block_recon": {"steps": 3, "batch": 4, "rounding": rounding}}
     if calib is not None:
         shutil.copytree(calib, tmp / name / "calib")
     path = tmp / f"{name}.yaml"
@@ -195,11 +195,12 @@ def test_blockwise_resumes_mid_block(setup, blockwise, tmp_path, monkeypatch):
     assert_same_codes(distill(config, setup["pipe"]), blockwise, rtol=0)
 
 
-@pytest.mark.parametrize("mode", [FULL | {"steps": 2}, BLOCKWISE | {"rounds": 1, "block_steps": 1}], ids=["full", "blockwise"])
-def test_init_block_recon_starts_from_its_result(setup, mode):
-    # learning rates ~0: the export is the start, which must be block-recon's codes and scales
-    name = mode.get("mode", "full")
-    config = tiny(setup["tmp"], f"init-{name}", setup["calib"], **mode, init="block-recon", weight_lr=0, scale_lr=1e-12)
+@pytest.mark.parametrize("mode, rounding", [(FULL | {"steps": 2}, "ste"), (BLOCKWISE | {"rounds": 1, "block_steps": 1}, "ste"),
+                                             (FULL | {"steps": 2}, "adaround")], ids=["full", "blockwise", "full-adaround"])
+def test_init_block_recon_starts_from_its_result(setup, mode, rounding):
+    # learning rates ~0: the export is the start, which must be block-recon's codes and scales (learned rounding's too)
+    name = f"{mode.get('mode', 'full')}-{rounding}"
+    config = tiny(setup["tmp"], f"init-{name}", setup["calib"], rounding, **mode, init="block-recon", weight_lr=0, scale_lr=1e-12)
     cfg = load_config(str(config))
     recon = run_method(cfg.model_copy(update={"quantization": cfg.quantization.model_copy(update={"method": "block-recon"})}),
                        setup["pipe"], load_calibration(cfg))
