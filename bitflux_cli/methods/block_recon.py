@@ -92,10 +92,10 @@ class BlockRecon:
         residuals = block_residuals(name, block, start, self.residual_rank, self.calib, rotation)  # {} at rank 0
         del start
         adaround = rc.rounding == "adaround"
-        ste = attach_ste(block, init, rc.weight_lr > 0 and not adaround, residuals=residuals, rotation=rotation)
+        ste = attach_ste(block, init, rc.weight_lr > 0, residuals=residuals, rotation=rotation)
         for m in ste.values() if adaround else ():
-            m.learn_rounding()
-        opt = optimizer(ste, 0.0 if adaround else rc.weight_lr, rc.scale_lr, rc.residual_lr, rc.rounding_lr)
+            m.learn_rounding()  # freezes the latent weight, which the optimizer then leaves out
+        opt = optimizer(ste, rc.weight_lr, rc.scale_lr, rc.residual_lr, rc.rounding_lr)
         key = f"blocks.{name}"
         target = self.calib.records(lambda k: k == key, limit=n)[key][:n]  # [C, tokens, D] on the host; a batch a step goes over
         norm = target.float().square().mean().to(device)

@@ -131,11 +131,13 @@ def attach_ste(model: nn.Module, init: dict[str, tuple[torch.Tensor, torch.Tenso
 
 def optimizer(modules: dict[str, STELinear], weight_lr: float, scale_lr: float, residual_lr: float = 0.0,
               rounding_lr: float = 0.0) -> torch.optim.Adam:
-    """Adam over the scales, the latent weights when ``weight_lr`` > 0, the residual factors of the
-    layers that have one when ``residual_lr`` > 0, and the learned roundings when ``rounding_lr`` > 0."""
+    """Adam over the scales, the latent weights that train when ``weight_lr`` > 0 (not those frozen by
+    ``learn_rounding``), the residual factors of the layers that have one when ``residual_lr`` > 0, and
+    the learned roundings when ``rounding_lr`` > 0."""
     groups = [{"params": [m.log_scale for m in modules.values()], "lr": scale_lr}]
-    if weight_lr > 0:
-        groups.append({"params": [m.weight for m in modules.values()], "lr": weight_lr})
+    weights = [m.weight for m in modules.values() if m.weight.requires_grad]
+    if weights and weight_lr > 0:
+        groups.append({"params": weights, "lr": weight_lr})
     rounding = [m.rounding for m in modules.values() if m.rounding is not None]
     if rounding and rounding_lr > 0:
         groups.append({"params": rounding, "lr": rounding_lr})
