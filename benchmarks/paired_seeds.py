@@ -28,14 +28,14 @@ def _commit() -> str:
     return _git("rev-parse", "--short", "HEAD").stdout.strip() + ("" if _git("diff", "--quiet", "HEAD").returncode == 0 else "+changes")
 
 
-def _run(runs: Path, name: str) -> dict:
+def _run(runs: Path, name: str) -> tuple[dict, dict]:  # (the row OUT keeps, the whole eval JSON)
     read = lambda kind: json.loads((runs / f"{name}.{kind}.json").read_text())
     e, q = read("eval"), read("quantize")["fidelity"]
     row = {"overall": e["overall"], "overall_stderr": e["overall_stderr"], "categories": e["categories"],
            "velocity_rel_error": q["velocity_rel_error"], "block_rel_error": q["block_rel_error"]}
     if (runs / f"{name}.pack.json").exists():
         row["bits_per_weight"] = read("pack")["bits_per_weight"]
-    return row | {"_eval": e}
+    return row, e
 
 
 def main() -> None:
@@ -50,8 +50,7 @@ def main() -> None:
     (base, base_run), (new, new_run) = (s.split("=", 1) for s in (a.base, a.new))
     rows, deltas = {}, []
     for s in a.seeds:
-        b, n = _run(a.runs, base_run.format(seed=s)), _run(a.runs, new_run.format(seed=s))
-        eb, en = b.pop("_eval"), n.pop("_eval")
+        (b, eb), (n, en) = _run(a.runs, base_run.format(seed=s)), _run(a.runs, new_run.format(seed=s))
         specs = balanced_prompts(eb["split"], eb["seeds"][0], eb["prompts"] // len(eb["categories"]))
         deltas.append(n["overall"] - b["overall"])
         rows[s] = {base: b, new: n, "difference": {"overall": deltas[-1],
