@@ -1,21 +1,25 @@
 """The diagnostics behind docs/QUALITY.md's where-the-points-go paragraphs: benchmarks/fp_groups.py's group
 swap and benchmarks/velocity_gap.py's per-prompt velocity error, on the tiny chain's packed model;
-benchmarks/rotated_ternary.py's rotated block-recon, on a short calibration."""
+benchmarks/rotated_ternary.py's rotated block-recon, on a short calibration; benchmarks/fold_head_rotation.py's
+exact fold of a rotation per head into the bundled mini model."""
 
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from bitflux_cli.calibrate import load_calibration
-from bitflux_cli.config import load_config
+from bitflux_cli.config import ModelConfig, load_config
 from bitflux_cli.loader import load_quantized_transformer
 from bitflux_cli.models import load_pipeline
+from bitflux_cli.models.source import embedded_weights
 from bitflux_cli.teacher import fp_pipeline, record_transformer_calls
 from bitflux_cli.ternary import TernaryLinear, scoped_linears
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from fold_head_rotation import fold, transformer_output  # noqa: E402
 from fp_groups import GROUPS, fp_group  # noqa: E402
 from rotated_ternary import block_recon, rotated_block_recon, rotations  # noqa: E402
 from velocity_gap import per_prompt_errors  # noqa: E402
@@ -84,3 +88,17 @@ def test_rotated_block_recon_is_block_recon_without_a_rotation_and_ternary_in_th
     product_rotation = cfg.model_copy(update={"quantization": cfg.quantization.model_copy(update={"rotation": "hadamard"})})
     with pytest.raises(SystemExit, match="quantization.rotation=none"):  # it would rotate twice
         rotated_block_recon(product_rotation, pipe, calib, rotation, identity)
+
+
+def test_head_rotation_fold_keeps_the_function_and_turns_only_values_and_attention_outputs():
+    sd = load_file(embedded_weights(ModelConfig()) / "transformer.safetensors")
+    folded = fold(sd, head_dim=32, seed=0)
+    turned = {k for k in sd if not torch.equal(sd[k], folded[k])}
+    attn = ("attn.to_v.", "attn.add_v_proj.", "attn.to_out.0.weight", "attn.to_add_out.weight", "proj_out.weight")
+    assert turned == {k for k in sd if "blocks." in k and any(a in k for a in attn)}
+    proj = "single_transformer_blocks.0.proj_out.weight"
+    assert torch.equal(sd[proj][:, 128:], folded[proj][:, 128:])  # the MLP's columns stay
+    v, v_turned = (w["transformer_blocks.1.attn.to_v.weight"].double().reshape(4, 32, 128) for w in (sd, folded))
+    assert torch.allclose(v.mT @ v, v_turned.mT @ v_turned)  # each head turned by an orthogonal [32, 32] alone
+    before, after = transformer_output(sd), transformer_output(folded)
+    assert (after - before).norm() / before.norm() < 1e-5
