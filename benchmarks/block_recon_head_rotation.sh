@@ -13,7 +13,8 @@ export PATH=$PWD/.venv/bin:$PATH
 R=${1:-runs}/head-rotation; OUT=${2:-benchmarks/results/block-recon-head-rotation.json}
 SEEDS=${SEEDS:-0 1 2 3 4}; ROT_SEED=${ROT_SEED:-1234}
 mkdir -p "$R"; rm -rf "$R/demo"; ln -s "$PWD/runs/demo" "$R/demo"
-M="--set model.path=$PWD/$R/model"
+M="--set model.path=$(realpath -m "$R/model")"  # quantize reads it; pack and eval need only the bundled
+# text encoders and VAE besides the packed transformer, and the copy holds those byte for byte
 [[ -f $R/model/transformer.safetensors ]] || python benchmarks/fold_head_rotation.py "$R/model" --seed "$ROT_SEED"
 [[ -d $R/cal/calib ]] || bitflux calibrate --workdir "$R/cal" $M > /dev/null
 for s in $SEEDS; do
