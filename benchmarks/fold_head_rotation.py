@@ -20,21 +20,20 @@ against the bundled one's before writing.
 
 import argparse
 import shutil
-from importlib import resources
 from pathlib import Path
 
 import torch
 from diffusers import FluxTransformer2DModel
 from safetensors.torch import load_file, save_file
 
+from bitflux_cli.config import ModelConfig
 from bitflux_cli.miniworld.model import transformer_config
+from bitflux_cli.models.source import embedded_weights
+from bitflux_kernels.hadamard import sylvester
 
 
 def _head_rotation(d: int, gen: torch.Generator) -> torch.Tensor:  # [d, d] float64, orthogonal
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < d:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
-    return h * (torch.randint(2, (d,), generator=gen) * 2 - 1) / d ** 0.5
+    return sylvester(d) * (torch.randint(2, (d,), generator=gen) * 2 - 1)
 
 
 def fold(sd: dict, head_dim: int, seed: int) -> dict:
@@ -81,7 +80,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    bundled = Path(str(resources.files("bitflux_cli") / "assets" / "mini"))
+    bundled = embedded_weights(ModelConfig())
     sd = load_file(bundled / "transformer.safetensors")
     folded = fold(sd, transformer_config()["attention_head_dim"], args.seed)
     before, after = transformer_output(sd), transformer_output(folded)
