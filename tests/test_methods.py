@@ -12,6 +12,7 @@ from bitflux_cli.config import load_config
 from bitflux_cli.fidelity import IMAGE, REPORT_PROMPTS, TEXT, _block_outputs
 from bitflux_cli.methods import METHODS, run_method
 from bitflux_cli.methods.act_aware import search, weighted_error
+from bitflux_cli.methods.adaround import GAMMA, ZETA, AdaRound, _SoftCodes
 from bitflux_cli.methods.ste import STELinear
 from bitflux_cli.models import load_pipeline
 from bitflux_cli.teacher import record_transformer_calls, velocity_errors
@@ -107,30 +108,70 @@ def test_block_recon_with_learned_rounding_exports_exact_codes_and_beats_act_awa
     assert "rounding" not in setup["cfg"].quantization.block_recon.model_dump()  # the default's files keep their bytes
 
 
+def _learned_rounding(seed: int = 0) -> tuple[dict[str, STELinear], AdaRound, torch.Generator]:
+    """Two STE linears of different shapes at absmean's scales (some |w| > s on both signs), and their AdaRound."""
+    g = torch.Generator().manual_seed(seed)
+    ste = {}
+    for name, (n, k) in {"a": (8, 64), "b": (5, 16)}.items():
+        linear = torch.nn.Linear(k, n)
+        linear.weight.data = torch.randn(n, k, generator=g)  # [N, K]
+        scale = linear.weight.data.abs().mean(1)  # [N]
+        ste[name] = STELinear(linear, scale / 2, scale)
+    return ste, AdaRound(ste), g
+
+
 def test_learned_rounding_starts_at_the_clipped_weight_and_fixes_the_codes_it_chose():
-    g = torch.Generator().manual_seed(0)
-    linear = torch.nn.Linear(64, 8)
-    weight = linear.weight.data = torch.randn(8, 64, generator=g)  # [N, K]
-    scale = weight.abs().mean(1)  # [N]
-    m = STELinear(linear, scale / 2, scale)
-    m.learn_rounding()
-    assert not m.weight.requires_grad and m.rounding.requires_grad
-    clipped = torch.minimum(torch.maximum(weight, -scale[:, None]), scale[:, None])
-    torch.testing.assert_close(m.ternary_weight(), clipped, rtol=0, atol=1e-5)  # soft codes: w / s itself
-    m.rounding.data = torch.randn(8, 64, generator=g)
+    ste, rounding, g = _learned_rounding()
+    weights = {name: m.weight.detach().clone() for name, m in ste.items()}
+    scales = {name: m.log_scale.detach().exp() for name, m in ste.items()}
+    assert rounding.v.requires_grad and not any(m.weight.requires_grad for m in ste.values())
+    assert rounding.soft(None) == 0
+    for name, m in ste.items():  # soft codes: w / s itself, clipped to the grid
+        s = scales[name][:, None]
+        torch.testing.assert_close(m.ternary_weight(), torch.minimum(torch.maximum(weights[name], -s), s), rtol=0, atol=1e-5)
+    rounding.v.data = torch.randn(rounding.v.shape, generator=g)
+    assert rounding.soft(2.0) > 0
     x = torch.randn(3, 64, generator=g)
+    hard = rounding.floor + (rounding.v >= 0).to(torch.int8)  # [P]
+    rounding.fix()
+    got = torch.cat([m.export()[0].flatten() for m in ste.values()])
+    assert torch.equal(got, hard) and set(got.unique().tolist()) == {-1, 0, 1}
+    for name, m in ste.items():
+        codes, s = m.export()
+        assert m.codes is None and torch.equal(m.ternary_weight(), codes.float() * s[:, None])
     with torch.no_grad():
-        hard, y = m.ternary_weight(), m(x)
-    assert set((hard / scale[:, None]).round().unique().tolist()) <= {-1, 0, 1}
-    assert m.rounding_penalty(2.0) > 0
-    m.fix_rounding()
-    codes, s = m.export()
-    assert m.rounding is None and torch.equal(codes.float() * s[:, None], hard)
-    with torch.no_grad():
-        assert torch.equal(m(x), y)
-    m.learn_rounding()
-    m.rounding.data = torch.where(torch.rand(8, 64, generator=g) > 0.5, 10.0, -10.0)  # every choice made
-    assert m.rounding_penalty(2.0) == 0
+        assert torch.equal(ste["a"](x), torch.nn.functional.linear(x, ste["a"].export()[0].float() * scales["a"][:, None],
+                                                                    ste["a"].bias))
+
+
+def test_learned_rounding_chooses_between_the_two_grid_points_around_each_weight_on_both_signs():
+    ste, rounding, _ = _learned_rounding()
+    r = torch.cat([(m.weight / m.log_scale.exp()[:, None]).flatten() for m in ste.values()]).detach()  # [P]
+    assert (r > 1).any() and (r < -1).any()
+    assert torch.equal(rounding.floor, torch.where(r < 0, -1, 0).to(torch.int8))  # w >= s may still become 0, as w <= -s may
+    rounding.v.data = torch.where(torch.rand(rounding.v.shape) > 0.5, 10.0, -10.0)  # every choice made
+    assert rounding.soft(2.0) == 0
+    rounding.v.data.fill_(-10.0)  # every weight rounded towards 0 or -1
+    rounding.fix()
+    assert torch.equal(torch.cat([m.export()[0].flatten() for m in ste.values()]), rounding.floor)
+
+
+@pytest.mark.parametrize("beta", [None, 2.0, 7.3, 20.0])
+def test_learned_rounding_backward_matches_autograd_of_adarounds_formulas(beta):
+    _, rounding, g = _learned_rounding()
+    v = (torch.randn(rounding.v.shape, generator=g, dtype=torch.float64) * 3).requires_grad_()  # saturated and not
+    sizes = rounding.sizes
+    grad_codes = torch.randn(v.shape, generator=g, dtype=torch.float64)
+    codes, penalty = _SoftCodes.apply(v, rounding.floor, sizes, beta)
+    got = torch.autograd.grad((codes * grad_codes).sum() + 0.7 * penalty, v)[0]
+    h = (torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)  # AdaRound's rectified sigmoid
+    want_codes = rounding.floor + h
+    want_penalty = (sum((1 - (2 * part - 1).abs().pow(beta)).mean() for part in h.split(sizes)) / len(sizes)
+                    if beta else torch.zeros((), dtype=torch.float64))
+    want = torch.autograd.grad((want_codes * grad_codes).sum() + 0.7 * want_penalty, v)[0]
+    torch.testing.assert_close(codes, want_codes, rtol=0, atol=1e-15)
+    torch.testing.assert_close(penalty, want_penalty, rtol=0, atol=1e-15)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-14)
 
 
 def context_error(pipe, codes, calls) -> float:

@@ -33,6 +33,7 @@ from ..rotation import rotated_inputs
 from ..streaming import advance, block_names, blocks, outputs, prelude_state, run_block
 from ..ternary import block_linears
 from .act_aware import alphas, search, threshold_codes
+from .adaround import AdaRound
 from .ste import STELinear, attach_ste, optimizer
 
 
@@ -40,14 +41,11 @@ def _gather(hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # [B, L, 
     return torch.gather(hidden, 1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
-def _rounding_penalty(ste: dict[str, STELinear], step: int, steps: int) -> torch.Tensor:
-    """The block's mean AdaRound penalty at ``step``: none for the first 20% of ``steps``, then its
-    exponent annealed from 20 to 2."""
+def _rounding_beta(step: int, steps: int) -> float | None:
+    """The exponent of AdaRound's penalty at ``step``: none for the first 20% of ``steps``, then annealed
+    from 20 to 2."""
     warm = steps // 5
-    if step < warm:
-        return torch.zeros(())
-    beta = 20 - 18 * (step - warm) / max(1, steps - warm - 1)
-    return sum(m.rounding_penalty(beta) for m in ste.values()) / len(ste)
+    return None if step < warm else 20 - 18 * (step - warm) / max(1, steps - warm - 1)
 
 
 class BlockRecon:
@@ -91,11 +89,10 @@ class BlockRecon:
                 start[sub] = (threshold_codes(weight, init[sub][0]), init[sub][1])
         residuals = block_residuals(name, block, start, self.residual_rank, self.calib, rotation)  # {} at rank 0
         del start
-        adaround = rc.rounding == "adaround"
         ste = attach_ste(block, init, rc.weight_lr > 0, residuals=residuals, rotation=rotation)
-        for m in ste.values() if adaround else ():
-            m.learn_rounding()  # freezes the latent weight, which the optimizer then leaves out
-        opt = optimizer(ste, rc.weight_lr, rc.scale_lr, rc.residual_lr, rc.rounding_lr)
+        rounding = AdaRound(ste) if rc.rounding == "adaround" else None  # freezes the latent weights
+        opt = optimizer(ste, rc.weight_lr, rc.scale_lr, rc.residual_lr, rounding.v if rounding else None,
+                        rc.rounding_lr)
         key = f"blocks.{name}"
         target = self.calib.records(lambda k: k == key, limit=n)[key][:n]  # [C, tokens, D] on the host; a batch a step goes over
         norm = target.float().square().mean().to(device)
@@ -104,6 +101,7 @@ class BlockRecon:
         fp_context = outputs(fp_block, self.state, rc.batch, device, ("context",))["context"] if context_weight else None
         with progress(f"block-recon {name}", rc.steps, "steps") as step_done:
             for step in range(rc.steps):
+                penalty = rounding.soft(_rounding_beta(step, rc.steps)) if rounding else 0.0  # sets the soft codes
                 idx = torch.randint(n, (min(rc.batch, n),), generator=self.gen)
                 context, hidden = run_block(block, self.state, idx, device)  # [B, T, D], [B, L, D]
                 pred = _gather(hidden, self.token_idx[idx]).float()
@@ -111,14 +109,13 @@ class BlockRecon:
                 if context_weight:
                     fp_text = fp_context[idx].to(device).float()
                     loss = loss + context_weight * (context.float() - fp_text).square().mean() / fp_text.square().mean()
-                if adaround:
-                    loss = loss + rc.rounding_weight * _rounding_penalty(ste, step, rc.steps)
+                loss = loss + rc.rounding_weight * penalty
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 step_done()
-        for m in ste.values() if adaround else ():
-            m.fix_rounding()
+        if rounding:
+            rounding.fix()
         out = {sub: self.keep(m) for sub, m in ste.items()}
         self.state = advance(block if rc.inputs == "quantized" else fp_block, self.state, rc.batch, device, in_place=True)
         return out

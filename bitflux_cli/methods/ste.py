@@ -15,7 +15,6 @@ from ..tensorfile import read_state, write_state
 from ..ternary import _set_submodule
 from .act_aware import threshold_codes
 
-_GAMMA, _ZETA = -0.1, 1.1  # AdaRound's stretch of the sigmoid, so that h reaches 0 and 1 exactly
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU only
 
 
@@ -28,7 +27,7 @@ class STELinear(nn.Module):
     ``residual_down`` (fp32, used rounded to bf16 as they are exported), added as ``TernaryLinear`` adds it.
     With ``rotation`` (signs [K] int8, ``quantization.rotation``) the latent weight starts as ``W R`` and the
     forward rotates its input first, as ``TernaryLinear`` does: codes, scales and residual live in that basis.
-    ``learn_rounding`` switches the codes to AdaRound's learned rounding until ``fix_rounding``.
+    ``adaround.AdaRound`` gives it soft codes instead while it learns each weight's rounding.
     """
 
     def __init__(self, linear: nn.Linear, threshold: torch.Tensor, scale: torch.Tensor, train_weight: bool = True,
@@ -43,41 +42,20 @@ class STELinear(nn.Module):
         up, down = (None, None) if residual is None else (nn.Parameter(t.detach().float().clone()) for t in residual)
         self.register_parameter("residual_up", up)  # [N, r]
         self.register_parameter("residual_down", down)  # [r, K]
-        self.register_buffer("floor", None)  # [N, K] int8 while the rounding is learned
-        self.register_parameter("rounding", None)  # [N, K] fp32, AdaRound's v
+        self.codes = None  # [N, K] soft codes that ``adaround.AdaRound`` sets for each step while it learns them
 
-    def learn_rounding(self) -> None:
-        """Codes ``clamp(floor(w / s0) + h, -1, 1)`` from here on (AdaRound on the ternary grid): h =
-        ``rounding_choice()`` is soft while gradients are on, ``[v >= 0]`` otherwise; the latent weight
-        is frozen and v starts where the soft code is w / s0 (clipped to the grid's range)."""
-        r = (self.weight.detach() / self.log_scale.detach().exp()[:, None]).clamp(-1, 1)  # [N, K]
-        self.floor = r.floor().to(torch.int8)
-        frac = ((r - self.floor - _GAMMA) / (_ZETA - _GAMMA)).clamp(1e-4, 1 - 1e-4)
-        self.rounding = nn.Parameter(torch.log(frac / (1 - frac)))
-        self.weight.requires_grad_(False)
-
-    def rounding_choice(self) -> torch.Tensor:  # [N, K] in [0, 1]: AdaRound's rectified sigmoid of v
-        return (torch.sigmoid(self.rounding) * (_ZETA - _GAMMA) + _GAMMA).clamp(0, 1)
-
-    def rounding_penalty(self, beta: float) -> torch.Tensor:
-        """AdaRound's regulariser, mean over weights of 1 - |2h - 1|^beta: zero once every h is 0 or 1."""
-        return (1 - (2 * self.rounding_choice() - 1).abs().pow(beta)).mean()
-
-    def fix_rounding(self) -> None:
-        """Back to threshold codes, with the hard learned ones: latent weight s q, threshold s / 2."""
+    def fix_codes(self, codes: torch.Tensor) -> None:
+        """Back to threshold codes after ``adaround.AdaRound``, with its hard ``codes`` [N, K]: latent
+        weight s q, threshold s / 2."""
         with torch.no_grad():
             scale = self.log_scale.exp()  # [N]
-            self.weight.copy_(scale[:, None] * self._rounded(hard=True))
+            self.weight.copy_(scale[:, None] * codes)
             self.threshold.copy_(scale / 2)
-        self.floor, self.rounding = None, None
-
-    def _rounded(self, hard: bool) -> torch.Tensor:  # [N, K] codes, soft while the rounding is learned
-        h = (self.rounding >= 0).float() if hard else self.rounding_choice()
-        return (self.floor + h).clamp(-1, 1)
+        self.codes = None
 
     def ternary_weight(self) -> torch.Tensor:  # [N, K]: value s*q, gradient identity to w, q to s
-        if self.rounding is not None:
-            return self.log_scale.exp()[:, None] * self._rounded(hard=not torch.is_grad_enabled())
+        if self.codes is not None:
+            return self.log_scale.exp()[:, None] * self.codes
         w = self.weight
         value = self.log_scale.exp()[:, None] * threshold_codes(w.detach(), self.threshold)
         if not (torch.is_grad_enabled() and w.requires_grad):  # forwards without a backward: two passes fewer
@@ -130,17 +108,16 @@ def attach_ste(model: nn.Module, init: dict[str, tuple[torch.Tensor, torch.Tenso
 
 
 def optimizer(modules: dict[str, STELinear], weight_lr: float, scale_lr: float, residual_lr: float = 0.0,
-              rounding_lr: float = 0.0) -> torch.optim.Adam:
+              rounding: nn.Parameter | None = None, rounding_lr: float = 0.0) -> torch.optim.Adam:
     """Adam over the scales, the latent weights that train when ``weight_lr`` > 0 (not those frozen by
-    ``learn_rounding``), the residual factors of the layers that have one when ``residual_lr`` > 0, and
-    the learned roundings when ``rounding_lr`` > 0."""
+    ``adaround.AdaRound``), the residual factors of the layers that have one when ``residual_lr`` > 0,
+    and AdaRound's ``rounding`` (its v) at ``rounding_lr``."""
     groups = [{"params": [m.log_scale for m in modules.values()], "lr": scale_lr}]
     weights = [m.weight for m in modules.values() if m.weight.requires_grad]
     if weights and weight_lr > 0:
         groups.append({"params": weights, "lr": weight_lr})
-    rounding = [m.rounding for m in modules.values() if m.rounding is not None]
-    if rounding and rounding_lr > 0:
-        groups.append({"params": rounding, "lr": rounding_lr})
+    if rounding is not None:
+        groups.append({"params": [rounding], "lr": rounding_lr})
     residual = [p for m in modules.values() if m.residual_up is not None for p in (m.residual_up, m.residual_down)]
     if residual and residual_lr > 0:
         groups.append({"params": residual, "lr": residual_lr})
