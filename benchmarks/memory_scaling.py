@@ -6,7 +6,7 @@ For each depth (1 double + 2 single blocks, then 2 + 4) it writes a stand-in (FL
 random bf16 weights, ``bitflux_cli.models.standin``), then runs the CLI with ``--config flux-dev
 --set model.path=...``, ``model.offload: sequential`` (the FP transformer streamed from its
 files) and small image/calibration settings: calibrate; quantize with absmean,
-act-aware and block-recon (fidelity report included); pack; generate from the packed file
+act-aware and block-recon (with each ``block_recon.rounding``; fidelity report included); pack; generate from the packed file
 (``model.offload: none``: the whole packed transformer in memory). Each
 command runs in its own process on the CPU and its peak resident memory is the kernel's (``wait4``'s
 ``ru_maxrss``, what ``/usr/bin/time -v`` prints as "Maximum resident set size"). This process
@@ -37,6 +37,7 @@ COMMANDS = {  # the FP model streamed from its files (calibrate); generate holds
     "quantize absmean": ["quantize", "--method", "absmean"],
     "quantize act-aware": ["quantize", "--method", "act-aware"],
     "quantize block-recon": ["quantize", "--method", "block-recon"],
+    "quantize block-recon adaround": ["quantize", "--method", "block-recon", "--set", "quantization.block_recon.rounding=adaround"],
     "pack": ["pack"],
     "generate": ["generate", "a red circle above a blue square", "--out", "{work}/img.png"],
 }
