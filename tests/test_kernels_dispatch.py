@@ -28,17 +28,32 @@ def test_forced_triton_without_cuda_or_interpreter_is_an_error(monkeypatch):
         select_backend(torch.device("cpu"))
 
 
-def test_the_repo_root_on_sys_path_does_not_register_the_ops_twice():
+@pytest.mark.parametrize("hugging_face_kernels", [False, True])
+def test_the_repo_root_on_sys_path_hands_kernels_over_and_does_not_register_the_ops_twice(tmp_path, hugging_face_kernels):
     """transformers and diffusers import a top-level ``kernels`` to probe for Hugging Face's package; from
-    the repository root that finds this folder. It must stay empty: loading ops.py again re-registered
-    torch.ops.bitflux.*, and calls through the first handles then died with ``vector::reserve``."""
+    the repository root that finds this folder. It must not run its modules: loading ops.py again
+    re-registered torch.ops.bitflux.*, and calls through the first handles then died with ``vector::reserve``.
+    Where Hugging Face's package is on the path (a stand-in here, behind the root), it takes the name, as
+    transformers >= 5.25 expects (``from kernels import CUDAProperties`` failed on this folder); else the name
+    stays empty."""
     root = Path(__file__).resolve().parents[1]
+    other = tmp_path / "kernels"
+    other.mkdir()
+    (other / "__init__.py").write_text("CUDAProperties = 'hugging face'\n")
     code = ("import importlib, sys; from torch._library.custom_ops import OPDEFS; import bitflux_kernels.ops as o; "
-            "import kernels; assert kernels.__file__.startswith(sys.argv[1]) and not hasattr(kernels, 'ops'); "
+            "sys.path[:] = [sys.argv[1]] + [p for p in sys.path if 'site-packages' not in p] + sys.argv[2:]; "
+            "import kernels; "
             "assert all(OPDEFS['bitflux::' + n] is getattr(o, n) for n in ('w2a16', 'w2a8', 'w2fp8')); "
-            "importlib.import_module('kernels.ops')")
-    res = subprocess.run([sys.executable, "-c", code, str(root)], cwd=root, capture_output=True, text=True)
-    assert "import them as bitflux_kernels.ops" in res.stderr.splitlines()[-1], res.stderr[-2000:]
+            "print(getattr(kernels, 'CUDAProperties', None), kernels.__file__.startswith(sys.argv[1] + '/kernels/'), "
+            "hasattr(kernels, 'ops')); importlib.import_module('kernels.ops')")
+    argv = [sys.executable, "-c", code, str(root), *([str(tmp_path)] if hugging_face_kernels else [])]
+    res = subprocess.run(argv, cwd=root, capture_output=True, text=True)
+    if hugging_face_kernels:
+        assert res.stdout.split() == ["hugging", "face", "False", "False"], res.stderr[-2000:]
+        assert "No module named 'kernels.ops'" in res.stderr.splitlines()[-1], res.stderr[-2000:]
+    else:
+        assert res.stdout.split() == ["None", "True", "False"], res.stderr[-2000:]
+        assert "import them as bitflux_kernels.ops" in res.stderr.splitlines()[-1], res.stderr[-2000:]
 
 
 @pytest.mark.parametrize("activations", ["none", "int8", "fp8"])
