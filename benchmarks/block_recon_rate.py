@@ -1,21 +1,21 @@
 """How fast does block-recon train? Steps per second of each block of the embedded model, for each
 ``block_recon.rounding``, on a workdir's calibration (make demo's), in this process's threads.
 
-It times ``BlockRecon`` itself, block by block in execution order, as ``bitflux quantize`` runs it (the
-time to make each block's act-aware start and to push the student's activations through it is left
-out). Usage (about 2 min on 2 CPU cores, after ``make demo``; run it alone, and with the malloc settings
-the Makefile gives make demo and make test, which make every step faster):
+It times ``BlockRecon`` block by block in execution order, as ``bitflux quantize`` runs it: a block's
+time includes its act-aware start and the push of the student's activations through it, beside its
+steps. Usage (about 2 min on 2 CPU cores, after ``make demo``; run it alone, and compare only runs
+alternated with each other: this machine's speed moves by the hour):
     python benchmarks/block_recon_rate.py runs/demo benchmarks/results/block-recon-rate.json
 """
 
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 import torch
+from paired_seeds import commit  # benchmarks/, the script's own folder
 
 from bitflux_cli.calibrate import load_calibration
 from bitflux_cli.config import load_config
@@ -47,9 +47,8 @@ def main() -> None:
     parser.add_argument("out", help="results JSON")
     parser.add_argument("--steps", type=int, default=300, help="steps a block (default 300)")
     args = parser.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "OMP_NUM_THREADS"}
-    result = {"command": " ".join(["python", *sys.argv]), "commit": commit, "environment": env,
+    result = {"command": " ".join(["python", *sys.argv]), "commit": commit(), "environment": env,
               "threads": torch.get_num_threads(), "steps": args.steps, "steps_per_second": {}}
     for rounding in ("ste", "adaround"):
         result["steps_per_second"][rounding] = rates(args.workdir, rounding, args.steps)

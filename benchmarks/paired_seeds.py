@@ -24,7 +24,8 @@ def _git(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent)
 
 
-def _commit() -> str:
+def commit() -> str:
+    """HEAD's short hash, with "+changes" when tracked files differ from it."""
     return _git("rev-parse", "--short", "HEAD").stdout.strip() + ("" if _git("diff", "--quiet", "HEAD").returncode == 0 else "+changes")
 
 
@@ -63,7 +64,7 @@ def main() -> None:
     mean |= {"difference": statistics.mean(deltas), "difference_stderr_across_seeds": spread,
              "seeds_ahead": sum(d > 0 for d in deltas)}
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"command": a.command, "commit": _commit(), "seeds": rows, "mean": mean}, indent=1) + "\n")
+    a.out.write_text(json.dumps({"command": a.command, "commit": commit(), "seeds": rows, "mean": mean}, indent=1) + "\n")
     print(f"mean: {base} {mean[base]:.4f}  {new} {mean[new]:.4f}  difference {mean['difference']:+.4f}"
           + (f" ± {spread:.4f} across seeds" if spread is not None else ""))
 

@@ -14,7 +14,8 @@ if __name__ == "kernels":
     import sys
 
     _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    _spec = importlib.machinery.PathFinder.find_spec("kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != _root])
+    _elsewhere = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
+    _spec = importlib.machinery.PathFinder.find_spec("kernels", _elsewhere)
     if _spec is not None:
         sys.modules["kernels"] = importlib.util.module_from_spec(_spec)  # what ``import kernels`` returns
         _spec.loader.exec_module(sys.modules["kernels"])
